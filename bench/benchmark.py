@@ -1,0 +1,474 @@
+"""How close stockledger runs to the raw database limit (issue 6).
+
+For four scenarios (single-line reserves spread over 10,000 SKUs; single-line reserves on one
+hot SKU; 10-line carts; balance queries) it measures, in one run on the same MariaDB and Redis:
+
+- B0: the reserve transaction with the bare asyncmy driver: claim the key, lock the balance
+  rows in key order in one SELECT ... FOR UPDATE, update them, insert the reservation, its
+  lines and the ledger entries, commit (the same statements the service sends); for balance
+  queries a primary-key SELECT;
+- S: the same work through the service layer (InventoryService with Redis locks, no HTTP);
+- G: the same work through ``stockledger serve`` over HTTP, driven by wrk with
+  ``bench/wrk/graphql.lua``, which checks every response body for GraphQL errors.
+
+It prints one table (throughput, p50, p99, S/B0 and G/B0) and writes it to
+``bench/results.md``, with the server's peak resident memory during G.
+
+    .venv/bin/python bench/benchmark.py --duration 10 --connections 32
+
+Needs wrk (Debian package ``wrk``), MariaDB and Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncmy
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SPREAD_SKUS = 10_000
+LOCATION = "bench"
+SCENARIOS = ("spread", "hot", "cart", "balance")
+
+
+@dataclass
+class Result:
+    """One measurement: requests per second and latency quantiles in milliseconds."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int = 0
+
+
+def pick_lines(scenario: str, rng: random.Random) -> list[tuple[str, str]]:
+    """The (location, sku) keys one request of ``scenario`` touches, sorted (lock order)."""
+    if scenario == "hot":
+        return [(LOCATION, "HOT")]
+    if scenario == "cart":
+        return sorted((LOCATION, f"S{i:05d}") for i in rng.sample(range(SPREAD_SKUS), 10))
+    return [(LOCATION, f"S{rng.randrange(SPREAD_SKUS):05d}")]
+
+
+async def closed_loop(
+    workers: int, duration: float, one: Callable[[int, random.Random], Awaitable[bool]]
+) -> Result:
+    """Run ``workers`` loops calling ``one`` for ``duration`` seconds; latency per call."""
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + duration
+
+    async def loop(w: int) -> None:
+        nonlocal errors
+        rng = random.Random(w)
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            ok = await one(w, rng)
+            latencies.append(time.perf_counter() - t)
+            errors += not ok
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop(w) for w in range(workers)))
+    elapsed = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return Result(len(latencies) / elapsed, q[49] * 1000, q[98] * 1000, errors)
+
+
+# ---------------------------------------------------------------- B0: the bare driver
+
+
+async def bench_b0(
+    dsn: dict[str, object], org: str, scenario: str, conns: int, duration: float
+) -> Result:
+    pool = await asyncmy.create_pool(
+        minsize=conns,
+        maxsize=conns,
+        init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        **dsn,
+    )
+    counter = 0
+
+    async def one(w: int, rng: random.Random) -> bool:
+        nonlocal counter
+        keys = pick_lines(scenario, rng)
+        async with pool.acquire() as conn:
+            async with conn.cursor() as cur:
+                if scenario == "balance":
+                    await cur.execute(
+                        "SELECT on_hand, reserved, version, updated_at FROM inventory_balance "
+                        "WHERE org_id=%s AND location=%s AND sku=%s",
+                        (org, *keys[0]),
+                    )
+                    return (await cur.fetchone()) is not None
+                counter += 1
+                key = f"b0-{w}-{counter}-{uuid.uuid4().hex[:6]}"
+                now = datetime.now(UTC).replace(tzinfo=None)
+                await conn.begin()
+                try:
+                    await cur.execute(
+                        "INSERT INTO idempotency_key (org_id, idempotency_key, operation, "
+                        "request_hash, created_at) VALUES (%s,%s,'reserve',%s,%s)",
+                        (org, key, "0" * 64, now),
+                    )
+                    where = " OR ".join(["(location=%s AND sku=%s)"] * len(keys))
+                    await cur.execute(
+                        "SELECT location, sku, on_hand, reserved, version FROM inventory_balance "
+                        f"WHERE org_id=%s AND ({where}) ORDER BY location, sku FOR UPDATE",
+                        (org, *[x for k in keys for x in k]),
+                    )
+                    rows = await cur.fetchall()
+                    if any(r[2] - r[3] < 1 for r in rows) or len(rows) != len(keys):
+                        await conn.rollback()
+                        return False
+                    await cur.executemany(
+                        "UPDATE inventory_balance SET on_hand=%s, reserved=%s, version=%s, "
+                        "updated_at=%s WHERE org_id=%s AND location=%s AND sku=%s",
+                        [(r[2], r[3] + 1, r[4] + 1, now, org, r[0], r[1]) for r in rows],
+                    )
+                    await cur.execute(
+                        "INSERT INTO reservation (org_id, status, expires_at, created_at, "
+                        "updated_at) VALUES (%s,'ACTIVE',%s,%s,%s)",
+                        (org, now + timedelta(seconds=1800), now, now),
+                    )
+                    rid = cur.lastrowid
+                    await cur.executemany(
+                        "INSERT INTO reservation_line (reservation_id, org_id, location, sku, "
+                        "quantity, deducted, released) VALUES (%s,%s,%s,%s,1,0,0)",
+                        [(rid, org, r[0], r[1]) for r in rows],
+                    )
+                    await cur.executemany(
+                        "INSERT INTO inventory_ledger (org_id, location, sku, event_type, "
+                        "on_hand_delta, reserved_delta, on_hand_after, reserved_after, "
+                        "reservation_id, idempotency_key, created_at) "
+                        "VALUES (%s,%s,%s,'RESERVE',0,1,%s,%s,%s,%s,%s)",
+                        [(org, r[0], r[1], r[2], r[3] + 1, rid, key, now) for r in rows],
+                    )
+                    await conn.commit()
+                    return True
+                except asyncmy.errors.OperationalError as exc:
+                    await conn.rollback()
+                    if exc.args[0] in (1213, 1205):
+                        return False
+                    raise
+
+    try:
+        return await closed_loop(conns, duration, one)
+    finally:
+        pool.close()
+        await pool.wait_closed()
+
+
+# ---------------------------------------------------------------- S: the service layer
+
+
+def lock_wait_buckets() -> dict[float, float]:
+    """Cumulative bucket counts of ``inventory_lock_wait_seconds`` in this process."""
+    from prometheus_client import REGISTRY
+
+    out = {}
+    for metric in REGISTRY.collect():
+        if metric.name == "inventory_lock_wait_seconds":
+            for sample in metric.samples:
+                if sample.name.endswith("_bucket"):
+                    out[float(sample.labels["le"])] = sample.value
+    return out
+
+
+def p99_from_buckets(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The upper bound (seconds) of the histogram bucket holding the 99th percentile."""
+    delta = {le: after.get(le, 0) - before.get(le, 0) for le in after}
+    total = delta.get(float("inf"), 0)
+    if not total:
+        return None
+    for le in sorted(delta):
+        if delta[le] >= 0.99 * total:
+            return le
+    return None
+
+
+async def bench_s(settings: object, scenario: str, conns: int, duration: float) -> Result:
+    from stockledger.runtime import open_runtime
+    from stockledger.services import Line
+    from stockledger.services.errors import StockError
+    from stockledger.services.queries import InventoryQueries
+
+    async with open_runtime(settings) as rt:  # type: ignore[arg-type]
+        queries = InventoryQueries(rt.db, rt.settings.org_id)
+        counter = 0
+
+        async def one(w: int, rng: random.Random) -> bool:
+            nonlocal counter
+            keys = pick_lines(scenario, rng)
+            if scenario == "balance":
+                return (await queries.balance(keys[0][1], keys[0][0])) is not None
+            counter += 1
+            try:
+                await rt.service.reserve(
+                    f"s-{uuid.uuid4().hex}", [Line(sku, 1, loc) for loc, sku in keys]
+                )
+                return True
+            except StockError:
+                return False
+
+        return await closed_loop(conns, duration, one)
+
+
+# ---------------------------------------------------------------- G: over HTTP with wrk
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident memory (VmHWM) of a process and its children, MiB."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def run_wrk(url: str, scenario: str, conns: int, duration: float, threads: int) -> Result:
+    env = dict(os.environ, SCENARIO=scenario, SKUS=str(SPREAD_SKUS), RUN=uuid.uuid4().hex[:8])
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{conns}",
+            f"-d{int(duration)}s",
+            "--latency",
+            "-s",
+            str(ROOT / "bench" / "wrk" / "graphql.lua"),
+            url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    line = next(x for x in out.splitlines() if x.startswith("WRKJSON"))
+    num = {k: int(v) for k, v in re.findall(r'"(\w+)":(\d+)', line)}
+    secs = num["duration_us"] / 1e6
+    return Result(
+        num["requests"] / secs,
+        num["p50_us"] / 1000,
+        num["p99_us"] / 1000,
+        num["bad"] + num["errors_socket"],
+    )
+
+
+def bench_g(
+    env: dict[str, str], scenario: str, conns: int, duration: float, workers: int, wrk_threads: int
+) -> tuple[Result, float]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stockledger.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.2)
+        result = run_wrk(f"http://127.0.0.1:{port}/graphql", scenario, conns, duration, wrk_threads)
+        return result, peak_rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# ---------------------------------------------------------------- set-up and report
+
+
+async def seed(settings: object) -> None:
+    from stockledger.runtime import open_runtime
+    from stockledger.services import Line
+
+    async with open_runtime(settings) as rt:  # type: ignore[arg-type]
+        await rt.service.restock(
+            f"seed-hot-{uuid.uuid4().hex}", [Line("HOT", 1_000_000_000, LOCATION)]
+        )
+        for start in range(0, SPREAD_SKUS, 500):
+            await rt.service.restock(
+                f"seed-{start}-{uuid.uuid4().hex}",
+                [Line(f"S{i:05d}", 100_000_000, LOCATION) for i in range(start, start + 500)],
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mysql", default="mysql+asyncmy://root@127.0.0.1:3306/stockledger_bench")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers for G")
+    parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from sqlalchemy.engine import make_url
+
+    from stockledger.config import Settings
+    from stockledger.db.migrate import upgrade
+    from stockledger.observability.logs import configure_logging
+
+    configure_logging("WARNING", "json")  # S logs like the G server below (WARNING)
+
+    url = make_url(args.mysql)
+    org = "bench"
+
+    async def recreate() -> None:
+        conn = await asyncmy.connect(
+            host=url.host, port=url.port or 3306, user=url.username, password=url.password or ""
+        )
+        async with conn.cursor() as cur:
+            await cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
+            await cur.execute(f"CREATE DATABASE `{url.database}` CHARACTER SET utf8mb4")
+        conn.close()
+
+    asyncio.run(recreate())
+    upgrade(args.mysql)
+    settings = Settings(
+        database_url=args.mysql,
+        redis_url=args.redis,
+        org_id=org,
+        db_pool_size=args.connections,
+        log_level="WARNING",
+    )
+    asyncio.run(seed(settings))
+    dsn = {
+        "host": url.host,
+        "port": url.port or 3306,
+        "user": url.username,
+        "password": url.password or "",
+        "db": url.database,
+        "autocommit": False,
+    }
+    env = dict(
+        os.environ,
+        STOCKLEDGER_DATABASE_URL=args.mysql,
+        STOCKLEDGER_REDIS_URL=args.redis,
+        STOCKLEDGER_ORG_ID=org,
+        STOCKLEDGER_LOG_LEVEL="WARNING",
+        STOCKLEDGER_DB_POOL_SIZE=str(args.connections),
+    )
+
+    # Issue 4: the service layer with the Redis locks on and off, and the p99 lock wait.
+    lock_rows = []
+    for scenario in ("spread", "hot"):
+        if scenario not in args.scenarios.split(","):
+            continue
+        before = lock_wait_buckets()
+        on = asyncio.run(bench_s(settings, scenario, args.connections, args.duration))
+        p99 = p99_from_buckets(before, lock_wait_buckets())
+        off_settings = settings.model_copy(update={"locks_enabled": False})
+        off = asyncio.run(bench_s(off_settings, scenario, args.connections, args.duration))
+        lock_rows.append((scenario, on, off, p99))
+        print(
+            f"{scenario}: locks on {on.rps:.0f}/s, off {off.rps:.0f}/s, p99 lock wait <= {p99}",
+            flush=True,
+        )
+
+    rows = []
+    peak = 0.0
+    for scenario in args.scenarios.split(","):
+        b0 = asyncio.run(bench_b0(dsn, org, scenario, args.connections, args.duration))
+        s = asyncio.run(bench_s(settings, scenario, args.connections, args.duration))
+        g, rss = bench_g(
+            env, scenario, args.connections, args.duration, args.workers, args.wrk_threads
+        )
+        peak = max(peak, rss)
+        rows.append((scenario, b0, s, g))
+        print(
+            f"{scenario}: B0 {b0.rps:.0f}/s  S {s.rps:.0f}/s  G {g.rps:.0f}/s  (G errors {g.errors})",
+            flush=True,
+        )
+
+    head = (
+        f"Machine: {platform.node()} ({os.cpu_count()} cores), Python {platform.python_version()}, "
+        f"MariaDB/MySQL at {url.host}, Redis locks on; {args.connections} connections, "
+        f"{args.duration:g} s per measurement, G with {args.workers} uvicorn worker(s), "
+        f"wrk -t{args.wrk_threads}. {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n"
+        f"Command: `.venv/bin/python bench/benchmark.py --duration {args.duration:g} "
+        f"--connections {args.connections} --workers {args.workers}`\n\n"
+    )
+    table = [
+        "| scenario | B0 req/s | B0 p50 / p99 ms | S req/s | S p50 / p99 ms | G req/s | G p50 / p99 ms | S/B0 | G/B0 | G errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scenario, b0, s, g in rows:
+        table.append(
+            f"| {scenario} | {b0.rps:.0f} | {b0.p50_ms:.1f} / {b0.p99_ms:.1f} | {s.rps:.0f} | "
+            f"{s.p50_ms:.1f} / {s.p99_ms:.1f} | {g.rps:.0f} | {g.p50_ms:.1f} / {g.p99_ms:.1f} | "
+            f"{s.rps / b0.rps:.2f} | {g.rps / b0.rps:.2f} | {g.errors} |"
+        )
+    text = head + "\n".join(table) + f"\n\nServer peak resident memory during G: {peak:.0f} MiB.\n"
+    if lock_rows:
+        text += (
+            "\nRedis locks on and off (service layer, reserves per second; p99 lock wait is the "
+            "upper bound of its histogram bucket):\n\n"
+            "| scenario | locks on req/s | p50 / p99 ms | locks off req/s | p50 / p99 ms | p99 lock wait |\n"
+            "|---|---|---|---|---|---|\n"
+        )
+        for scenario, on, off, p99 in lock_rows:
+            wait = "n/a" if p99 is None else f"<= {p99 * 1000:g} ms"
+            text += (
+                f"| {scenario} | {on.rps:.0f} | {on.p50_ms:.1f} / {on.p99_ms:.1f} | {off.rps:.0f} | "
+                f"{off.p50_ms:.1f} / {off.p99_ms:.1f} | {wait} |\n"
+            )
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

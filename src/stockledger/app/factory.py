@@ -1,0 +1,206 @@
+"""The Starlette application: ``/graphql``, ``/healthz``, ``/readyz`` (and room for ``/metrics``).
+
+Build it with :func:`create_app`. Its lifespan opens the database (or takes the one given),
+makes sure the schema is at the migrations' head, builds the services, runs the extra lifespan
+hooks (Redis, sweeper, ... added by their owners), and closes what it opened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio.to_thread
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from stockledger.app.graphql import GraphQLView
+from stockledger.app.limits import BodyLimitMiddleware
+from stockledger.config import Settings, get_settings
+from stockledger.db import migrate
+from stockledger.db.engine import Database, create_database
+from stockledger.resolvers import build_schema
+from stockledger.services.inventory import InventoryService
+from stockledger.services.queries import InventoryQueries
+
+log = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[object]]
+"""An async check for ``/readyz``: ready unless it raises (its message is reported)."""
+
+LifespanHook = Callable[[Starlette], AbstractAsyncContextManager[object]]
+"""Entered after the database and services are up (``app.state`` filled), exited first."""
+
+
+class Parts(Protocol):
+    """What a runtime factory yields: the open database and the write service on it."""
+
+    db: Database
+    service: InventoryService
+
+
+RuntimeFactory = Callable[[Settings], AbstractAsyncContextManager[Parts]]
+"""Opens the database, services (and whatever else, e.g. Redis) for the app's life."""
+
+
+class DatabaseNotMigratedError(RuntimeError):
+    """The database's schema revision is behind the code's migrations: refuse to start."""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    service: InventoryService | None = None,
+    database: Database | None = None,
+    runtime: RuntimeFactory | None = None,
+    readiness_checks: Mapping[str, ReadinessCheck] | None = None,
+    lifespan_hooks: Sequence[LifespanHook] = (),
+    extra_routes: Sequence[BaseRoute] = (),
+) -> Starlette:
+    """The ASGI app (Starlette) for ``settings`` (default: :func:`get_settings`).
+
+    Where the database and the write service come from, first match wins:
+
+    * ``service``: this service and its ``db`` (the caller opens and closes them);
+    * ``runtime``: ``runtime(settings)`` is entered for the app's life and yields an object
+      with ``db`` and ``service`` (e.g. :func:`stockledger.runtime.open_runtime`); kept as
+      ``app.state.runtime``;
+    * ``database``: this database (the caller closes it), with an :class:`InventoryService`
+      using the default no-op locker;
+    * otherwise a database opened from ``settings`` and closed on shutdown, same service.
+
+    On the embedded default (SQLite, no ``database_url``) a database the app opens itself is
+    migrated to head first (Alembic, in a worker thread). In every case the database must then
+    be at head, else startup fails with :class:`DatabaseNotMigratedError`.
+
+    ``readiness_checks``: name -> async check run by
+    ``/readyz`` after the database's ``SELECT 1``; more may be added to
+    ``app.state.readiness_checks`` before startup. ``lifespan_hooks``: async context managers
+    entered in order once the services are up. ``extra_routes``: e.g. ``/metrics``.
+
+    ``app.state`` holds ``settings``, ``database``, ``service``, ``queries`` and
+    ``readiness_checks`` while running.
+    """
+    settings = settings or get_settings()
+    schema = build_schema(settings)
+    view = GraphQLView(
+        schema,
+        graphql_ide="graphiql" if settings.graphiql_enabled else None,
+        allow_queries_via_get=False,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if service is not None:
+                db, svc = service.db, service
+            elif runtime is not None:
+                await _migrate_embedded(settings)
+                parts = await stack.enter_async_context(runtime(settings))
+                db, svc = parts.db, parts.service
+                app.state.runtime = parts
+            else:
+                if database is not None:
+                    db = database
+                else:
+                    db = create_database(settings)  # creates the embedded file's directory
+                    stack.push_async_callback(db.dispose)
+                    await _migrate_embedded(settings)
+                svc = InventoryService(db, settings)
+            await check_revision(db)
+            app.state.settings = settings
+            app.state.database = db
+            app.state.service = svc
+            app.state.queries = InventoryQueries(db, svc.org_id)
+            for hook in lifespan_hooks:
+                await stack.enter_async_context(hook(app))
+            log.info("stockledger ready (database %s, org %s)", db.dialect, svc.org_id)
+            yield
+
+    routes: list[BaseRoute] = [
+        Route("/graphql", view, methods=["GET", "POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        *extra_routes,
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)],
+        lifespan=lifespan,
+    )
+    app.state.readiness_checks = dict(readiness_checks or {})
+    return app
+
+
+async def _migrate_embedded(settings: Settings) -> None:
+    """Migrate the embedded SQLite file to head (no-op with a database URL set)."""
+    if not settings.embedded_database:
+        return
+    url = settings.resolved_database_url()
+    Path(url.removeprefix("sqlite+aiosqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    log.info("migrating the embedded database %s", url)
+    # Alembic is blocking and runs its own event loop: keep it off this one.
+    await anyio.to_thread.run_sync(migrate.upgrade, url)
+
+
+async def check_revision(db: Database) -> None:
+    """Raise DatabaseNotMigratedError unless the database is at the migrations' head.
+
+    A revision the packaged scripts do not know (a newer release migrated it) is logged and
+    accepted: migrations are additive, and refusing would break rolling deploys.
+    """
+    head = migrate.head_revision()
+    current = await migrate.current_revision(db.engine)
+    if current == head:
+        return
+    known = {rev.revision for rev in ScriptDirectory(str(migrate.MIGRATIONS_DIR)).walk_revisions()}
+    if current is None or current in known:
+        raise DatabaseNotMigratedError(
+            f"the database is at revision {current or 'none (never migrated)'}, behind this "
+            f"release's head {head}: run `stockledger migrate` first"
+        )
+    log.warning("database revision %s is unknown to this release (head %s)", current, head)
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """Liveness: the process answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: ``SELECT 1`` on the database, then each of ``app.state.readiness_checks``.
+
+    200 ``{"status": "ready", "checks": {name: "ok"}}``, or 503 with ``"unavailable"`` and the
+    failing checks' messages.
+    """
+    state: Any = request.app.state
+    checks: dict[str, str] = {}
+    ok = True
+    try:
+        async with state.database.read() as conn:
+            await conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # any failure means "not ready"; the log has the details
+        log.warning("readiness: database check failed", exc_info=True)
+        checks["database"] = f"{type(exc).__name__}: {exc}"[:300]
+        ok = False
+    for name, check in state.readiness_checks.items():
+        try:
+            await check()
+            checks[name] = "ok"
+        except Exception as exc:
+            log.warning("readiness: %s check failed", name, exc_info=True)
+            checks[name] = f"{type(exc).__name__}: {exc}"[:300]
+            ok = False
+    return JSONResponse(
+        {"status": "ready" if ok else "unavailable", "checks": checks},
+        status_code=200 if ok else 503,
+    )

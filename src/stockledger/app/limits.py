@@ -1,0 +1,87 @@
+"""Request body limit: refuse bodies above ``max_body_bytes`` with HTTP 413, before parsing.
+
+Checked twice: the declared ``Content-Length`` (refused without reading a byte), then the bytes
+actually received (a chunked or lying client is cut off as soon as it passes the limit). The
+accepted body is buffered (at most the limit) and replayed to the app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_METHODS_WITH_BODY = {"POST", "PUT", "PATCH"}
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: HTTP requests whose body exceeds ``max_body_bytes`` get a 413 whose
+    JSON body reads ``{"errors": [{"message": "request body too large: ..."}]}``."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _METHODS_WITH_BODY:
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _too_large(send, f"{declared} bytes declared", limit)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away; nothing to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _too_large(send, f"more than {limit} bytes sent", limit)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for disconnect as usual
+
+        await self.app(scope, replay, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _too_large(send: Send, what: str, limit: int) -> None:
+    message = f"request body too large: {what}, the limit is {limit} bytes"
+    body: dict[str, Any] = {"errors": [{"message": message}]}
+    payload = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,207 @@
+"""The ``stockledger`` command (click): ``migrate``, ``serve`` and ``sweep``."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+import click
+
+from stockledger.config import Settings, get_settings
+
+
+def app_factory() -> Any:
+    """The ASGI app for uvicorn's ``factory=True`` (each worker builds its own from settings)."""
+    from stockledger.app.serving import create_served_app
+    from stockledger.observability.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_served_app(settings)
+
+
+def _describe_backends(settings: Settings) -> str:
+    db = (
+        f"SQLite file {settings.resolved_database_url().removeprefix('sqlite+aiosqlite:///')}"
+        if settings.embedded_database
+        else f"MySQL at {_redact(settings.resolved_database_url())}"
+    )
+    redis = (
+        "in-process fakeredis"
+        if settings.redis_url is None
+        else f"Redis at {_redact(settings.redis_url)}"
+    )
+    return f"database: {db}; locks and expiry index: {redis}"
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a redis:// URL SQLAlchemy cannot parse: show scheme and host only
+        return url.split("@")[-1]
+
+
+@click.group()
+@click.version_option(package_name="stockledger")
+def main() -> None:
+    """stockledger: a GraphQL inventory service with an append-only ledger."""
+
+
+@main.command()
+@click.option("--revision", default="head", show_default=True, help="Alembic revision to reach.")
+def migrate(revision: str) -> None:
+    """Upgrade the database in STOCKLEDGER_DATABASE_URL (or the embedded SQLite file)."""
+    from stockledger.db.migrate import upgrade
+
+    settings = get_settings()
+    url = settings.resolved_database_url()
+    if settings.embedded_database:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(url, revision)
+    click.echo(f"migrated {_redact(url)} to {revision}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=int, help="uvicorn worker processes.")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Also serve /metrics on this port, apart from the API (all workers' samples).",
+)
+def serve(host: str, port: int, workers: int, metrics_port: int | None) -> None:
+    """Serve the GraphQL API (``/graphql``) with uvicorn, uvloop and httptools.
+
+    With no settings: the embedded default (a SQLite file it migrates itself, in-process
+    fakeredis), one worker only. With a MySQL URL, run ``stockledger migrate`` first.
+    """
+    import uvicorn
+
+    settings = get_settings()
+    if workers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--workers")
+    if workers > 1 and (settings.embedded_database or settings.redis_url is None):
+        raise click.UsageError(
+            "the embedded default (SQLite and in-process fakeredis) runs one worker only; "
+            "set STOCKLEDGER_DATABASE_URL and STOCKLEDGER_REDIS_URL for --workers > 1"
+        )
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # prometheus-client's multiprocess mode: every worker writes its samples here and
+        # /metrics adds them up. Set before the workers start so they inherit it.
+        metrics_dir = tempfile.mkdtemp(prefix="stockledger-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+    click.echo(f"stockledger {_describe_backends(settings)}")
+    click.echo(f"stockledger listening on http://{host}:{port}/graphql")
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from stockledger.app.serving import metrics_registry
+
+        start_http_server(metrics_port, addr=host, registry=metrics_registry())
+        click.echo(f"stockledger metrics on http://{host}:{metrics_port}/metrics")
+    sys.stdout.flush()
+    uvicorn.run(
+        "stockledger.cli:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="on",
+    )
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="One pass (Redis index and database scan), then exit.")
+def sweep(once: bool) -> None:
+    """Expire due reservations: pop the Redis expiry index, scan the database as fallback.
+
+    Safe to run beside servers and other sweepers: each reservation is expired exactly once.
+    """
+    import asyncio
+
+    from stockledger.observability.logs import configure_logging
+    from stockledger.runtime import open_runtime
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def run() -> None:
+        async with open_runtime(settings) as rt:
+            if once:
+                count = await rt.sweeper.run_once(scan=True)
+                click.echo(f"expired {count} reservation(s)")
+            else:
+                await rt.sweeper.run_forever()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:8000/graphql", show_default=True)
+@click.option("--orders", type=int, default=None, help="Replay only the first N orders (by date).")
+@click.option("--clients", type=int, default=8, show_default=True, help="Concurrent connections.")
+@click.option(
+    "--fraction", type=float, default=0.8, show_default=True, help="Opening stock / demand."
+)
+@click.option("--restock-days", type=int, default=30, show_default=True)
+@click.option("--abandon-share", type=float, default=0.2, show_default=True)
+@click.option("--abandon-ttl", type=int, default=2, show_default=True, help="Seconds.")
+@click.option("--expire-wait", type=float, default=15.0, show_default=True, help="Seconds.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None)
+def replay(
+    url: str,
+    orders: int | None,
+    clients: int,
+    fraction: float,
+    restock_days: int,
+    abandon_share: float,
+    abandon_ttl: int,
+    expire_wait: float,
+    data: str | None,
+) -> None:
+    """Replay the Superstore orders through a running server and check the result."""
+    import asyncio
+    from pathlib import Path
+
+    from stockledger.replay import DEFAULT_DATA, run_replay
+
+    report, problems = asyncio.run(
+        run_replay(
+            url,
+            orders=orders,
+            data=Path(data) if data else DEFAULT_DATA,
+            clients=clients,
+            fraction=fraction,
+            restock_days=restock_days,
+            abandon_share=abandon_share,
+            abandon_ttl=abandon_ttl,
+            expire_wait=expire_wait,
+        )
+    )
+    click.echo(report)
+    if problems:
+        click.echo(f"CHECKS FAILED ({len(problems)}):", err=True)
+        for p in problems[:50]:
+            click.echo(f"  {p}", err=True)
+        sys.exit(1)
+    click.echo("checks: all passed")
+
+
+if __name__ == "__main__":
+    main()

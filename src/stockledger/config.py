@@ -1,0 +1,97 @@
+"""Settings, read once from the environment (``STOCKLEDGER_*``) with pydantic-settings.
+
+Every knob of the service lives here; nothing else reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service settings. Each field is read from ``STOCKLEDGER_<FIELD NAME>``.
+
+    With no ``database_url`` the service uses the embedded default: a SQLite file
+    ``stockledger.sqlite3`` under ``data_dir``; with no ``redis_url`` it uses an
+    in-process fakeredis (one worker only).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="STOCKLEDGER_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL, e.g. mysql+asyncmy://root@127.0.0.1:3306/stockledger. "
+        "Unset: the embedded SQLite file under data_dir.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="redis:// URL, e.g. redis://127.0.0.1:6379/0. Unset: in-process fakeredis.",
+    )
+    data_dir: Path = Field(
+        default=Path("data"), description="Where the embedded SQLite file lives."
+    )
+    org_id: str = Field(default="default", description="The tenant of v1 (one org).")
+
+    default_reservation_ttl_seconds: int = Field(default=1800, ge=1)
+    max_reservation_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+
+    # Whole-transaction retries on deadlock / lock wait timeout (MySQL 1213, 1205, MariaDB 1020).
+    retry_max_attempts: int = Field(default=8, ge=1)
+    retry_initial_backoff_seconds: float = Field(default=0.005, gt=0)
+    retry_max_backoff_seconds: float = Field(default=0.25, gt=0)
+
+    # Server-side bound on row-lock waits (seconds), so no coroutine is ever cancelled mid-query.
+    db_lock_wait_timeout_seconds: int = Field(default=10, ge=1)
+    db_pool_size: int = Field(default=20, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+
+    # Redis locks (ARCHITECTURE section 4).
+    locks_enabled: bool = True
+    lock_ttl_seconds: float = Field(default=15.0, gt=0)
+    lock_wait_seconds: float = Field(default=5.0, gt=0)
+    redis_pool_size: int = Field(default=64, ge=1)
+
+    # Expiry sweeper (ARCHITECTURE section 6).
+    sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    sweep_db_scan_interval_seconds: float = Field(default=30.0, gt=0)
+    sweep_batch_size: int = Field(default=200, ge=1)
+
+    # GraphQL API limits (ARCHITECTURE section 9 and 11).
+    introspection_enabled: bool = True
+    graphiql_enabled: bool = True
+    max_query_depth: int = Field(default=12, ge=1)
+    max_aliases: int = Field(default=50, ge=1)
+    max_tokens: int = Field(default=5000, ge=1)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+
+    log_level: str = "INFO"
+    log_format: str = Field(
+        default="auto", description="json, console, or auto (json unless a TTY)."
+    )
+
+    @field_validator("database_url", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def embedded_database(self) -> bool:
+        """True when no database URL is set and the SQLite file is used."""
+        return self.database_url is None
+
+    def resolved_database_url(self) -> str:
+        """The database URL in force: the setting, or ``sqlite+aiosqlite:///<data_dir>/stockledger.sqlite3``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'stockledger.sqlite3').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first call."""
+    return Settings()

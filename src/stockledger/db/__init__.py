@@ -1,0 +1,1 @@
+"""Database layer: tables, engine set-up per dialect, transaction runner and migrations."""

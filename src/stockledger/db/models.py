@@ -1,0 +1,168 @@
+"""The tables of ARCHITECTURE section 2, as SQLAlchemy Core metadata.
+
+Migrations (``db/migrations``) create exactly this; ``tests/test_migrations.py`` checks there is
+no drift. Every table carries ``org_id`` (the tenant; v1 uses one org, ``default``).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    ForeignKeyConstraint,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+)
+
+from stockledger.db.types import BigId, ExactString, Timestamp
+
+NAME_LENGTH = 255  # SKU, location, reference type/id, reason, idempotency key (section 11)
+ORG_LENGTH = 64
+
+naming_convention = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+}
+metadata = MetaData(naming_convention=naming_convention)
+
+# MySQL table options: InnoDB for row locks and CHECKs, utf8mb4 throughout.
+_mysql_opts = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
+
+EVENT_TYPES = ("RESTOCK", "ADJUST", "RESERVE", "RELEASE", "EXPIRE", "DEDUCT")
+RESERVATION_STATUSES = ("ACTIVE", "COMMITTED", "RELEASED", "EXPIRED")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+inventory_balance = Table(
+    "inventory_balance",
+    metadata,
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("location", ExactString(NAME_LENGTH), nullable=False),
+    Column("sku", ExactString(NAME_LENGTH), nullable=False),
+    Column("on_hand", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    PrimaryKeyConstraint("org_id", "location", "sku"),
+    CheckConstraint("on_hand >= 0", name="on_hand_nonnegative"),
+    CheckConstraint("reserved >= 0", name="reserved_nonnegative"),
+    CheckConstraint("reserved <= on_hand", name="reserved_within_on_hand"),
+    Index("ix_inventory_balance_org_sku", "org_id", "sku"),
+    **_mysql_opts,
+)
+
+inventory_ledger = Table(
+    "inventory_ledger",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("location", ExactString(NAME_LENGTH), nullable=False),
+    Column("sku", ExactString(NAME_LENGTH), nullable=False),
+    Column("event_type", String(16), nullable=False),
+    Column("on_hand_delta", BigInteger, nullable=False),
+    Column("reserved_delta", BigInteger, nullable=False),
+    Column("on_hand_after", BigInteger, nullable=False),
+    Column("reserved_after", BigInteger, nullable=False),
+    Column("reservation_id", BigInteger, nullable=True),
+    Column("ref_type", ExactString(NAME_LENGTH), nullable=True),
+    Column("ref_id", ExactString(NAME_LENGTH), nullable=True),
+    Column("reason", ExactString(NAME_LENGTH), nullable=True),
+    Column("idempotency_key", ExactString(NAME_LENGTH), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    CheckConstraint(_in("event_type", EVENT_TYPES), name="event_type_known"),
+    Index("ix_inventory_ledger_balance", "org_id", "location", "sku", "id"),
+    Index("ix_inventory_ledger_sku", "org_id", "sku", "id"),
+    Index("ix_inventory_ledger_created", "org_id", "created_at"),
+    Index("ix_inventory_ledger_reservation", "reservation_id", "id"),
+    Index("ix_inventory_ledger_reference", "org_id", "ref_type", "ref_id", "id"),
+    Index("ix_inventory_ledger_key", "org_id", "idempotency_key", "id"),
+    sqlite_autoincrement=True,  # ids never reused, so ledger ids are monotonic
+    **_mysql_opts,
+)
+
+reservation = Table(
+    "reservation",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("ref_type", ExactString(NAME_LENGTH), nullable=True),
+    Column("ref_id", ExactString(NAME_LENGTH), nullable=True),
+    Column("expires_at", Timestamp, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    CheckConstraint(_in("status", RESERVATION_STATUSES), name="status_known"),
+    Index("ix_reservation_status_expires", "status", "expires_at"),
+    Index("ix_reservation_reference", "org_id", "ref_type", "ref_id", "status"),
+    sqlite_autoincrement=True,
+    **_mysql_opts,
+)
+
+reservation_line = Table(
+    "reservation_line",
+    metadata,
+    Column("reservation_id", BigInteger, nullable=False),
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("location", ExactString(NAME_LENGTH), nullable=False),
+    Column("sku", ExactString(NAME_LENGTH), nullable=False),
+    Column("quantity", BigInteger, nullable=False),
+    Column("deducted", BigInteger, nullable=False),
+    Column("released", BigInteger, nullable=False),
+    PrimaryKeyConstraint("reservation_id", "location", "sku"),
+    ForeignKeyConstraint(["reservation_id"], ["reservation.id"], ondelete="CASCADE"),
+    CheckConstraint("quantity > 0", name="quantity_positive"),
+    CheckConstraint("deducted >= 0 AND released >= 0", name="counts_nonnegative"),
+    CheckConstraint("deducted + released <= quantity", name="within_quantity"),
+    **_mysql_opts,
+)
+
+idempotency_key = Table(
+    "idempotency_key",
+    metadata,
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("idempotency_key", ExactString(NAME_LENGTH), nullable=False),
+    Column("operation", String(32), nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    # The result is found through the ledger entries that carry the key; this column holds
+    # what the ledger cannot tell (the reservation an extend acted on).
+    Column("result_ref", String(64), nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    PrimaryKeyConstraint("org_id", "idempotency_key"),
+    **_mysql_opts,
+)
+
+# Triggers that make the ledger append-only in the database itself (ARCHITECTURE section 2).
+LEDGER_TRIGGERS = {
+    "mysql": [
+        "CREATE TRIGGER inventory_ledger_no_update BEFORE UPDATE ON inventory_ledger "
+        "FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'inventory_ledger is append-only'",
+        "CREATE TRIGGER inventory_ledger_no_delete BEFORE DELETE ON inventory_ledger "
+        "FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'inventory_ledger is append-only'",
+    ],
+    "sqlite": [
+        "CREATE TRIGGER inventory_ledger_no_update BEFORE UPDATE ON inventory_ledger "
+        "BEGIN SELECT RAISE(ABORT, 'inventory_ledger is append-only'); END",
+        "CREATE TRIGGER inventory_ledger_no_delete BEFORE DELETE ON inventory_ledger "
+        "BEGIN SELECT RAISE(ABORT, 'inventory_ledger is append-only'); END",
+        # INSERT OR REPLACE deletes the old row without firing DELETE triggers unless
+        # recursive_triggers is on (SQLite docs, "ON CONFLICT clause", REPLACE): refuse an
+        # insert onto an existing id outright. MySQL's REPLACE fires the DELETE trigger.
+        "CREATE TRIGGER inventory_ledger_no_replace BEFORE INSERT ON inventory_ledger "
+        "WHEN NEW.id IS NOT NULL AND EXISTS (SELECT 1 FROM inventory_ledger WHERE id = NEW.id) "
+        "BEGIN SELECT RAISE(ABORT, 'inventory_ledger is append-only'); END",
+    ],
+}
+# The trigger names each dialect gets, read off the statements above.
+LEDGER_TRIGGER_NAMES = {
+    dialect: tuple(statement.split()[2] for statement in statements)
+    for dialect, statements in LEDGER_TRIGGERS.items()
+}

@@ -1,0 +1,73 @@
+"""Every Prometheus collector of stockledger, in one place (ARCHITECTURE section 10).
+
+Counters end in ``_total``, histograms in ``_seconds``. No label takes a SKU, location,
+reference or idempotency key (unbounded cardinality). With several uvicorn workers set
+``PROMETHEUS_MULTIPROC_DIR`` and the exposition collects every process (prometheus-client's
+multiprocess mode).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+# Lock waits are milliseconds on a quiet SKU and seconds on a hot one.
+_LOCK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+RESERVE_TOTAL = Counter(
+    "inventory_reserve_total",
+    "Reserve calls by outcome (success, insufficient_stock, replayed, validation_error, ...).",
+    ["status"],
+)
+DEDUCT_TOTAL = Counter(
+    "inventory_deduct_total",
+    "Deduct calls by outcome (success, insufficient_stock, replayed, not_active, ...).",
+    ["status"],
+)
+IDEMPOTENT_HIT_TOTAL = Counter(
+    "inventory_idempotent_hit_total",
+    "Writes answered from an idempotency key already done (replays), any operation.",
+)
+STOCK_MOVEMENTS_TOTAL = Counter(
+    "stock_movements_total",
+    "Write calls by movement type (restock, adjust, reserve, release, deduct, extend, expire), "
+    "result (success, replayed, or the error code) and reason (the adjust reason class).",
+    ["type", "result", "reason"],
+)
+LOCK_WAIT_SECONDS = Histogram(
+    "inventory_lock_wait_seconds",
+    "Time to take all Redis locks of one write (seconds), timeouts included.",
+    buckets=_LOCK_BUCKETS,
+)
+LOCK_TIMEOUTS_TOTAL = Counter(
+    "inventory_lock_timeouts_total",
+    "Writes refused with LOCK_TIMEOUT because their Redis locks were not free in time.",
+)
+LOCK_LOST_TOTAL = Counter(
+    "inventory_lock_lost_total",
+    "Redis locks found gone or taken over at release (lease ran out mid-write). "
+    "Harmless for correctness: the database row locks still held.",
+)
+REDIS_DEGRADED_TOTAL = Counter(
+    "inventory_redis_degraded_total",
+    "Operations that ran without Redis (locks or expiry index) because Redis did not answer.",
+)
+TRANSACTION_RETRIES_TOTAL = Counter(
+    "inventory_transaction_retries_total",
+    "Whole-transaction retries by reason (deadlock, lock_wait_timeout, record_changed, ...).",
+    ["reason"],
+)
+RESERVATIONS_EXPIRED_TOTAL = Counter(
+    "inventory_reservations_expired_total",
+    "Reservations expired by the service (sweeper, database scan, or found past due).",
+)
+EXPIRY_BACKLOG_SECONDS = Histogram(
+    "inventory_expiry_lag_seconds",
+    "How late a reservation was expired: now - expires_at at expiry (seconds).",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
+GRAPHQL_REQUEST_SECONDS = Histogram(
+    "inventory_graphql_request_seconds",
+    "GraphQL request latency (seconds) by operation type (query, mutation) and outcome "
+    "(ok, domain_error, error).",
+    ["operation_type", "outcome"],
+)

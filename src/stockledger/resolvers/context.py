@@ -1,0 +1,37 @@
+"""The per-request GraphQL context: the services and the request's DataLoaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from strawberry.dataloader import DataLoader
+
+from stockledger.resolvers import convert
+from stockledger.schema import ReservationLine
+from stockledger.services.inventory import InventoryService
+from stockledger.services.queries import InventoryQueries
+
+
+@dataclass
+class GraphQLContext:
+    """What resolvers see as ``info.context``.
+
+    ``reservation_lines`` loads the lines of many reservations in one query (per request, so
+    its cache never outlives the request).
+    """
+
+    service: InventoryService
+    queries: InventoryQueries
+    request: Any = None
+    response: Any = None
+    reservation_lines: DataLoader[int, list[ReservationLine]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        queries = self.queries
+
+        async def load_lines(ids: list[int]) -> list[list[ReservationLine]]:
+            by_id = await queries.lines_for(ids)
+            return [[convert.reservation_line(ln) for ln in by_id.get(i, ())] for i in ids]
+
+        self.reservation_lines = DataLoader(load_fn=load_lines)

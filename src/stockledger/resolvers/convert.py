@@ -1,0 +1,162 @@
+"""Service records -> schema types, and schema inputs -> service arguments. No rules here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import strawberry
+from strawberry import UNSET
+
+from stockledger.schema import (
+    Balance,
+    BalanceConnection,
+    BalanceEdge,
+    LedgerEntry,
+    LedgerEntryConnection,
+    LedgerEntryEdge,
+    LedgerEventType,
+    PageInfo,
+    Reference,
+    ReferenceInput,
+    Reservation,
+    ReservationConnection,
+    ReservationEdge,
+    ReservationLine,
+    ReservationStatus,
+)
+from stockledger.schema import LineInput as LineInputType
+from stockledger.services.queries import Page
+from stockledger.services.records import (
+    BalanceRecord,
+    LedgerEntryRecord,
+    Line,
+    ReservationLineRecord,
+    ReservationRecord,
+)
+from stockledger.services.records import Reference as ReferenceRecord
+
+T = TypeVar("T")
+
+# ------------------------------------------------------------------ records -> types
+
+
+def balance(r: BalanceRecord) -> Balance:
+    return Balance(
+        sku=r.sku,
+        location=r.location,
+        on_hand=r.on_hand,
+        reserved=r.reserved,
+        available=r.on_hand - r.reserved,
+        version=r.version,
+        updated_at=r.updated_at,
+    )
+
+
+def reference(r: ReferenceRecord | None) -> Reference | None:
+    return None if r is None else Reference(type=r.type, id=r.id)
+
+
+def ledger_entry(r: LedgerEntryRecord) -> LedgerEntry:
+    return LedgerEntry(
+        id=strawberry.ID(str(r.id)),
+        event_type=LedgerEventType[r.event_type],
+        sku=r.sku,
+        location=r.location,
+        on_hand_delta=r.on_hand_delta,
+        reserved_delta=r.reserved_delta,
+        on_hand_after=r.on_hand_after,
+        reserved_after=r.reserved_after,
+        reservation_id=None if r.reservation_id is None else strawberry.ID(str(r.reservation_id)),
+        reference=reference(r.reference),
+        reason=r.reason,
+        idempotency_key=r.idempotency_key,
+        created_at=r.created_at,
+    )
+
+
+def reservation_line(r: ReservationLineRecord) -> ReservationLine:
+    return ReservationLine(
+        sku=r.sku,
+        location=r.location,
+        quantity=r.quantity,
+        remaining=r.quantity - r.deducted - r.released,
+        deducted=r.deducted,
+        released=r.released,
+    )
+
+
+def reservation(r: ReservationRecord) -> Reservation:
+    """A reservation; its lines are used as given when the record carries them (mutations)."""
+    return Reservation(
+        id=strawberry.ID(str(r.id)),
+        status=ReservationStatus[r.status],
+        reference=reference(r.reference),
+        expires_at=r.expires_at,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+        key=r.id,
+        preloaded_lines=None if r.lines is None else [reservation_line(ln) for ln in r.lines],
+    )
+
+
+def balances(records: Sequence[BalanceRecord]) -> list[Balance]:
+    return [balance(r) for r in records]
+
+
+def ledger_entries(records: Sequence[LedgerEntryRecord]) -> list[LedgerEntry]:
+    return [ledger_entry(r) for r in records]
+
+
+def reservations(records: Sequence[ReservationRecord]) -> list[Reservation]:
+    return [reservation(r) for r in records]
+
+
+def page_info(page: Page[Any]) -> PageInfo:
+    return PageInfo(
+        has_next_page=page.has_next_page,
+        has_previous_page=page.has_previous_page,
+        start_cursor=page.start_cursor,
+        end_cursor=page.end_cursor,
+    )
+
+
+def balance_connection(page: Page[BalanceRecord]) -> BalanceConnection:
+    return BalanceConnection(
+        edges=[BalanceEdge(cursor=c, node=balance(r)) for c, r in page.edges],
+        page_info=page_info(page),
+    )
+
+
+def ledger_connection(page: Page[LedgerEntryRecord]) -> LedgerEntryConnection:
+    return LedgerEntryConnection(
+        edges=[LedgerEntryEdge(cursor=c, node=ledger_entry(r)) for c, r in page.edges],
+        page_info=page_info(page),
+    )
+
+
+def reservation_connection(page: Page[ReservationRecord]) -> ReservationConnection:
+    return ReservationConnection(
+        edges=[ReservationEdge(cursor=c, node=reservation(r)) for c, r in page.edges],
+        page_info=page_info(page),
+    )
+
+
+# ------------------------------------------------------------------ inputs -> arguments
+
+
+def opt(value: T | None) -> T | None:
+    """An optional input value: None when omitted (UNSET) or given as null."""
+    return None if value is UNSET or value is None else value
+
+
+def lines_in(lines: Sequence[LineInputType] | None) -> list[Line] | None:
+    lines = opt(lines)
+    if lines is None:
+        return None
+    return [Line(sku=ln.sku, quantity=ln.quantity, location=ln.location) for ln in lines]
+
+
+def reference_in(ref: ReferenceInput | None) -> ReferenceRecord | None:
+    ref = opt(ref)
+    return None if ref is None else ReferenceRecord(type=ref.type, id=ref.id)

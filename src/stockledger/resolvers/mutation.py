@@ -1,0 +1,158 @@
+"""The root ``Mutation``: each field is one call of :class:`InventoryService` (one transaction).
+
+Results come from the service's return value only (no read after the write); a domain failure
+becomes the matching member of the field's result union (``resolvers/errors.py``).
+"""
+
+from __future__ import annotations
+
+import strawberry
+
+from stockledger.resolvers import convert
+from stockledger.resolvers.context import GraphQLContext
+from stockledger.resolvers.convert import opt
+from stockledger.resolvers.errors import (
+    ADJUST_ERRORS,
+    DEDUCT_ERRORS,
+    EXTEND_ERRORS,
+    RELEASE_ERRORS,
+    RESERVE_ERRORS,
+    RESTOCK_ERRORS,
+    mutation_result,
+)
+from stockledger.schema import (
+    AdjustInput,
+    AdjustResult,
+    AdjustSuccess,
+    DeductInput,
+    DeductResult,
+    DeductSuccess,
+    ExtendReservationInput,
+    ExtendReservationResult,
+    ExtendReservationSuccess,
+    ReleaseInput,
+    ReleaseResult,
+    ReleaseSuccess,
+    ReserveInput,
+    ReserveResult,
+    ReserveSuccess,
+    RestockInput,
+    RestockResult,
+    RestockSuccess,
+)
+from stockledger.services import records as r
+
+Info = strawberry.Info[GraphQLContext, None]
+
+
+def _restock(x: r.RestockResult) -> RestockSuccess:
+    return RestockSuccess(
+        balances=convert.balances(x.balances),
+        ledger_entries=convert.ledger_entries(x.ledger_entries),
+        replayed=x.replayed,
+    )
+
+
+def _adjust(x: r.AdjustResult) -> AdjustSuccess:
+    return AdjustSuccess(
+        balance=convert.balance(x.balance),
+        ledger_entry=convert.ledger_entry(x.ledger_entry),
+        replayed=x.replayed,
+    )
+
+
+def _reserve(x: r.ReserveResult) -> ReserveSuccess:
+    return ReserveSuccess(
+        reservation=convert.reservation(x.reservation),
+        balances=convert.balances(x.balances),
+        replayed=x.replayed,
+    )
+
+
+def _release(x: r.ReleaseResult) -> ReleaseSuccess:
+    return ReleaseSuccess(
+        reservations=convert.reservations(x.reservations),
+        balances=convert.balances(x.balances),
+        replayed=x.replayed,
+    )
+
+
+def _deduct(x: r.DeductResult) -> DeductSuccess:
+    return DeductSuccess(
+        reservations=convert.reservations(x.reservations),
+        balances=convert.balances(x.balances),
+        ledger_entries=convert.ledger_entries(x.ledger_entries),
+        replayed=x.replayed,
+    )
+
+
+def _extend(x: r.ExtendResult) -> ExtendReservationSuccess:
+    return ExtendReservationSuccess(
+        reservation=convert.reservation(x.reservation), replayed=x.replayed
+    )
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="RESTOCK: on hand += quantity on every line.")
+    async def restock(self, info: Info, input: RestockInput) -> RestockResult:
+        call = info.context.service.restock(
+            input.idempotency_key,
+            convert.lines_in(input.lines) or [],
+            reference=convert.reference_in(input.reference),
+            reason=opt(input.reason),
+        )
+        return await mutation_result(call, _restock, RESTOCK_ERRORS)
+
+    @strawberry.mutation(description="ADJUST one balance by a delta or to a counted on hand.")
+    async def adjust(self, info: Info, input: AdjustInput) -> AdjustResult:
+        call = info.context.service.adjust(
+            input.idempotency_key,
+            input.sku,
+            input.location,
+            delta=opt(input.delta),
+            set_on_hand=opt(input.set_on_hand),
+            expected_version=opt(input.expected_version),
+            reason=input.reason,
+            reference=convert.reference_in(input.reference),
+        )
+        return await mutation_result(call, _adjust, ADJUST_ERRORS)
+
+    @strawberry.mutation(description="RESERVE a cart: every line or nothing.")
+    async def reserve(self, info: Info, input: ReserveInput) -> ReserveResult:
+        call = info.context.service.reserve(
+            input.idempotency_key,
+            convert.lines_in(input.lines) or [],
+            reference=convert.reference_in(input.reference),
+            ttl_seconds=opt(input.ttl_seconds),
+        )
+        return await mutation_result(call, _reserve, RESERVE_ERRORS)
+
+    @strawberry.mutation(description="RELEASE reserved units back to available.")
+    async def release(self, info: Info, input: ReleaseInput) -> ReleaseResult:
+        call = info.context.service.release(
+            input.idempotency_key,
+            reservation_id=opt(input.reservation_id),
+            reference=convert.reference_in(input.reference),
+            lines=convert.lines_in(input.lines),
+        )
+        return await mutation_result(call, _release, RELEASE_ERRORS)
+
+    @strawberry.mutation(description="DEDUCT reserved units, or directly from available stock.")
+    async def deduct(self, info: Info, input: DeductInput) -> DeductResult:
+        call = info.context.service.deduct(
+            input.idempotency_key,
+            reservation_id=opt(input.reservation_id),
+            reference=convert.reference_in(input.reference),
+            lines=convert.lines_in(input.lines),
+        )
+        return await mutation_result(call, _deduct, DEDUCT_ERRORS)
+
+    @strawberry.mutation(description="Move an ACTIVE reservation's expiry to now + ttlSeconds.")
+    async def extend_reservation(
+        self, info: Info, input: ExtendReservationInput
+    ) -> ExtendReservationResult:
+        call = info.context.service.extend_reservation(
+            input.idempotency_key, input.reservation_id, input.ttl_seconds
+        )
+        return await mutation_result(call, _extend, EXTEND_ERRORS)

@@ -1,0 +1,104 @@
+"""The root ``Query``: each field is one read of :class:`InventoryQueries`."""
+
+from __future__ import annotations
+
+import strawberry
+
+from stockledger.resolvers import convert
+from stockledger.resolvers.context import GraphQLContext
+from stockledger.resolvers.convert import opt
+from stockledger.resolvers.errors import query_input_errors
+from stockledger.schema import (
+    Balance,
+    BalanceConnection,
+    BalanceFilter,
+    LedgerEntryConnection,
+    LedgerFilter,
+    Reservation,
+    ReservationConnection,
+    ReservationFilter,
+    SortDirection,
+)
+from stockledger.services import queries as q
+
+Info = strawberry.Info[GraphQLContext, None]
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="null when the SKU has never been stocked at that location.")
+    async def balance(self, info: Info, sku: str, location: str = "default") -> Balance | None:
+        with query_input_errors():
+            record = await info.context.queries.balance(sku, location)
+        return None if record is None else convert.balance(record)
+
+    @strawberry.field(description="Ordered by (location, sku).")
+    async def balances(
+        self,
+        info: Info,
+        filter: BalanceFilter | None = strawberry.UNSET,
+        first: int = 50,
+        after: str | None = strawberry.UNSET,
+    ) -> BalanceConnection:
+        f = None
+        if (filter := opt(filter)) is not None:
+            f = q.BalanceFilter(
+                skus=opt(filter.skus),
+                location=opt(filter.location),
+                available_below=opt(filter.available_below),
+            )
+        with query_input_errors():
+            page = await info.context.queries.balances(f, first, opt(after))
+        return convert.balance_connection(page)
+
+    @strawberry.field(description="Append order; DESC (newest first) by default.")
+    async def ledger(
+        self,
+        info: Info,
+        filter: LedgerFilter | None = strawberry.UNSET,
+        first: int = 50,
+        after: str | None = strawberry.UNSET,
+        direction: SortDirection = SortDirection.DESC,
+    ) -> LedgerEntryConnection:
+        f = None
+        if (filter := opt(filter)) is not None:
+            event_types = opt(filter.event_types)
+            f = q.LedgerFilter(
+                sku=opt(filter.sku),
+                location=opt(filter.location),
+                event_types=None if event_types is None else [t.name for t in event_types],
+                reservation_id=opt(filter.reservation_id),
+                reference=convert.reference_in(filter.reference),
+                idempotency_key=opt(filter.idempotency_key),
+                since=opt(filter.since),
+                until=opt(filter.until),
+            )
+        with query_input_errors():
+            page = await info.context.queries.ledger(f, first, opt(after), direction.value)
+        return convert.ledger_connection(page)
+
+    @strawberry.field
+    async def reservation(self, info: Info, id: strawberry.ID) -> Reservation | None:
+        with query_input_errors():
+            record = await info.context.queries.reservation(id)
+        return None if record is None else convert.reservation(record)
+
+    @strawberry.field(description="By id, oldest first.")
+    async def reservations(
+        self,
+        info: Info,
+        filter: ReservationFilter | None = strawberry.UNSET,
+        first: int = 50,
+        after: str | None = strawberry.UNSET,
+    ) -> ReservationConnection:
+        f = None
+        if (filter := opt(filter)) is not None:
+            status = opt(filter.status)
+            f = q.ReservationFilter(
+                status=None if status is None else status.name,
+                reference=convert.reference_in(filter.reference),
+                expires_before=opt(filter.expires_before),
+            )
+        with query_input_errors():
+            page = await info.context.queries.reservations(f, first, opt(after))
+        return convert.reservation_connection(page)

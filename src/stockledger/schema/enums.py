@@ -1,0 +1,50 @@
+"""The contract's enums. Each value equals its name, which is also what the services use."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import strawberry
+
+
+@strawberry.enum(description="The code of a domain failure (the Error interface).")
+class ErrorCode(Enum):
+    INSUFFICIENT_STOCK = "INSUFFICIENT_STOCK"
+    NOT_FOUND = "NOT_FOUND"
+    VALIDATION_ERROR = "VALIDATION_ERROR"
+    IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
+    RESERVATION_NOT_ACTIVE = "RESERVATION_NOT_ACTIVE"
+    VERSION_CONFLICT = "VERSION_CONFLICT"
+    LOCK_TIMEOUT = "LOCK_TIMEOUT"
+
+
+@strawberry.enum(description="What a ledger entry records.")
+class LedgerEventType(Enum):
+    RESTOCK = strawberry.enum_value("RESTOCK", description="on_hand += q")
+    ADJUST = strawberry.enum_value("ADJUST", description="on_hand += delta (either sign)")
+    RESERVE = strawberry.enum_value("RESERVE", description="reserved += q")
+    RELEASE = strawberry.enum_value("RELEASE", description="reserved -= q, asked by a client")
+    EXPIRE = strawberry.enum_value("EXPIRE", description="reserved -= q, the TTL ran out")
+    DEDUCT = strawberry.enum_value(
+        "DEDUCT", description="on_hand -= q (and reserved -= q when it consumes a reservation)"
+    )
+
+
+@strawberry.enum(description="Where a reservation is in its life.")
+class ReservationStatus(Enum):
+    ACTIVE = strawberry.enum_value("ACTIVE", description="holds stock")
+    COMMITTED = strawberry.enum_value(
+        "COMMITTED", description="nothing remaining, and something was deducted"
+    )
+    RELEASED = strawberry.enum_value(
+        "RELEASED", description="nothing remaining, nothing deducted, released by a client"
+    )
+    EXPIRED = strawberry.enum_value(
+        "EXPIRED", description="the TTL ran out; the remainder was released by the service"
+    )
+
+
+@strawberry.enum
+class SortDirection(Enum):
+    ASC = "ASC"
+    DESC = "DESC"

@@ -1,0 +1,116 @@
+"""Input types of the contract. Values are checked by the services, not here."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import strawberry
+
+from stockledger.schema.enums import LedgerEventType, ReservationStatus
+
+
+@strawberry.input
+class ReferenceInput:
+    type: str
+    id: str
+
+
+@strawberry.input
+class BalanceFilter:
+    skus: list[str] | None = strawberry.UNSET
+    location: str | None = strawberry.UNSET
+    available_below: int | None = strawberry.field(
+        default=strawberry.UNSET,
+        description="Only balances whose available is strictly below this number.",
+    )
+
+
+@strawberry.input
+class LedgerFilter:
+    sku: str | None = strawberry.UNSET
+    location: str | None = strawberry.UNSET
+    event_types: list[LedgerEventType] | None = strawberry.UNSET
+    reservation_id: strawberry.ID | None = strawberry.UNSET
+    reference: ReferenceInput | None = strawberry.UNSET
+    idempotency_key: str | None = strawberry.UNSET
+    since: datetime | None = strawberry.field(default=strawberry.UNSET, description="Inclusive.")
+    until: datetime | None = strawberry.field(default=strawberry.UNSET, description="Exclusive.")
+
+
+@strawberry.input
+class ReservationFilter:
+    status: ReservationStatus | None = strawberry.UNSET
+    reference: ReferenceInput | None = strawberry.UNSET
+    expires_before: datetime | None = strawberry.field(
+        default=strawberry.UNSET,
+        description="Only reservations whose expiresAt is strictly before this.",
+    )
+
+
+@strawberry.input
+class LineInput:
+    sku: str
+    location: str = "default"
+    quantity: int
+
+
+@strawberry.input
+class RestockInput:
+    idempotency_key: str
+    lines: list[LineInput]
+    reference: ReferenceInput | None = strawberry.UNSET
+    reason: str | None = strawberry.UNSET
+
+
+@strawberry.input(
+    description="Exactly one of delta and setOnHand. expectedVersion turns the call into a "
+    "compare-and-set."
+)
+class AdjustInput:
+    idempotency_key: str
+    sku: str
+    location: str = "default"
+    delta: int | None = strawberry.UNSET
+    set_on_hand: int | None = strawberry.UNSET
+    expected_version: int | None = strawberry.UNSET
+    reason: str
+    reference: ReferenceInput | None = strawberry.UNSET
+
+
+@strawberry.input(
+    description="All lines or none. ttlSeconds defaults to the server's setting (1800)."
+)
+class ReserveInput:
+    idempotency_key: str
+    lines: list[LineInput]
+    reference: ReferenceInput | None = strawberry.UNSET
+    ttl_seconds: int | None = strawberry.UNSET
+
+
+@strawberry.input(
+    description="Exactly one of reservationId and reference (all ACTIVE reservations with it). "
+    "No lines: everything remaining."
+)
+class ReleaseInput:
+    idempotency_key: str
+    reservation_id: strawberry.ID | None = strawberry.UNSET
+    reference: ReferenceInput | None = strawberry.UNSET
+    lines: list[LineInput] | None = strawberry.UNSET
+
+
+@strawberry.input(
+    description="With reservationId or reference: commits reserved units (no lines: everything "
+    "remaining).\nWithout either: a direct deduction from available stock, and lines are required."
+)
+class DeductInput:
+    idempotency_key: str
+    reservation_id: strawberry.ID | None = strawberry.UNSET
+    reference: ReferenceInput | None = strawberry.UNSET
+    lines: list[LineInput] | None = strawberry.UNSET
+
+
+@strawberry.input
+class ExtendReservationInput:
+    idempotency_key: str
+    reservation_id: strawberry.ID
+    ttl_seconds: int = strawberry.field(description="The new expiry is now + ttlSeconds.")

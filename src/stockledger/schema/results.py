@@ -1,0 +1,115 @@
+"""Success types and one union per mutation result (the contract's ``*Result`` unions)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import strawberry
+
+from stockledger.schema.errors import (
+    IdempotencyKeyReusedError,
+    InsufficientStockError,
+    LockTimeoutError,
+    NotFoundError,
+    ReservationNotActiveError,
+    ValidationError,
+    VersionConflictError,
+)
+from stockledger.schema.types import Balance, LedgerEntry, Reservation
+
+
+@strawberry.type
+class RestockSuccess:
+    balances: list[Balance]
+    ledger_entries: list[LedgerEntry]
+    replayed: bool = strawberry.field(
+        description="True when this idempotency key was already done: nothing changed now."
+    )
+
+
+@strawberry.type
+class AdjustSuccess:
+    balance: Balance
+    ledger_entry: LedgerEntry
+    replayed: bool
+
+
+@strawberry.type
+class ReserveSuccess:
+    reservation: Reservation
+    balances: list[Balance]
+    replayed: bool
+
+
+@strawberry.type
+class ReleaseSuccess:
+    reservations: list[Reservation]
+    balances: list[Balance]
+    replayed: bool
+
+
+@strawberry.type
+class DeductSuccess:
+    reservations: list[Reservation]
+    balances: list[Balance]
+    ledger_entries: list[LedgerEntry]
+    replayed: bool
+
+
+@strawberry.type
+class ExtendReservationSuccess:
+    reservation: Reservation
+    replayed: bool
+
+
+RestockResult = Annotated[
+    RestockSuccess | ValidationError | IdempotencyKeyReusedError | LockTimeoutError,
+    strawberry.union("RestockResult"),
+]
+AdjustResult = Annotated[
+    AdjustSuccess
+    | InsufficientStockError
+    | NotFoundError
+    | ValidationError
+    | VersionConflictError
+    | IdempotencyKeyReusedError
+    | LockTimeoutError,
+    strawberry.union("AdjustResult"),
+]
+ReserveResult = Annotated[
+    ReserveSuccess
+    | InsufficientStockError
+    | NotFoundError
+    | ValidationError
+    | IdempotencyKeyReusedError
+    | LockTimeoutError,
+    strawberry.union("ReserveResult"),
+]
+ReleaseResult = Annotated[
+    ReleaseSuccess
+    | NotFoundError
+    | ReservationNotActiveError
+    | ValidationError
+    | IdempotencyKeyReusedError
+    | LockTimeoutError,
+    strawberry.union("ReleaseResult"),
+]
+DeductResult = Annotated[
+    DeductSuccess
+    | InsufficientStockError
+    | NotFoundError
+    | ReservationNotActiveError
+    | ValidationError
+    | IdempotencyKeyReusedError
+    | LockTimeoutError,
+    strawberry.union("DeductResult"),
+]
+ExtendReservationResult = Annotated[
+    ExtendReservationSuccess
+    | NotFoundError
+    | ReservationNotActiveError
+    | ValidationError
+    | IdempotencyKeyReusedError
+    | LockTimeoutError,
+    strawberry.union("ExtendReservationResult"),
+]

@@ -1,0 +1,104 @@
+"""The reconciliation query: checks the invariants of ARCHITECTURE section 2 for one org.
+
+1. 0 <= reserved <= on_hand for every balance.
+2. on_hand = sum(on_hand_delta) and reserved = sum(reserved_delta) over the balance's ledger.
+3. reserved = sum(remaining) over the balance's ACTIVE reservation lines.
+4. A key's effects appear at most once: every client key's ledger entries come from one call,
+   i.e. share one ``created_at``, and each balance appears at most once per (key, reservation).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from stockledger.db.engine import Database
+from stockledger.db.models import inventory_balance as B
+from stockledger.db.models import inventory_ledger as L
+from stockledger.db.models import reservation as R
+from stockledger.db.models import reservation_line as RL
+
+
+async def find_violations(db: Database, org_id: str) -> list[str]:
+    """Every invariant violation in ``org_id`` as a readable sentence; empty when all hold."""
+    out: list[str] = []
+    async with db.read() as conn:
+        balances = {
+            (r.location, r.sku): r
+            for r in await conn.execute(select(B).where(B.c.org_id == org_id))
+        }
+        sums = {
+            (r.location, r.sku): (int(r.oh), int(r.rs))
+            for r in await conn.execute(
+                select(
+                    L.c.location,
+                    L.c.sku,
+                    func.sum(L.c.on_hand_delta).label("oh"),
+                    func.sum(L.c.reserved_delta).label("rs"),
+                )
+                .where(L.c.org_id == org_id)
+                .group_by(L.c.location, L.c.sku)
+            )
+        }
+        held = {
+            (r.location, r.sku): int(r.held)
+            for r in await conn.execute(
+                select(
+                    RL.c.location,
+                    RL.c.sku,
+                    func.sum(RL.c.quantity - RL.c.deducted - RL.c.released).label("held"),
+                )
+                .join(R, R.c.id == RL.c.reservation_id)
+                .where(R.c.org_id == org_id, R.c.status == "ACTIVE")
+                .group_by(RL.c.location, RL.c.sku)
+            )
+        }
+        repeated = list(
+            await conn.execute(
+                select(L.c.idempotency_key, L.c.location, L.c.sku, L.c.reservation_id)
+                .where(L.c.org_id == org_id, ~L.c.idempotency_key.like("expire:%"))
+                .group_by(L.c.idempotency_key, L.c.location, L.c.sku, L.c.reservation_id)
+                .having(func.count() > 1)
+            )
+        )
+        spread = list(
+            await conn.execute(
+                select(L.c.idempotency_key)
+                .where(L.c.org_id == org_id)
+                .group_by(L.c.idempotency_key)
+                .having(func.count(func.distinct(L.c.created_at)) > 1)
+            )
+        )
+        inactive_held = list(
+            await conn.execute(
+                select(R.c.id, R.c.status)
+                .join(RL, R.c.id == RL.c.reservation_id)
+                .where(R.c.org_id == org_id, R.c.status != "ACTIVE")
+                .group_by(R.c.id, R.c.status)
+                .having(func.sum(RL.c.quantity - RL.c.deducted - RL.c.released) != 0)
+            )
+        )
+    for key, row in sorted(balances.items()):
+        name = f"{key[0]}/{key[1]}"
+        if not 0 <= row.reserved <= row.on_hand:
+            out.append(f"{name}: reserved {row.reserved} outside 0..on_hand {row.on_hand}")
+        oh, rs = sums.get(key, (0, 0))
+        if (oh, rs) != (row.on_hand, row.reserved):
+            out.append(
+                f"{name}: ledger sums to on_hand {oh}, reserved {rs}; "
+                f"balance has {row.on_hand}, {row.reserved}"
+            )
+        if held.get(key, 0) != row.reserved:
+            out.append(
+                f"{name}: ACTIVE reservations hold {held.get(key, 0)}, reserved is {row.reserved}"
+            )
+    for key in set(sums) - set(balances):
+        out.append(f"{key[0]}/{key[1]}: ledger entries without a balance")
+    for key in set(held) - set(balances):
+        out.append(f"{key[0]}/{key[1]}: reservation lines without a balance")
+    for r in repeated:
+        out.append(f"key {r.idempotency_key!r}: more than one entry for {r.location}/{r.sku}")
+    for r in spread:
+        out.append(f"key {r.idempotency_key!r}: entries written by more than one call")
+    for r in inactive_held:
+        out.append(f"reservation {r.id} is {r.status} but still holds units")
+    return out

@@ -1,0 +1,175 @@
+"""Row -> record conversion and the small SQL building blocks shared by reads and writes."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, and_, bindparam, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from stockledger.db.models import inventory_balance as B
+from stockledger.db.models import inventory_ledger as L
+from stockledger.db.models import reservation as R
+from stockledger.db.models import reservation_line as RL
+from stockledger.services.records import (
+    BalanceRecord,
+    LedgerEntryRecord,
+    Reference,
+    ReservationLineRecord,
+    ReservationRecord,
+)
+
+BalanceKey = tuple[str, str]  # (location, sku): the sort and lock order
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (the default clock of the services)."""
+    return datetime.now(UTC)
+
+
+def to_db_time(value: datetime) -> datetime:
+    """A timezone-aware datetime as the naive UTC value stored in DATETIME(6) columns."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def from_db_time(value: datetime) -> datetime:
+    """A stored naive UTC value as a timezone-aware datetime."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def reference_of(ref_type: str | None, ref_id: str | None) -> Reference | None:
+    return None if ref_type is None or ref_id is None else Reference(ref_type, ref_id)
+
+
+def balance_record(row: Any) -> BalanceRecord:
+    return BalanceRecord(
+        sku=row.sku,
+        location=row.location,
+        on_hand=row.on_hand,
+        reserved=row.reserved,
+        version=row.version,
+        updated_at=from_db_time(row.updated_at),
+    )
+
+
+def ledger_record(row: Any) -> LedgerEntryRecord:
+    return LedgerEntryRecord(
+        id=row.id,
+        event_type=row.event_type,
+        sku=row.sku,
+        location=row.location,
+        on_hand_delta=row.on_hand_delta,
+        reserved_delta=row.reserved_delta,
+        on_hand_after=row.on_hand_after,
+        reserved_after=row.reserved_after,
+        reservation_id=row.reservation_id,
+        reference=reference_of(row.ref_type, row.ref_id),
+        reason=row.reason,
+        idempotency_key=row.idempotency_key,
+        created_at=from_db_time(row.created_at),
+    )
+
+
+def line_record(row: Any) -> ReservationLineRecord:
+    return ReservationLineRecord(
+        sku=row.sku,
+        location=row.location,
+        quantity=row.quantity,
+        deducted=row.deducted,
+        released=row.released,
+    )
+
+
+def reservation_record(row: Any, lines: Sequence[Any] | None = None) -> ReservationRecord:
+    return ReservationRecord(
+        id=row.id,
+        status=row.status,
+        reference=reference_of(row.ref_type, row.ref_id),
+        expires_at=from_db_time(row.expires_at),
+        created_at=from_db_time(row.created_at),
+        updated_at=from_db_time(row.updated_at),
+        lines=None if lines is None else tuple(line_record(r) for r in lines),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _balances_statement(count: int, for_update: bool) -> Select[Any]:
+    """The balance read for ``count`` keys with bind parameters ``l<i>``/``s<i>``, built once
+    per shape so each call is a compiled-cache hit instead of a new statement."""
+    clause = or_(
+        *(
+            and_(B.c.location == bindparam(f"l{i}"), B.c.sku == bindparam(f"s{i}"))
+            for i in range(count)
+        )
+    )
+    stmt = (
+        select(B)
+        .where(B.c.org_id == bindparam("org"), clause)
+        .order_by(B.c.location, B.c.sku)
+        # InnoDB locks rows in the order it scans them: force the primary key so that order is
+        # (location, sku) whatever the optimizer would pick (it sometimes chose the (org, sku)
+        # index plus a filesort, locking in sku order and deadlocking against other carts).
+        .with_hint(B, "FORCE INDEX (PRIMARY)", "mysql")
+    )
+    return stmt.with_for_update() if for_update else stmt
+
+
+async def select_balances(
+    conn: AsyncConnection, org_id: str, keys: Sequence[BalanceKey], *, for_update: bool
+) -> dict[BalanceKey, Any]:
+    """The balance rows of ``keys`` (missing ones absent), in one statement ordered by key.
+
+    With ``for_update`` the rows are locked in (location, sku) order (ARCHITECTURE section 4).
+    """
+    if not keys:
+        return {}
+    params: dict[str, Any] = {"org": org_id}
+    for i, (loc, sku) in enumerate(keys):
+        params[f"l{i}"] = loc
+        params[f"s{i}"] = sku
+    rows = (await conn.execute(_balances_statement(len(keys), for_update), params)).all()
+    return {(r.location, r.sku): r for r in rows}
+
+
+async def select_lines(
+    conn: AsyncConnection, reservation_ids: Sequence[int]
+) -> dict[int, list[Any]]:
+    """Lines of the given reservations, by reservation id, each list in (location, sku) order."""
+    out: dict[int, list[Any]] = {rid: [] for rid in reservation_ids}
+    if not reservation_ids:
+        return out
+    stmt = (
+        select(RL)
+        .where(RL.c.reservation_id.in_(list(reservation_ids)))
+        .order_by(RL.c.reservation_id, RL.c.location, RL.c.sku)
+    )
+    for row in (await conn.execute(stmt)).all():
+        out[row.reservation_id].append(row)
+    return out
+
+
+async def select_reservations(
+    conn: AsyncConnection, org_id: str, reservation_ids: Sequence[int]
+) -> list[ReservationRecord]:
+    """Reservations with their lines, in the order of ``reservation_ids``."""
+    if not reservation_ids:
+        return []
+    rows = (
+        await conn.execute(select(R).where(R.c.org_id == org_id, R.c.id.in_(list(reservation_ids))))
+    ).all()
+    by_id = {r.id: r for r in rows}
+    lines = await select_lines(conn, list(by_id))
+    return [reservation_record(by_id[i], lines[i]) for i in reservation_ids if i in by_id]
+
+
+async def select_ledger_by_key(
+    conn: AsyncConnection, org_id: str, key: str
+) -> list[LedgerEntryRecord]:
+    """The ledger entries written under one idempotency key, in append order."""
+    stmt = select(L).where(L.c.org_id == org_id, L.c.idempotency_key == key).order_by(L.c.id)
+    return [ledger_record(r) for r in (await conn.execute(stmt)).all()]

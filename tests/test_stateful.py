@@ -1,0 +1,844 @@
+"""Randomized runs of the write services against a plain in-memory model, on both engines.
+
+After every step the four invariants of ARCHITECTURE section 2 hold (the reconciliation query
+finds nothing) and the database agrees with the model: every balance's on hand, reserved,
+version and ledger entry count, every reservation's status, reference, expiry and lines, and
+whether each call succeeded or raised which error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import hypothesis
+import pytest
+from conftest import make_settings
+from hypothesis import HealthCheck
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from sqlalchemy import func, select
+
+from stockledger.db.engine import create_database
+from stockledger.db.models import inventory_balance as B
+from stockledger.db.models import inventory_ledger as L
+from stockledger.db.models import reservation as R
+from stockledger.db.models import reservation_line as RL
+from stockledger.services import (
+    IdempotencyKeyReusedError,
+    InsufficientStockError,
+    InventoryService,
+    Line,
+    NotFoundError,
+    Reference,
+    ReservationNotActiveError,
+    Shortage,
+    StockError,
+    ValidationError,
+    VersionConflictError,
+)
+from stockledger.services.reconcile import find_violations
+
+pytestmark = pytest.mark.slow
+
+# Case and a trailing space make SKUs distinct (section 11): the model keeps them apart too.
+SKUS = ("SKU-1", "sku-1", "SKU-1 ")
+LOCATIONS = ("WH-1", "WH-2")
+KEYS = [(loc, sku) for loc in LOCATIONS for sku in SKUS]  # (location, sku)
+REFS = (Reference("ORDER", "A-1"), Reference("ORDER", "a-1"))
+TTLS = (1, 5, 30, 1800)
+ADVANCES = (0.5, 1, 1, 4, 5, 5, 30, 1800)
+BASE_TIME = datetime(2031, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)  # microseconds on purpose
+DEFAULT_TTL = 1800
+MAX_TTL = 7 * 24 * 3600
+ACTIVE, COMMITTED, RELEASED, EXPIRED = "ACTIVE", "COMMITTED", "RELEASED", "EXPIRED"
+
+Key = tuple[str, str]
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+@dataclass
+class MBalance:
+    on_hand: int = 0
+    reserved: int = 0
+    version: int = 0
+    entries: int = 0  # ledger entries of this balance
+
+
+@dataclass
+class MLine:
+    quantity: int
+    deducted: int = 0
+    released: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.quantity - self.deducted - self.released
+
+
+@dataclass
+class MReservation:
+    id: int
+    reference: Reference | None
+    expires_at: datetime
+    created_at: datetime
+    lines: dict[Key, MLine]
+    status: str = ACTIVE
+
+
+@dataclass
+class Model:
+    now: datetime = BASE_TIME
+    balances: dict[Key, MBalance] = field(default_factory=dict)
+    reservations: dict[int, MReservation] = field(default_factory=dict)
+
+    def copy(self) -> Model:
+        return copy.deepcopy(self)
+
+    def move(self, key: Key, on_hand_delta: int, reserved_delta: int) -> None:
+        """One ledger entry on one balance (creating it, as restock and adjust do). The version
+        counts ledger entries: a by-reference call that changes a balance through two
+        reservations writes two entries (section 11) and adds two."""
+        bal = self.balances.setdefault(key, MBalance())
+        bal.on_hand += on_hand_delta
+        bal.reserved += reserved_delta
+        bal.version += 1
+        bal.entries += 1
+
+    def available(self, key: Key) -> int:
+        bal = self.balances.get(key)
+        return 0 if bal is None else bal.on_hand - bal.reserved
+
+    def expire(self, res: MReservation) -> set[Key]:
+        """EXPIRE: remaining -> released, status EXPIRED; returns the balances it changed."""
+        changed = set()
+        for key, ln in res.lines.items():
+            if ln.remaining > 0:
+                self.move(key, 0, -ln.remaining)
+                ln.released += ln.remaining
+                changed.add(key)
+        res.status = EXPIRED
+        return changed
+
+    def due(self, res: MReservation) -> bool:
+        return res.status == ACTIVE and self.now >= res.expires_at
+
+    def addressed(self, done: Done) -> list[MReservation]:
+        """The reservations a retry of ``done`` looks at: by id that one, by reference every
+        reservation with it (the service then keeps the ACTIVE ones)."""
+        if done.target is None:
+            return []
+        how, what = done.target
+        if how == "id":
+            return [self.reservations[int(what)]]
+        return [r for _, r in sorted(self.reservations.items()) if r.reference == what]
+
+
+Target = tuple[str, Any] | None  # ("id", reservation id) or ("reference", Reference)
+
+
+@dataclass
+class Done:
+    """A call that succeeded: run ``call`` again to retry it with the same key and payload."""
+
+    call: Callable[[], Awaitable[Any]]
+    result: Any
+    target: Target  # the reservation(s) a release, deduct or extend addressed
+
+
+class Expect(Exception):
+    """Raised by a prediction: the call must fail with ``error``. ``committed`` is the model the
+    failed call leaves behind when part of it commits anyway (expiry found on the way)."""
+
+    def __init__(self, error: StockError, committed: Model | None = None) -> None:
+        super().__init__(repr(error))
+        self.error = error
+        self.committed = committed
+
+
+def describe(exc: BaseException) -> tuple[Any, ...]:
+    """An error as the comparable facts its GraphQL type exposes."""
+    if isinstance(exc, InsufficientStockError):
+        return ("InsufficientStockError", tuple(exc.shortages))
+    if isinstance(exc, NotFoundError):
+        return ("NotFoundError", exc.entity, exc.key)
+    if isinstance(exc, ValidationError):
+        return ("ValidationError", exc.field)
+    if isinstance(exc, ReservationNotActiveError):
+        return ("ReservationNotActiveError", exc.reservation_id, exc.status)
+    if isinstance(exc, VersionConflictError):
+        return ("VersionConflictError", exc.expected_version, exc.actual_version)
+    if isinstance(exc, IdempotencyKeyReusedError):
+        return ("IdempotencyKeyReusedError", exc.idempotency_key)
+    return (type(exc).__name__, str(exc))
+
+
+def merge(lines: Sequence[Line]) -> list[tuple[Key, int]]:
+    """Lines summed per (location, sku) and sorted, as the services merge a cart."""
+    out: dict[Key, int] = {}
+    for ln in lines:
+        out[(ln.location, ln.sku)] = out.get((ln.location, ln.sku), 0) + ln.quantity
+    return sorted(out.items())
+
+
+def first_index(lines: Sequence[Line], key: Key) -> int:
+    return next(i for i, ln in enumerate(lines) if (ln.location, ln.sku) == key)
+
+
+def check_lines(lines: Sequence[Line] | None) -> list[tuple[Key, int]]:
+    if not lines:  # None where lines are required, or []: both a ValidationError on "lines"
+        raise Expect(ValidationError("", "lines"))
+    return merge(lines)
+
+
+def shortages(m: Model, merged: list[tuple[Key, int]]) -> None:
+    short = [
+        Shortage(sku, loc, q, max(m.available((loc, sku)), 0))
+        for (loc, sku), q in merged
+        if m.available((loc, sku)) < q
+    ]
+    if short:
+        raise Expect(InsufficientStockError(short))
+
+
+def consume(
+    m: Model,
+    rows: list[MReservation],
+    lines: Sequence[Line] | None,
+    operation: str,
+) -> tuple[list[int], set[Key]]:
+    """RELEASE / DEDUCT from ACTIVE ``rows`` (oldest first); returns the ids of the reservations
+    touched, in order, and the balances changed."""
+    take: list[tuple[MReservation, Key, int]] = []
+    if lines is None:
+        for r in rows:
+            take += [(r, k, ln.remaining) for k, ln in sorted(r.lines.items()) if ln.remaining]
+    else:
+        for key, need in merge(lines):
+            held = 0
+            for r in rows:
+                ln = r.lines.get(key)
+                if ln is None:
+                    continue
+                held += ln.remaining
+                t = min(ln.remaining, need)
+                if t > 0:
+                    take.append((r, key, t))
+                    need -= t
+            if need > 0:
+                attr = "sku" if held == 0 else "quantity"
+                raise Expect(ValidationError("", f"lines.{first_index(lines, key)}.{attr}"))
+    for r, key, q in take:
+        if operation == "deduct":
+            r.lines[key].deducted += q
+            m.move(key, -q, -q)
+        else:
+            r.lines[key].released += q
+            m.move(key, 0, -q)
+    touched = [r for r in rows if any(t[0] is r for t in take)]
+    for r in touched:
+        if all(ln.remaining == 0 for ln in r.lines.values()):
+            r.status = COMMITTED if any(ln.deducted for ln in r.lines.values()) else RELEASED
+    return [r.id for r in touched], {key for _, key, _ in take}
+
+
+# ---------------------------------------------------------------------------- strategies
+
+
+def lines_strategy(keys: Sequence[Key], max_quantity: int) -> st.SearchStrategy[list[Line]]:
+    line = st.builds(
+        lambda key, q: Line(sku=key[1], quantity=q, location=key[0]),
+        st.sampled_from(list(keys)),
+        st.integers(1, max_quantity),
+    )
+    return st.lists(line, min_size=1, max_size=3)
+
+
+class FixedClock:
+    """Time stands still until the machine advances it, so the model knows "now" exactly."""
+
+    def __init__(self) -> None:
+        self.now = BASE_TIME
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+# ---------------------------------------------------------------------------- the machine
+
+
+class StockMachine(RuleBasedStateMachine):
+    """Set ``new_url`` (a callable returning a migrated database URL) in a subclass."""
+
+    new_url: Callable[[], str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.url = type(self).new_url()
+        self.settings = make_settings()
+        self.db = create_database(self.settings, self.url)
+        self.clock = FixedClock()
+        self.org_id = f"s-{uuid.uuid4().hex[:12]}"
+        self.service = InventoryService(
+            self.db, self.settings, clock=self.clock, org_id=self.org_id
+        )
+        self.model = Model()
+        self.counter = 0
+        self.done: dict[str, Done] = {}  # keys of calls that succeeded
+        self.failed_keys: list[str] = []  # keys only failed calls used: still free
+
+    def run(self, coro: Awaitable[Any]) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        try:
+            self.run(self.db.dispose())
+        finally:
+            self.loop.close()
+            if self.url.startswith("sqlite"):
+                shutil.rmtree(Path(self.url.split("///", 1)[1]).parent, ignore_errors=True)
+
+    # -------------------------------------------------------------- helpers
+
+    def new_key(self, data: st.DataObject) -> str:
+        if self.failed_keys and data.draw(st.booleans(), label="reuse a failed call's key"):
+            return data.draw(st.sampled_from(self.failed_keys), label="key")
+        self.counter += 1
+        return f"key-{self.counter}"
+
+    def attempt(
+        self,
+        key: str | None,
+        call: Callable[[], Awaitable[Any]],
+        predict: Callable[[Model], Any],
+        target: Target = None,
+    ) -> tuple[Any, Any]:
+        """Predict on a copy of the model, make the call, and compare. Returns (result, info)
+        on success and (None, None) on the predicted failure."""
+        m = self.model.copy()
+        try:
+            info = predict(m)
+            expected: StockError | None = None
+            after = m
+        except Expect as e:
+            info, expected = None, e.error
+            after = e.committed if e.committed is not None else self.model
+        try:
+            result = self.run(call())
+        except StockError as exc:
+            assert expected is not None, f"predicted success, got {describe(exc)}: {exc}"
+            assert describe(exc) == describe(expected), exc
+            self.model = after
+            if key is not None and key not in self.done and key not in self.failed_keys:
+                self.failed_keys.append(key)
+            return None, None
+        assert expected is None, f"predicted {describe(expected)}, the call succeeded"
+        assert not result.replayed, f"key {key!r} was replayed, it should have been free"
+        self.model = after
+        if key is not None:
+            if key in self.failed_keys:
+                self.failed_keys.remove(key)
+            self.done[key] = Done(call, result, target)
+        return result, info
+
+    def check_balances(self, records: Sequence[Any], keys: Sequence[Key]) -> None:
+        got = sorted((b.location, b.sku, b.on_hand, b.reserved, b.version) for b in records)
+        want = []
+        for loc, sku in sorted(set(keys)):
+            b = self.model.balances[(loc, sku)]
+            want.append((loc, sku, b.on_hand, b.reserved, b.version))
+        assert got == want
+
+    def check_reservation(self, record: Any) -> None:
+        r = self.model.reservations[record.id]
+        assert (record.status, record.reference, record.expires_at) == (
+            r.status,
+            r.reference,
+            r.expires_at,
+        )
+        if record.lines is not None:
+            assert {
+                (ln.location, ln.sku): (ln.quantity, ln.deducted, ln.released)
+                for ln in record.lines
+            } == {k: (ln.quantity, ln.deducted, ln.released) for k, ln in r.lines.items()}
+
+    def pick_reservation(self, data: st.DataObject) -> int | str:
+        ids = sorted(self.model.reservations)
+        active = [i for i in ids if self.model.reservations[i].status == ACTIVE]
+        missing = max(ids, default=0) + 10**9  # no reservation of this org has it
+        pool = data.draw(st.integers(0, 19), label="which kind of id")
+        if active and pool < 13:
+            rid: int | str = data.draw(st.sampled_from(active), label="ACTIVE id")
+        elif ids and pool < 18:
+            rid = data.draw(st.sampled_from(ids), label="known id")
+        else:
+            rid = data.draw(st.sampled_from([missing, "R-1"]), label="unknown id")
+        if isinstance(rid, int) and data.draw(st.booleans(), label="id as string"):
+            return str(rid)  # a GraphQL ID
+        return rid
+
+    # -------------------------------------------------------------- rules
+
+    @initialize(
+        data=st.data(),
+        stock=st.lists(st.integers(0, 12), min_size=len(KEYS), max_size=len(KEYS)),
+        carts=st.integers(0, 3),
+    )
+    def initial_stock(self, data: st.DataObject, stock: list[int], carts: int) -> None:
+        """Some stock and a few carts to start from (a run may start from nothing)."""
+        lines = [Line(sku, q, loc) for (loc, sku), q in zip(KEYS, stock, strict=True) if q]
+        if lines:
+            self.restock_lines("init", lines, None, None)
+        for _ in range(carts):
+            self.reserve(data, data.draw(lines_strategy(KEYS, 3), label="cart"))
+
+    @rule(data=st.data(), lines=lines_strategy(KEYS, 10))
+    def restock(self, data: st.DataObject, lines: list[Line]) -> None:
+        ref = data.draw(st.none() | st.sampled_from(REFS), label="reference")
+        reason = data.draw(st.none() | st.just("delivery"), label="reason")
+        self.restock_lines(self.new_key(data), lines, ref, reason)
+
+    def restock_lines(
+        self, key: str, lines: list[Line], ref: Reference | None, reason: str | None
+    ) -> None:
+        def predict(m: Model) -> None:
+            for k, q in merge(lines):
+                m.move(k, q, 0)
+
+        result, _ = self.attempt(
+            key,
+            lambda: self.service.restock(key, lines, reference=ref, reason=reason),
+            predict,
+        )
+        merged = merge(lines)
+        self.check_balances(result.balances, [k for k, _ in merged])
+        assert [(e.location, e.sku, e.on_hand_delta) for e in result.ledger_entries] == [
+            (loc, sku, q) for (loc, sku), q in merged
+        ]
+
+    @rule(
+        data=st.data(),
+        key=st.sampled_from(KEYS),
+        delta=st.none() | st.integers(-6, 6),
+        set_to=st.integers(0, 12),
+        version=st.sampled_from(["none", "current", "wrong"]),
+    )
+    def adjust(
+        self, data: st.DataObject, key: Key, delta: int | None, set_to: int, version: str
+    ) -> None:
+        current = self.model.balances.get(key, MBalance()).version
+        expected_version = {
+            "none": None,
+            "current": current,
+            "wrong": current + data.draw(st.sampled_from([-1, 1, 2]), label="version skew"),
+        }[version]
+        set_on_hand = set_to if delta is None else None
+        ikey = self.new_key(data)
+
+        def predict(m: Model) -> None:
+            if expected_version is not None and expected_version < 0:
+                raise Expect(ValidationError("", "expectedVersion"))
+            bal = m.balances.get(key, MBalance())
+            if expected_version is not None and expected_version != bal.version:
+                raise Expect(VersionConflictError(expected_version, bal.version))
+            d = delta if delta is not None else set_to - bal.on_hand
+            if bal.on_hand + d < bal.reserved:
+                raise Expect(
+                    InsufficientStockError(
+                        [Shortage(key[1], key[0], -d, bal.on_hand - bal.reserved)]
+                    )
+                )
+            m.move(key, d, 0)
+
+        result, _ = self.attempt(
+            ikey,
+            lambda: self.service.adjust(
+                ikey,
+                key[1],
+                key[0],
+                delta=delta,
+                set_on_hand=set_on_hand,
+                expected_version=expected_version,
+                reason="cycle count",
+            ),
+            predict,
+        )
+        if result is not None:
+            self.check_balances([result.balance], [key])
+
+    @rule(data=st.data(), lines=lines_strategy(KEYS, 3))
+    def reserve(self, data: st.DataObject, lines: list[Line]) -> None:
+        # mostly the same reference, so by-reference calls find several reservations
+        ref = data.draw(st.sampled_from([None, REFS[0], REFS[0], REFS[1]]), label="reference")
+        ttl = data.draw(st.sampled_from([None, *TTLS]), label="ttl")
+        key = self.new_key(data)
+        merged = merge(lines)
+
+        def predict(m: Model) -> MReservation:
+            shortages(m, merged)
+            for k, q in merged:
+                m.move(k, 0, q)
+            return MReservation(
+                id=0,
+                reference=ref,
+                expires_at=m.now + timedelta(seconds=DEFAULT_TTL if ttl is None else ttl),
+                created_at=m.now,
+                lines={k: MLine(q) for k, q in merged},
+            )
+
+        result, res = self.attempt(
+            key,
+            lambda: self.service.reserve(key, lines, reference=ref, ttl_seconds=ttl),
+            predict,
+        )
+        if result is None:
+            return
+        rid = result.reservation.id
+        # ids grow, so "oldest first" (created_at, then id) is id order in the model
+        assert rid > max(self.model.reservations, default=0)
+        res.id = rid
+        self.model.reservations[rid] = res
+        self.check_reservation(result.reservation)
+        self.check_balances(result.balances, [k for k, _ in merged])
+
+    def consume_lines(self, data: st.DataObject, keys: Sequence[Key]) -> list[Line] | None:
+        kind = data.draw(st.sampled_from(["all"] * 4 + ["lines"] * 3 + ["empty"]), label="lines")
+        if kind == "all":
+            return None
+        if kind == "empty":
+            return []
+        pool = sorted(set(keys)) + [data.draw(st.sampled_from(KEYS), label="other key")]
+        return data.draw(lines_strategy(pool, 3), label="lines")
+
+    @rule(
+        data=st.data(),
+        operation=st.sampled_from(["release", "deduct"]),
+        by=st.sampled_from(["id", "reference"]),
+    )
+    def consume(self, data: st.DataObject, operation: str, by: str) -> None:
+        """RELEASE or DEDUCT by reservation id or by reference, all remaining or some lines."""
+        held = any(r.reference for r in self.model.reservations.values() if r.status == ACTIVE)
+        if self.model.reservations and (by == "id" or not held):
+            self.consume_by_id(data, operation)
+        else:
+            self.consume_by_reference(data, operation)
+
+    def consume_by_id(self, data: st.DataObject, operation: str) -> None:
+        rid = self.pick_reservation(data)
+        known = self.model.reservations.get(int(rid)) if str(rid).isdigit() else None
+        lines = self.consume_lines(data, list(known.lines) if known else [])
+        key = self.new_key(data)
+
+        def predict(m: Model) -> tuple[list[int], set[Key], set[Key]]:
+            if lines == []:
+                raise Expect(ValidationError("", "lines"))
+            res = m.reservations.get(int(rid)) if str(rid).isdigit() else None
+            if res is None:
+                raise Expect(NotFoundError("Reservation", str(rid)))
+            if res.status != ACTIVE:
+                raise Expect(ReservationNotActiveError(res.id, res.status))
+            if m.due(res):
+                m.expire(res)
+                raise Expect(ReservationNotActiveError(res.id, EXPIRED), committed=m)
+            return (*consume(m, [res], lines, operation), set())
+
+        method = getattr(self.service, operation)
+        result, info = self.attempt(
+            key, lambda: method(key, reservation_id=rid, lines=lines), predict, ("id", rid)
+        )
+        if result is not None:
+            self.check_consumed(result, *info, operation)
+
+    def consume_by_reference(self, data: st.DataObject, operation: str) -> None:
+        held = sorted(
+            {r.reference for r in self.model.reservations.values() if r.status == ACTIVE} - {None},
+            key=str,
+        )
+        if held and data.draw(st.integers(0, 9), label="held reference") < 8:
+            ref = data.draw(st.sampled_from(held), label="reference")
+        else:
+            ref = data.draw(st.sampled_from(REFS), label="reference")
+        keys = [k for r in self.model.reservations.values() if r.reference == ref for k in r.lines]
+        lines = self.consume_lines(data, keys)
+        key = self.new_key(data)
+
+        def predict(m: Model) -> tuple[list[int], set[Key], set[Key]]:
+            if lines == []:
+                raise Expect(ValidationError("", "lines"))
+            rows = [
+                r
+                for _, r in sorted(m.reservations.items())
+                if r.reference == ref and r.status == ACTIVE
+            ]
+            if not rows:
+                raise Expect(NotFoundError("Reservation", str(ref)))
+            expired = set()  # past-due reservations found on the way are expired first
+            for r in rows:
+                if m.due(r):
+                    expired |= m.expire(r)
+            active = [r for r in rows if r.status == ACTIVE]
+            if not active:
+                raise Expect(NotFoundError("Reservation", str(ref)), committed=m)
+            return (*consume(m, active, lines, operation), expired)
+
+        method = getattr(self.service, operation)
+        result, info = self.attempt(
+            key, lambda: method(key, reference=ref, lines=lines), predict, ("reference", ref)
+        )
+        if result is not None:
+            self.check_consumed(result, *info, operation)
+
+    def check_consumed(
+        self,
+        result: Any,
+        touched: list[int],
+        consumed: set[Key],
+        expired: set[Key],
+        operation: str,
+    ) -> None:
+        assert [r.id for r in result.reservations] == touched
+        for record in result.reservations:
+            self.check_reservation(record)
+        changed = [(b.location, b.sku) for b in result.balances]
+        # every balance released / deducted; may include those only its expiry changed
+        assert consumed <= set(changed) <= consumed | expired
+        self.check_balances(result.balances, changed)
+        if operation == "deduct":
+            assert all(e.event_type == "DEDUCT" for e in result.ledger_entries)
+            assert {e.reservation_id for e in result.ledger_entries} == set(touched)
+
+    @rule(data=st.data())
+    def deduct_direct(self, data: st.DataObject) -> None:
+        kind = data.draw(st.sampled_from(["lines"] * 4 + ["none", "empty"]), label="lines")
+        lines: list[Line] | None = None if kind == "none" else []
+        if kind == "lines":
+            lines = data.draw(lines_strategy(KEYS, 4), label="lines")
+        key = self.new_key(data)
+
+        def predict(m: Model) -> list[tuple[Key, int]]:
+            merged = check_lines(lines)
+            shortages(m, merged)
+            for k, q in merged:
+                m.move(k, -q, 0)
+            return merged
+
+        result, merged = self.attempt(key, lambda: self.service.deduct(key, lines=lines), predict)
+        if result is not None:
+            assert result.reservations == []
+            self.check_balances(result.balances, [k for k, _ in merged])
+            assert [(e.location, e.sku, e.on_hand_delta) for e in result.ledger_entries] == [
+                (loc, sku, -q) for (loc, sku), q in merged
+            ]
+
+    @precondition(lambda self: self.model.reservations)
+    @rule(data=st.data(), ttl=st.sampled_from([*TTLS, *TTLS, 0, MAX_TTL + 1]))
+    def extend(self, data: st.DataObject, ttl: int) -> None:
+        rid = self.pick_reservation(data)
+        key = self.new_key(data)
+
+        def predict(m: Model) -> None:
+            if not 1 <= ttl <= MAX_TTL:
+                raise Expect(ValidationError("", "ttlSeconds"))
+            res = m.reservations.get(int(rid)) if str(rid).isdigit() else None
+            if res is None:
+                raise Expect(NotFoundError("Reservation", str(rid)))
+            if res.status != ACTIVE:
+                raise Expect(ReservationNotActiveError(res.id, res.status))
+            if m.due(res):
+                m.expire(res)
+                raise Expect(ReservationNotActiveError(res.id, EXPIRED), committed=m)
+            res.expires_at = m.now + timedelta(seconds=ttl)
+
+        result, _ = self.attempt(
+            key, lambda: self.service.extend_reservation(key, rid, ttl), predict, ("id", rid)
+        )
+        if result is not None:
+            self.check_reservation(result.reservation)
+
+    @rule(seconds=st.sampled_from(ADVANCES))
+    def advance_clock(self, seconds: float) -> None:
+        self.clock.now += timedelta(seconds=seconds)
+        self.model.now = self.clock.now
+
+    @rule(data=st.data(), sweep=st.booleans())
+    def expire(self, data: st.DataObject, sweep: bool) -> None:
+        """The sweeper's database scan (expire_due), or one reservation (expire_reservation)."""
+        if sweep:
+            self.expire_due()
+        else:
+            self.expire_one(data)
+
+    def expire_due(self) -> None:
+        m = self.model.copy()
+        due = [r for r in m.reservations.values() if m.due(r)]
+        for r in due:
+            m.expire(r)
+        got = self.run(self.service.expire_due())
+        assert sorted(got) == sorted(r.id for r in due)
+        when = [self.model.reservations[i].expires_at for i in got]
+        assert when == sorted(when), "soonest first"
+        self.model = m
+
+    def expire_one(self, data: st.DataObject) -> None:
+        rid = data.draw(
+            st.sampled_from([*sorted(self.model.reservations), 10**12]), label="reservation id"
+        )
+        m = self.model.copy()
+        res = m.reservations.get(rid)
+        record = self.run(self.service.expire_reservation(rid))
+        if res is not None and m.due(res):
+            m.expire(res)
+            self.model = m
+            assert record is not None
+            self.check_reservation(record)
+        else:
+            assert record is None
+
+    @precondition(lambda self: self.done)
+    @rule(data=st.data(), same_payload=st.booleans(), late=st.booleans())
+    def retry_key(self, data: st.DataObject, same_payload: bool, late: bool) -> None:
+        """A client retries a done key: same payload (``late``: once the reservation it acted
+        on is due, not yet swept), or another payload."""
+        if same_payload:
+            self.replay(data, late)
+        else:
+            self.reuse_key(data)
+
+    def replay(self, data: st.DataObject, late: bool) -> None:
+        """The same key and payload again: replayed, its effects are not applied again.
+
+        A release, deduct or extend retried once what it addresses is past due (not yet swept)
+        still replays; like any call that finds a past-due reservation it expires it, and
+        that expiry commits when nothing ACTIVE is left to act on (section 11, "Expiry").
+        """
+        m = self.model.copy()
+        held = sorted(
+            k for k, d in self.done.items() if any(r.status == ACTIVE for r in m.addressed(d))
+        )
+        if late and held:
+            # The retry arrives exactly when a reservation it addresses falls due
+            # (now >= expires_at), before any sweep.
+            key = data.draw(st.sampled_from(held), label="done key")
+            due_at = min(r.expires_at for r in m.addressed(self.done[key]) if r.status == ACTIVE)
+            self.clock.now = m.now = self.model.now = max(m.now, due_at)
+        else:
+            key = data.draw(st.sampled_from(sorted(self.done)), label="done key")
+        done = self.done[key]
+        rows = [r for r in m.addressed(done) if r.status == ACTIVE]
+        if rows and all(m.due(r) for r in rows):
+            for r in rows:
+                m.expire(r)
+        again = self.run(done.call())
+        self.model = m
+        first = done.result
+        assert again.replayed
+        if hasattr(first, "reservation"):
+            assert again.reservation.id == first.reservation.id
+        if hasattr(first, "reservations"):
+            assert [r.id for r in again.reservations] == [r.id for r in first.reservations]
+
+    def reuse_key(self, data: st.DataObject) -> None:
+        """A done key with another operation and payload: refused, nothing changes."""
+        key = data.draw(st.sampled_from(sorted(self.done)), label="done key")
+        with pytest.raises(IdempotencyKeyReusedError) as info:
+            self.run(self.service.adjust(key, "SKU-1", "WH-1", delta=1, reason="key probe"))
+        assert info.value.idempotency_key == key
+
+    # -------------------------------------------------------------- after every step
+
+    @invariant()
+    def database_agrees_with_model(self) -> None:
+        violations = self.run(find_violations(self.db, self.org_id))
+        assert violations == []
+        balances, entries, reservations, lines = self.run(self.snapshot())
+        m = self.model
+        assert balances == {k: (b.on_hand, b.reserved, b.version) for k, b in m.balances.items()}
+        assert entries == {k: b.entries for k, b in m.balances.items() if b.entries}
+        assert reservations == {
+            r.id: (r.status, r.reference, r.expires_at, r.created_at)
+            for r in m.reservations.values()
+        }
+        assert lines == {
+            (r.id, *k): (ln.quantity, ln.deducted, ln.released)
+            for r in m.reservations.values()
+            for k, ln in r.lines.items()
+        }
+
+    async def snapshot(self) -> tuple[dict[Any, Any], ...]:
+        org = self.org_id
+        async with self.db.read() as conn:
+            balances = {
+                (r.location, r.sku): (r.on_hand, r.reserved, r.version)
+                for r in await conn.execute(select(B).where(B.c.org_id == org))
+            }
+            entries = {
+                (r.location, r.sku): r.n
+                for r in await conn.execute(
+                    select(L.c.location, L.c.sku, func.count().label("n"))
+                    .where(L.c.org_id == org)
+                    .group_by(L.c.location, L.c.sku)
+                )
+            }
+            reservations = {
+                r.id: (
+                    r.status,
+                    None if r.ref_type is None else Reference(r.ref_type, r.ref_id),
+                    r.expires_at.replace(tzinfo=UTC),
+                    r.created_at.replace(tzinfo=UTC),
+                )
+                for r in await conn.execute(select(R).where(R.c.org_id == org))
+            }
+            lines = {
+                (r.reservation_id, r.location, r.sku): (r.quantity, r.deducted, r.released)
+                for r in await conn.execute(select(RL).where(RL.c.org_id == org))
+            }
+        return balances, entries, reservations, lines
+
+
+# ---------------------------------------------------------------------------- the tests
+
+# STOCKLEDGER_STATEFUL_EXAMPLES raises the number of runs (e.g. nightly); 40 keeps each
+# backend under a minute.
+RUN_SETTINGS = hypothesis.settings(
+    max_examples=int(os.environ.get("STOCKLEDGER_STATEFUL_EXAMPLES", "40")),
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+def machine_on(new_url: Callable[[], str]) -> type[StockMachine]:
+    return type("StockMachineRun", (StockMachine,), {"new_url": staticmethod(new_url)})
+
+
+def test_stateful_sqlite(sqlite_template: Path) -> None:
+    def new_url() -> str:
+        path = Path(tempfile.mkdtemp(prefix="stateful-")) / "stockledger.sqlite3"
+        shutil.copy(sqlite_template, path)
+        return f"sqlite+aiosqlite:///{path}"
+
+    run_state_machine_as_test(machine_on(new_url), settings=RUN_SETTINGS)
+
+
+def test_stateful_mysql(mysql_url: str) -> None:
+    # the migrated test database; each machine run works in a fresh org_id
+    run_state_machine_as_test(machine_on(lambda: mysql_url), settings=RUN_SETTINGS)
