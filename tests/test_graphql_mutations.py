@@ -539,7 +539,9 @@ async def test_unexpected_errors_are_masked_and_logged(
 async def test_mutation_reads_nothing_after_its_transaction(gql: GraphQLClient) -> None:
     """The result (reservation lines included) comes from the service's own transaction."""
     await gql.restock("r", line("A", 5))
-    engine = gql.app.state.database.engine.sync_engine
+    database = gql.app.state.database
+    engine = database.engine.sync_engine  # writes; reads may have a pool of their own
+    engines = {engine, database.read_engine.sync_engine}
     statements: list[tuple[str, str]] = []  # (phase, sql)
     phase = ["before"]
 
@@ -549,12 +551,14 @@ async def test_mutation_reads_nothing_after_its_transaction(gql: GraphQLClient) 
     def on_commit(conn: Any) -> None:
         phase[0] = "after"
 
-    event.listen(engine, "before_cursor_execute", on_execute)
+    for each in engines:
+        event.listen(each, "before_cursor_execute", on_execute)
     event.listen(engine, "commit", on_commit)
     try:
         res = await gql.reserve("h", line("A", 2))
     finally:
-        event.remove(engine, "before_cursor_execute", on_execute)
+        for each in engines:
+            event.remove(each, "before_cursor_execute", on_execute)
         event.remove(engine, "commit", on_commit)
     assert res["reservation"]["lines"][0]["quantity"] == 2
     assert any(p == "before" for p, _ in statements)

@@ -276,18 +276,21 @@ async def test_reservations_pages_filters_and_batched_lines(
     await gql.ok("release", idempotencyKey="rel", reservationId=ids[1])
     await gql.ok("deduct", idempotencyKey="ded", reservationId=ids[2])
 
-    engine = gql.app.state.database.engine.sync_engine
+    database = gql.app.state.database
+    engines = {database.engine.sync_engine, database.read_engine.sync_engine}
     line_queries: list[str] = []
 
     def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if "reservation_line" in statement:
             line_queries.append(statement)
 
-    event.listen(engine, "before_cursor_execute", on_execute)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", on_execute)
     try:
         nodes = await walk(gql, RESERVATIONS, "reservations", 3)
     finally:
-        event.remove(engine, "before_cursor_execute", on_execute)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", on_execute)
     assert [n["id"] for n in nodes] == ids  # by id, ascending
     assert len(line_queries) == 3  # one per page (3 pages of 3, 3, 1), not one per reservation
     assert [len(n["lines"]) for n in nodes] == [2] * 7

@@ -108,8 +108,13 @@ class Database:
     ``on_retry`` (if set) is called with the reason label each time a transaction is retried.
     """
 
-    def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
+    def __init__(
+        self, engine: AsyncEngine, settings: Settings, read_engine: AsyncEngine | None = None
+    ) -> None:
         self.engine = engine
+        # SQLite reads get their own pool so a burst of reads never queues a writer (which
+        # holds the one write slot and the hot SKU's lock) behind them for a connection.
+        self.read_engine = read_engine or engine
         self.settings = settings
         self.dialect = engine.dialect.name
         self.is_sqlite = self.dialect == "sqlite"
@@ -169,7 +174,7 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A read-only transaction (a deferred BEGIN on SQLite, so reads never block writers)."""
-        async with self.engine.connect() as conn:
+        async with self.read_engine.connect() as conn:
             if self.is_sqlite:
                 conn = await conn.execution_options(stockledger_read=True)
             async with conn.begin():
@@ -178,6 +183,8 @@ class Database:
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()
 
 
 def _setup_sqlite(engine: AsyncEngine, settings: Settings) -> None:
@@ -223,8 +230,12 @@ def create_database(settings: Settings, url: str | None = None) -> Database:
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, pool_size=5, max_overflow=5)
+        # Writes run one at a time (BEGIN IMMEDIATE plus the writer lock): a small pool.
+        engine = create_async_engine(url, pool_size=2, max_overflow=2)
         _setup_sqlite(engine, settings)
+        read_engine = create_async_engine(url, pool_size=5, max_overflow=5)
+        _setup_sqlite(read_engine, settings)
+        return Database(engine, settings, read_engine)
     elif backend in ("mysql", "mariadb"):
         engine = create_async_engine(
             url,
