@@ -215,6 +215,76 @@ async def test_busy_lock_through_the_service_is_lock_timeout_and_changes_nothing
     assert await real_redis.exists(*names) == 0  # released after the write
 
 
+@pytest.mark.parametrize("operation", ["reserve", "deduct"])
+async def test_lock_wait_that_runs_out_on_sold_out_stock_is_insufficient_stock(
+    db: Database,
+    settings: Settings,
+    clock: Clock,
+    org_id: str,
+    real_redis: aioredis.Redis,
+    operation: str,
+) -> None:
+    """A waiter queued behind the sale of the last unit learns "insufficient stock" (the
+    definite answer), not "retry later"; with units left it is still LOCK_TIMEOUT."""
+    locker = RedisBalanceLocker(real_redis, ttl=5.0, wait=0.05)
+    service = InventoryService(db, settings, clock=clock, locker=locker, org_id=org_id)
+    queries = InventoryQueries(db, org_id)
+    await service.restock("stock", [Line("a", 3), Line("b", 5)])
+    await service.reserve("sell-a", [Line("a", 3)], ttl_seconds=60)
+    # Another process holds both balances' locks.
+    await real_redis.set(_names(org_id, "a")[0], secrets.token_hex(8), px=10_000)
+    await real_redis.set(_names(org_id, "b")[0], secrets.token_hex(8), px=10_000)
+    before = {s: await queries.balance(s) for s in "ab"}
+    entries_before = await _ledger_count(db, org_id)
+    timeouts_before = metric("inventory_lock_timeouts_total")
+
+    async def call(key: str, lines: list[Line]) -> object:
+        if operation == "reserve":
+            return await service.reserve(key, lines, ttl_seconds=60)
+        return await service.deduct(key, lines=lines)
+
+    with pytest.raises(InsufficientStockError) as short:
+        await call("late", [Line("b", 1), Line("a", 1)])
+    assert [(s.sku, s.requested, s.available) for s in short.value.shortages] == [("a", 1, 0)]
+    with pytest.raises(LockTimeoutError):
+        await call("in-time", [Line("b", 5)])
+    assert metric("inventory_lock_timeouts_total") - timeouts_before == 2
+
+    assert {s: await queries.balance(s) for s in "ab"} == before
+    assert await _ledger_count(db, org_id) == entries_before
+
+
+async def test_contended_call_on_stock_seen_sold_out_is_refused_without_queueing(
+    db: Database, settings: Settings, clock: Clock, org_id: str, real_redis: aioredis.Redis
+) -> None:
+    locker = RedisBalanceLocker(real_redis, ttl=60.0, wait=60.0)
+    service = InventoryService(db, settings, clock=clock, locker=locker, org_id=org_id)
+    await service.restock("stock", [Line("a", 2)])
+    sold = await service.reserve("sell-a", [Line("a", 2)], ttl_seconds=60)  # seen: 0 left
+    release = asyncio.Event()
+    held = asyncio.Event()
+
+    async def holder() -> None:  # another request of this process, mid-write on "a"
+        async with locker.hold(org_id, [("default", "a")]):
+            held.set()
+            await release.wait()
+
+    task = asyncio.create_task(holder())
+    await held.wait()
+    try:
+        # Queueing would wait for the holder (60 s); the refusal must come while it holds.
+        with pytest.raises(InsufficientStockError):
+            await asyncio.wait_for(service.reserve("late", [Line("a", 1)]), timeout=10)
+        assert not task.done()
+    finally:
+        release.set()
+        await task
+    # The refusal was not stored against the key: with stock back, the same call succeeds.
+    await service.release("give-back", reservation_id=sold.reservation.id)
+    result = await service.reserve("late", [Line("a", 1)])
+    assert (result.replayed, result.balances[0].reserved) == (False, 1)
+
+
 # ----------------------------------------------------------------------------- concurrency
 
 

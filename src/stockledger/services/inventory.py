@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -100,6 +100,7 @@ from stockledger.services.validation import (
 )
 
 T = TypeVar("T")
+_Taking = TypeVar("_Taking", ReserveResult, DeductResult)  # results of calls that take stock
 Clock = Callable[[], datetime]
 _log = get_logger("stockledger.writes")
 # The change the current task's transaction made, for the write log line (same task, so the
@@ -278,6 +279,10 @@ class InventoryService:
         self.locker: BalanceLocker = locker or NoLocks()
         self.expiry_index: ExpiryIndex = expiry_index or NoExpiryIndex()
         self.org_id = org_id or settings.org_id
+        # Units available per balance as last seen by this process (a committed write, a
+        # refusal or a read). Only decides whether a contended call first reads the balance
+        # (see _write_unless_sold_out); a stale value costs time, never correctness.
+        self._available_seen: dict[BalanceKey, int] = {}
 
     # ------------------------------------------------------------------ public writes
 
@@ -483,10 +488,7 @@ class InventoryService:
             )
             return ReserveResult(record, [b.record(now) for b in change.touched()], False)
 
-        await self._refuse_if_sold_out(key, merged)
-        result = await self._write(
-            "reserve", key, rhash, body, [(ln.location, ln.sku) for ln in merged]
-        )
+        result = await self._write_unless_sold_out("reserve", key, rhash, body, merged)
         if not result.replayed:
             await self.expiry_index.schedule(result.reservation.id, result.reservation.expires_at)
         return result
@@ -725,19 +727,60 @@ class InventoryService:
                     return replay  # type: ignore[no-any-return]
         raise RuntimeError(f"idempotency key {key!r} neither claimable nor replayable")
 
-    async def _refuse_if_sold_out(self, key: str, merged: Sequence[Line]) -> None:
-        """Answer "insufficient stock" without queueing when the keys are contended.
+    async def _write_unless_sold_out(
+        self,
+        operation: str,
+        key: str,
+        rhash: str,
+        body: Callable[[AsyncConnection], Awaitable[_Taking]],
+        merged: Sequence[Line],
+    ) -> _Taking:
+        """:meth:`_write` for calls that take stock (reserve, direct deduct) on hot SKUs.
 
-        Only when another task of this process holds or waits for one of the keys (a hot
-        SKU): a read of committed balances that finds a line short raises
-        InsufficientStockError at once. That outcome is true of the state at the read, so it
-        is as linearizable as the locked check; the key is looked up first so that a call
-        whose copy already succeeded still replays. Otherwise (or when stock looks
-        sufficient) the call goes through the locks as usual.
+        When another task of this process holds or queues for one of the keys, a committed
+        read that finds a line short answers InsufficientStockError without queueing. When
+        the lock wait runs out (LockTimeoutError), the same read runs again: a waiter queued
+        behind the sale of the last unit gets "insufficient stock", the definite answer,
+        rather than "retry later". Raises what :meth:`_write` and ``body`` raise.
         """
         keys = [(ln.location, ln.sku) for ln in merged]
-        if not self.locker.busy(self.org_id, keys):
-            return
+        if self.locker.busy(self.org_id, keys) and self._looks_short(merged):
+            await self._refuse_if_short(key, merged)
+        try:
+            result = await self._write(operation, key, rhash, body, keys)
+        except InsufficientStockError as refused:
+            self._saw_available((s.location, s.sku, s.available) for s in refused.shortages)
+            raise
+        except LockTimeoutError:
+            await self._refuse_if_short(key, merged)
+            raise
+        self._saw_available((b.location, b.sku, b.available) for b in result.balances)
+        return result
+
+    def _looks_short(self, merged: Sequence[Line]) -> bool:
+        """True when this process last saw fewer units available than a line asks for.
+
+        A balance not seen yet counts as sufficient: in a burst on a hot SKU, reading it
+        before queueing would only slow the lock holders while units remain.
+        """
+        seen = self._available_seen
+        return any(seen.get((ln.location, ln.sku), ln.quantity) < ln.quantity for ln in merged)
+
+    def _saw_available(self, seen: Iterable[tuple[str, str, int]]) -> None:
+        """Remember (location, sku, available) triples; forgets all past 10,000 balances."""
+        if len(self._available_seen) > 10_000:
+            self._available_seen.clear()
+        for location, sku, available in seen:
+            self._available_seen[(location, sku)] = available
+
+    async def _refuse_if_short(self, key: str, merged: Sequence[Line]) -> None:
+        """Raise InsufficientStockError when a read of committed balances finds a line short.
+
+        That outcome is true of the state at the read, so it is as linearizable as the
+        locked check. The key is looked up too, so that a call whose copy already succeeded
+        still replays (through the locked path). Returns when stock looks sufficient.
+        """
+        keys = [(ln.location, ln.sku) for ln in merged]
         async with self.db.read() as conn:
             rows = await select_balances(conn, self.org_id, keys, for_update=False)
             # The key is read after the balances: at READ COMMITTED each statement sees the
@@ -748,6 +791,7 @@ class InventoryService:
         for ln in merged:
             row = rows.get((ln.location, ln.sku))
             available = 0 if row is None else row.on_hand - row.reserved
+            self._saw_available([(ln.location, ln.sku, available)])
             if available < ln.quantity:
                 shortages.append(Shortage(ln.sku, ln.location, ln.quantity, max(available, 0)))
         if shortages:
@@ -1193,10 +1237,7 @@ class InventoryService:
                 [], [b.record(change.now) for b in change.touched()], entries, False
             )
 
-        await self._refuse_if_sold_out(key, merged)
-        return await self._write(
-            "deduct", key, rhash, body, [(ln.location, ln.sku) for ln in merged]
-        )
+        return await self._write_unless_sold_out("deduct", key, rhash, body, merged)
 
     async def _replay(self, operation: str, key: str, rhash: str) -> Any:
         """The current state of what a completed key changed, with ``replayed=True``.
