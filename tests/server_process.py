@@ -96,6 +96,19 @@ class Server:
             time.sleep(0.1)
         pytest.fail(f"not ready within {READY_TIMEOUT} s:\n{self.stdout}\n{self.stderr}")
 
+    def wait_started(self, workers: int) -> None:
+        """Wait (bounded) until ``workers`` processes have logged uvicorn's start-up line.
+
+        ``/readyz`` answers as soon as one worker is up; a test that needs every worker
+        serving waits for this too.
+        """
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if (self.stdout + self.stderr).count("Application startup complete") >= workers:
+                return
+            time.sleep(0.1)
+        pytest.fail(f"{workers} workers not up in {READY_TIMEOUT} s:\n{self.stdout}\n{self.stderr}")
+
     def stop(self) -> int:
         """SIGTERM and wait (bounded); SIGKILL the whole session if it does not exit."""
         if self.proc.poll() is None:

@@ -9,6 +9,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -114,18 +115,27 @@ async def test_background_sweeper_expires_within_one_interval(
     queries = InventoryQueries(db, org_id)
     await service.restock("stock", [Line("a", 10), Line("b", 10)])
     sweeper = Sweeper(service, index, interval=1.0)
+    passes: list[tuple[float, float]] = []  # (start, end) of each pass, epoch seconds
+    run_once = sweeper.run_once
+
+    async def timed_pass(**kwargs: Any) -> int:
+        start = time.time()
+        try:
+            return await run_once(**kwargs)
+        finally:
+            passes.append((start, time.time()))
+
+    sweeper.run_once = timed_pass  # type: ignore[method-assign]
     before = expired_total()
     task = asyncio.create_task(sweeper.run_forever())
     try:
         made = []
         for i in range(3):
-            made.append(
-                (
-                    await service.reserve(f"r-{i}", [Line("a", 2), Line("b", 1)], ttl_seconds=1)
-                ).reservation
-            )
+            result = await service.reserve(f"r-{i}", [Line("a", 2), Line("b", 1)], ttl_seconds=3)
+            made.append(result.reservation)
             await asyncio.sleep(0.3)  # expiries spread over the sweep interval
-        assert (await queries.balance("a")).reserved == 6  # type: ignore[union-attr]
+        # Read in r-2's own transaction: nothing can have expired by then (3 s TTLs).
+        assert [b.reserved for b in result.balances if b.sku == "a"] == [6]
         # Wait past the promise (interval + 1 s after the last expiry) with some slack; the
         # lag of each expiry is checked exactly below.
         deadline = max(r.expires_at for r in made).timestamp() + sweeper.interval + 3.0
@@ -144,11 +154,18 @@ async def test_background_sweeper_expires_within_one_interval(
     assert sorted((rid, key, sku, d) for rid, key, sku, d, _ in entries) == sorted(
         (r.id, f"expire:{r.id}", sku, -q) for r in made for sku, q in (("a", 2), ("b", 1))
     )
+    # Within one interval, stated without a wall-clock bound: each reservation is expired once
+    # due, by the first pass that starts after it is due at the latest, and passes start one
+    # interval apart.
     for r in made:
         at = {t for rid, *_, t in entries if rid == r.id}
         assert len(at) == 1
-        lag = (at.pop() - r.expires_at).total_seconds()
-        assert 0 <= lag <= sweeper.interval + 1.0, f"reservation {r.id} expired {lag:.2f} s late"
+        expired_at = at.pop().timestamp()
+        due = r.expires_at.timestamp()
+        latest = next(end for start, end in passes if start >= due)
+        assert due <= expired_at <= latest, f"reservation {r.id}: {due}, {expired_at}, {passes}"
+    for (_, end), (next_start, _) in zip(passes, passes[1:], strict=False):
+        assert next_start - end == pytest.approx(sweeper.interval, abs=0.5), passes
     for sku in "ab":
         bal = await queries.balance(sku)
         assert bal is not None and (bal.on_hand, bal.reserved) == (10, 0)

@@ -1,6 +1,6 @@
 """No oversell through the GraphQL endpoint: 500 concurrent single-unit reserves on one SKU
-with 100 on hand, on the served app (Redis locks on, default settings), on MariaDB with real
-Redis and on the embedded default (SQLite, fakeredis)."""
+with 100 on hand, on the served app (Redis locks on, default settings but for a long lock wait),
+on MariaDB with real Redis and on the embedded default (SQLite, fakeredis)."""
 
 from __future__ import annotations
 
@@ -31,15 +31,21 @@ def served_settings(
     backend: str, org_id: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Settings]:
     """Default settings but for where the data lives: MariaDB + Redis (the tenant's Redis keys
-    deleted afterwards), or the embedded default."""
+    deleted afterwards), or the embedded default. The lock wait is far above the run's length:
+    every request queues at once, and on a slow machine the default 5 s could run out before
+    the last unit sells (that outcome, LOCK_TIMEOUT, is tested in test_locks.py)."""
+    wait = 60.0
     if backend == "sqlite":
-        settings = Settings(data_dir=tmp_path / "data", org_id=org_id)
+        settings = Settings(data_dir=tmp_path / "data", org_id=org_id, lock_wait_seconds=wait)
         assert settings.embedded_database and settings.redis_url is None
         yield settings
         return
     redis_url = request.getfixturevalue("redis_url")
     yield Settings(
-        database_url=request.getfixturevalue("mysql_url"), redis_url=redis_url, org_id=org_id
+        database_url=request.getfixturevalue("mysql_url"),
+        redis_url=redis_url,
+        org_id=org_id,
+        lock_wait_seconds=wait,
     )
     client = redis.Redis.from_url(redis_url)
     try:

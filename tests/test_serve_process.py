@@ -245,6 +245,7 @@ def test_two_workers_sum_their_metrics(
     metrics_port = free_port()
     with running(tmp_path, env, "--workers", "2", "--metrics-port", str(metrics_port)) as server:
         server.wait_ready()
+        server.wait_started(workers=2)
         url = server.url
         restocked = mutate(url, "restock", idempotencyKey="w-restock", lines=[line("NUT", 500)])
         assert restocked["__typename"] == "RestockSuccess"
