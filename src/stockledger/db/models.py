@@ -6,6 +6,8 @@ no drift. Every table carries ``org_id`` (the tenant; v1 uses one org, ``default
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -32,7 +34,7 @@ naming_convention = {
 metadata = MetaData(naming_convention=naming_convention)
 
 # MySQL table options: InnoDB for row locks and CHECKs, utf8mb4 throughout.
-_mysql_opts = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
+_mysql_opts: dict[str, Any] = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
 
 EVENT_TYPES = ("RESTOCK", "ADJUST", "RESERVE", "RELEASE", "EXPIRE", "DEDUCT")
 RESERVATION_STATUSES = ("ACTIVE", "COMMITTED", "RELEASED", "EXPIRED")

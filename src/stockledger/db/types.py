@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import BigInteger, DateTime, Integer, String
 from sqlalchemy.dialects import mysql
@@ -24,14 +24,15 @@ class ExactString(TypeDecorator[str]):
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        length = cast(String, self.impl_instance).length
         if dialect.name == "mysql":
             collation = (
                 "utf8mb4_nopad_bin" if getattr(dialect, "is_mariadb", False) else "utf8mb4_0900_bin"
             )
             return dialect.type_descriptor(
-                mysql.VARCHAR(self.impl.length, charset="utf8mb4", collation=collation)  # type: ignore[attr-defined]
+                mysql.VARCHAR(length, charset="utf8mb4", collation=collation)
             )
-        return dialect.type_descriptor(String(self.impl.length))  # type: ignore[attr-defined]
+        return dialect.type_descriptor(String(length))
 
 
 # Microsecond timestamps (ARCHITECTURE section 11: DATETIME(6)); naive values, always UTC.

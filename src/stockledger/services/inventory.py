@@ -231,7 +231,8 @@ def _observed(
         async def wrapper(self: InventoryService, *args: Any, **kwargs: Any) -> T:
             start = time.perf_counter()
             token = _CURRENT_CHANGE.set(None)
-            outcome, error = "success", None
+            outcome = "success"
+            error: Exception | None = None
             try:
                 result = await fn(self, *args, **kwargs)
                 if getattr(result, "replayed", False):

@@ -97,8 +97,8 @@ async def find_violations(db: Database, org_id: str) -> list[str]:
         out.append(f"{key[0]}/{key[1]}: reservation lines without a balance")
     for r in repeated:
         out.append(f"key {r.idempotency_key!r}: more than one entry for {r.location}/{r.sku}")
-    for r in spread:
-        out.append(f"key {r.idempotency_key!r}: entries written by more than one call")
-    for r in inactive_held:
-        out.append(f"reservation {r.id} is {r.status} but still holds units")
+    for s in spread:
+        out.append(f"key {s.idempotency_key!r}: entries written by more than one call")
+    for res in inactive_held:
+        out.append(f"reservation {res.id} is {res.status} but still holds units")
     return out

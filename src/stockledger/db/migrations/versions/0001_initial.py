@@ -7,6 +7,8 @@ Create Date: 2026-11-21
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -18,7 +20,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-MYSQL = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
+MYSQL: dict[str, Any] = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
 EVENTS = "event_type IN ('RESTOCK', 'ADJUST', 'RESERVE', 'RELEASE', 'EXPIRE', 'DEDUCT')"
 STATUSES = "status IN ('ACTIVE', 'COMMITTED', 'RELEASED', 'EXPIRED')"
 
