@@ -40,7 +40,8 @@ LOCK_WAIT_SECONDS = Histogram(
 )
 LOCK_TIMEOUTS_TOTAL = Counter(
     "inventory_lock_timeouts_total",
-    "Writes refused with LOCK_TIMEOUT because their Redis locks were not free in time.",
+    "Lock waits that ran out: the call answers LOCK_TIMEOUT, or INSUFFICIENT_STOCK when it "
+    "then finds the stock short.",
 )
 LOCK_LOST_TOTAL = Counter(
     "inventory_lock_lost_total",
