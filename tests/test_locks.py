@@ -6,17 +6,22 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
+import shutil
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
 from conftest import Clock, make_settings
 from fakeredis import FakeAsyncRedis
 from prometheus_client import REGISTRY
 from redis.cluster import key_slot
+from server_process import free_port
 from sqlalchemy import func, select
 
 from stockledger.config import Settings
@@ -526,6 +531,74 @@ async def test_redis_outage_degrades_to_database_locks_and_recovers(
         if proxy.server is not None and proxy.server.is_serving():
             await proxy.stop()
         await client.aclose()
+
+
+@pytest.fixture
+def read_only_replica(redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """A real Redis replica of the test Redis (replicas refuse writes: READONLY); its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed: cannot start a replica")
+    parsed = urlparse(redis_url)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--replicaof",
+            parsed.hostname or "127.0.0.1",
+            str(parsed.port or 6379),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if sync_redis.Redis(port=port).ping():
+                    break
+            except sync_redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("the Redis replica did not start")
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/15"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_a_read_only_replica_degrades_to_database_locks(
+    db: Database, settings: Settings, clock: Clock, org_id: str, read_only_replica: str
+) -> None:
+    """Clients left on an old primary after a failover get READONLY: the service carries on
+    on database locks alone (like an outage) instead of failing every write."""
+    client = create_redis(make_settings(redis_url=read_only_replica))
+    health = RedisHealth(retry_interval=0.1)
+    locker = RedisBalanceLocker(client, health=health)
+    index = RedisExpiryIndex(client, org_id, health)
+    service = InventoryService(
+        db, settings, clock=clock, locker=locker, expiry_index=index, org_id=org_id
+    )
+    degraded_before = metric("inventory_redis_degraded_total")
+    try:
+        await service.restock("stock", [Line("a", 5)])
+        result = await service.reserve("r-1", [Line("a", 2)], ttl_seconds=60)
+    finally:
+        await client.aclose()
+    assert (result.replayed, [b.reserved for b in result.balances]) == (False, [2])
+    assert not health.usable()  # the outage is on record (retried after 0.1 s)
+    assert metric("inventory_redis_degraded_total") > degraded_before
+    assert await find_violations(db, org_id) == []
 
 
 @pytest.mark.parametrize("failure", ["connection_drops_while_held", "reply_lost_in_acquire"])

@@ -44,7 +44,7 @@ from typing import NoReturn
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, RedisError
+from redis.exceptions import MaxConnectionsError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stockledger.locks import LocksBusy
@@ -108,7 +108,9 @@ end
 return n
 """
 
-REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# Unusable for locks: unreachable, too slow, or a replica that refuses writes (READONLY, e.g.
+# an old primary after a failover, whose clients have not moved yet).
+REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, ReadOnlyError)
 
 
 def pool_exhausted(exc: BaseException) -> bool:
