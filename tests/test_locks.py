@@ -38,6 +38,7 @@ from stockledger.locks.redis_locks import (
 )
 from stockledger.runtime import create_redis
 from stockledger.services import (
+    IdempotencyKeyReusedError,
     InsufficientStockError,
     InventoryService,
     Line,
@@ -219,6 +220,30 @@ async def test_busy_lock_through_the_service_is_lock_timeout_and_changes_nothing
     assert result.replayed is False
     assert [(b.sku, b.reserved) for b in result.balances] == [("a", 2), ("b", 3), ("c", 1)]
     assert await real_redis.exists(*names) == 0  # released after the write
+
+
+async def test_retry_of_a_completed_call_replays_while_its_locks_are_busy(
+    db: Database, settings: Settings, clock: Clock, org_id: str, real_redis: aioredis.Redis
+) -> None:
+    locker = RedisBalanceLocker(real_redis, ttl=5.0, wait=0.05)
+    service = InventoryService(db, settings, clock=clock, locker=locker, org_id=org_id)
+    first = await service.restock("stock", [Line("a", 10)])
+    reserved = await service.reserve("cart", [Line("a", 2)], ttl_seconds=60)
+    await real_redis.set(_names(org_id, "a")[0], secrets.token_hex(8), px=10_000)
+    timeouts_before = metric("inventory_lock_timeouts_total")
+    entries_before = await _ledger_count(db, org_id)
+
+    again = await service.restock("stock", [Line("a", 10)])
+    assert again.replayed is True
+    assert [e.id for e in again.ledger_entries] == [e.id for e in first.ledger_entries]
+    replay = await service.reserve("cart", [Line("a", 2)], ttl_seconds=60)
+    assert (replay.replayed, replay.reservation.id) == (True, reserved.reservation.id)
+    with pytest.raises(IdempotencyKeyReusedError):  # the key, another payload
+        await service.reserve("cart", [Line("a", 3)], ttl_seconds=60)
+    with pytest.raises(LockTimeoutError):  # a new call still waits for the locks
+        await service.reserve("cart-2", [Line("a", 1)], ttl_seconds=60)
+    assert metric("inventory_lock_timeouts_total") - timeouts_before == 4
+    assert await _ledger_count(db, org_id) == entries_before
 
 
 @pytest.mark.parametrize("operation", ["reserve", "deduct"])

@@ -699,7 +699,8 @@ class InventoryService:
 
         The key row is inserted after ``body`` succeeded. When ``body`` fails on a domain rule,
         the key is looked up under the row locks ``body`` took: a copy of this call that
-        committed while we waited for them makes this call a replay, not a failure.
+        committed while we waited for them makes this call a replay, not a failure. So does a
+        completed copy found when the lock wait runs out (else LockTimeoutError).
         """
 
         async def guarded(conn: AsyncConnection) -> T:
@@ -726,6 +727,12 @@ class InventoryService:
                 replay = await self._replay(operation, key, rhash)
                 if replay is not None:
                     return replay  # type: ignore[no-any-return]
+            except LockTimeoutError:
+                # A retry of a call that already completed has its answer without the locks.
+                replay = await self._replay(operation, key, rhash)
+                if replay is not None:
+                    return replay  # type: ignore[no-any-return]
+                raise
         raise RuntimeError(f"idempotency key {key!r} neither claimable nor replayable")
 
     async def _write_unless_sold_out(
