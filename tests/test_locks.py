@@ -586,11 +586,12 @@ def read_only_replica(redis_url: str, tmp_path: Path) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    probe = sync_redis.Redis(host="127.0.0.1", port=port)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if sync_redis.Redis(port=port).ping():
+                if probe.ping():
                     break
             except sync_redis.ConnectionError:
                 if time.monotonic() > deadline or proc.poll() is not None:
@@ -598,6 +599,7 @@ def read_only_replica(redis_url: str, tmp_path: Path) -> Iterator[str]:
                 time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/15"
     finally:
+        probe.close()
         proc.terminate()
         proc.wait(timeout=10)
 
