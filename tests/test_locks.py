@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -21,6 +22,7 @@ from conftest import Clock, make_settings
 from fakeredis import FakeAsyncRedis
 from prometheus_client import REGISTRY
 from redis.cluster import key_slot
+from redis.exceptions import ResponseError
 from server_process import free_port
 from sqlalchemy import func, select
 
@@ -626,6 +628,56 @@ async def test_a_read_only_replica_degrades_to_database_locks(
     assert not health.usable()  # the outage is on record (retried after 0.1 s)
     assert metric("inventory_redis_degraded_total") > degraded_before
     assert await find_violations(db, org_id) == []
+
+
+class ScriptErrors(FakeAsyncRedis):
+    """Fails every Lua script with ``error`` (a ResponseError message)."""
+
+    error = ""
+
+    async def evalsha(self, *args: Any, **kwargs: Any) -> Any:
+        raise ResponseError(self.error)
+
+
+class Redis6Replica(ScriptErrors):
+    """A Redis 6 replica: the READONLY refusal wrapped in a plain script error, which
+    redis-py raises as ResponseError, not ReadOnlyError."""
+
+    error = (
+        "Error running script (call to f_70fb5105): @user_script:13: @user_script: 13: "
+        "-READONLY You can't write against a read only replica."
+    )
+
+
+async def test_a_redis6_replica_degrades_too(org_id: str) -> None:
+    client = Redis6Replica()
+    health = RedisHealth(retry_interval=60)
+    locker = RedisBalanceLocker(client, health=health)
+    index = RedisExpiryIndex(client, org_id, RedisHealth(retry_interval=60))
+    degraded_before = metric("inventory_redis_degraded_total")
+    try:
+        async with locker.hold(org_id, [("default", "a")]):
+            assert not health.usable()  # held on database locks alone
+        assert await index.pop_due(datetime.now(UTC), 10) == []
+        assert not index.health.usable()
+    finally:
+        await client.aclose()
+    assert metric("inventory_redis_degraded_total") - degraded_before == 2
+
+
+async def test_other_script_errors_are_not_an_outage(org_id: str) -> None:
+    client = ScriptErrors()
+    client.error = (
+        "ERR Error running script: @user_script:3: Script attempted to access a non local key"
+    )
+    locker = RedisBalanceLocker(client, health=RedisHealth(retry_interval=60))
+    try:
+        with pytest.raises(ResponseError, match="non local key"):
+            async with locker.hold(org_id, [("default", "a")]):
+                pytest.fail("entered without the lock")
+        assert locker.health.usable()
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize("failure", ["connection_drops_while_held", "reply_lost_in_acquire"])

@@ -40,11 +40,11 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, ReadOnlyError, RedisError
+from redis.exceptions import MaxConnectionsError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stockledger.locks import LocksBusy
@@ -111,6 +111,26 @@ return n
 # Unusable for locks: unreachable, too slow, or a replica that refuses writes (READONLY, e.g.
 # an old primary after a failover, whose clients have not moved yet).
 REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, ReadOnlyError)
+
+
+class _Script:
+    """A registered Lua script whose READONLY refusal is always a ReadOnlyError.
+
+    Redis 7 passes a script's READONLY error on as such; Redis 6 wraps it in "ERR Error
+    running script ... -READONLY ...", which redis-py raises as a plain ResponseError
+    (redis-py issue #3443).
+    """
+
+    def __init__(self, redis: Redis, source: str) -> None:
+        self._script = redis.register_script(source)
+
+    async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._script(keys=keys, args=args)
+        except ResponseError as exc:
+            if not isinstance(exc, ReadOnlyError) and "READONLY" in str(exc):
+                raise ReadOnlyError(str(exc)) from exc
+            raise
 
 
 def pool_exhausted(exc: BaseException) -> bool:
@@ -233,9 +253,9 @@ class RedisBalanceLocker:
         self.health = health or RedisHealth()
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._release = redis.register_script(_RELEASE)
-        self._extend = redis.register_script(_EXTEND)
+        self._acquire = _Script(redis, _ACQUIRE)
+        self._release = _Script(redis, _RELEASE)
+        self._extend = _Script(redis, _EXTEND)
         self._local = _LocalQueue()
         # Turns are per process (only a key's queue head polls Redis); a turn outlives a few
         # backoff steps of its waiter and lapses quickly if that waiter goes away.
@@ -419,7 +439,7 @@ return ids
         self.redis = redis
         self.key = f"stockledger:{{{org_id}}}:expiry"
         self.health = health or RedisHealth()
-        self._pop = redis.register_script(self._POP_DUE)
+        self._pop = _Script(redis, self._POP_DUE)
 
     async def schedule(self, reservation_id: int, expires_at: datetime) -> None:
         """Add or move a reservation's expiry."""
