@@ -14,14 +14,16 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from conftest import Clock
+from fakeredis import FakeAsyncRedis
 from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select
 
 from stockledger.config import Settings
 from stockledger.db.engine import Database
 from stockledger.db.models import idempotency_key as K
 from stockledger.db.models import inventory_ledger as L
-from stockledger.locks.redis_locks import RedisBalanceLocker, RedisExpiryIndex
+from stockledger.locks.redis_locks import RedisBalanceLocker, RedisExpiryIndex, RedisHealth
 from stockledger.services import (
     InventoryService,
     Line,
@@ -270,6 +272,65 @@ async def test_database_scan_expires_what_the_redis_index_lost(
     bal = await InventoryQueries(db, org_id).balance("a")
     assert bal is not None and (bal.on_hand, bal.reserved) == (10, 0)
     assert expired_total() - before == 3
+    assert await find_violations(db, org_id) == []
+
+
+class FlakyRedis(FakeAsyncRedis):
+    """fakeredis whose ZADD fails as if Redis were unreachable while ``down`` is set."""
+
+    down = False
+
+    async def zadd(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            raise RedisConnectionError("Redis is down")
+        return await super().zadd(*args, **kwargs)
+
+
+async def test_expiries_lost_to_a_redis_failure_are_scanned_for_until_due(
+    db: Database, settings: Settings, clock: Clock, org_id: str
+) -> None:
+    client = FlakyRedis()
+    index = RedisExpiryIndex(client, org_id, RedisHealth(retry_interval=0))
+    service = InventoryService(db, settings, clock=clock, expiry_index=index, org_id=org_id)
+    scans = 0
+    due_ids = service.due_reservation_ids
+
+    async def counted(limit: int) -> list[int]:
+        nonlocal scans
+        scans += 1
+        return await due_ids(limit)
+
+    service.due_reservation_ids = counted  # type: ignore[method-assign]
+    sweeper = Sweeper(service, index, scan_interval=3600)
+    try:
+        await service.restock("stock", [Line("a", 10)])
+        client.down = True
+        lost = (await service.reserve("lost", [Line("a", 1)], ttl_seconds=60)).reservation
+        client.down = False
+        kept = (await service.reserve("kept", [Line("a", 2)], ttl_seconds=600)).reservation
+        assert index.unindexed_until == lost.expires_at
+        assert await client.zcard(index.key) == 1  # only "kept" reached Redis
+
+        assert await sweeper.run_once() == 0  # the first pass scans anyway
+        clock.advance(30)
+        assert await sweeper.run_once() == 0
+        assert scans == 2  # scanned again: a lost expiry is not yet past
+        clock.advance(31)
+        assert await sweeper.run_once() == 1  # the scan found "lost", one pass after due
+        assert scans == 3
+        clock.advance(1)
+        assert await sweeper.run_once() == 0
+        assert scans == 3  # every lost expiry is past: back to the periodic scan
+        clock.advance(600)
+        assert await sweeper.run_once() == 1  # "kept", from the index
+        assert scans == 3
+    finally:
+        await client.aclose()
+    statuses = {r.id: (await InventoryQueries(db, org_id).reservation(r.id)) for r in (lost, kept)}
+    assert {rid: r.status for rid, r in statuses.items() if r} == {
+        lost.id: "EXPIRED",
+        kept.id: "EXPIRED",
+    }
     assert await find_violations(db, org_id) == []
 
 

@@ -440,12 +440,18 @@ return ids
         self.key = f"stockledger:{{{org_id}}}:expiry"
         self.health = health or RedisHealth()
         self._pop = _Script(redis, self._POP_DUE)
+        # The latest expiry that a schedule() lost to a Redis failure: until it has passed,
+        # the sweeper scans the database on every pass, so those reservations still expire
+        # within one interval (ARCHITECTURE section 6).
+        self.unindexed_until: datetime | None = None
 
     async def schedule(self, reservation_id: int, expires_at: datetime) -> None:
-        """Add or move a reservation's expiry."""
-        await self._quietly(
+        """Add or move a reservation's expiry; a failure moves :attr:`unindexed_until`."""
+        if not await self._quietly(
             self.redis.zadd(self.key, {str(reservation_id): expires_at.timestamp()})
-        )
+        ):
+            if self.unindexed_until is None or expires_at > self.unindexed_until:
+                self.unindexed_until = expires_at
 
     async def unschedule(self, reservation_ids: Sequence[int]) -> None:
         """Forget reservations that are no longer ACTIVE."""
@@ -465,16 +471,19 @@ return ids
         self.health.succeeded()
         return [int(i) for i in ids]
 
-    async def _quietly(self, call: object) -> None:
+    async def _quietly(self, call: object) -> bool:
+        """Await ``call`` unless Redis is down; False when it did not reach Redis."""
         if not self.health.usable():
             close = getattr(call, "close", None)
             if close:
                 close()  # the coroutine was never awaited
             metrics.REDIS_DEGRADED_TOTAL.inc()
-            return
+            return False
         try:
             await call  # type: ignore[misc]
             self.health.succeeded()
+            return True
         except REDIS_UNAVAILABLE as exc:
             self.health.failed(exc)
             metrics.REDIS_DEGRADED_TOTAL.inc()
+            return False

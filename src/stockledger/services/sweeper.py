@@ -3,8 +3,10 @@
 Every ``interval`` seconds it pops the reservations due in the Redis expiry index and expires
 each through :meth:`InventoryService.expire_reservation` (EXPIRE ledger entries, balances
 restored). Every ``scan_interval`` seconds, and on its first pass, it also scans the database
-index (status, expires_at), which catches whatever Redis lost. Expiry is idempotent: several
-sweepers (several servers) may run at once and each reservation is expired exactly once.
+index (status, expires_at), which catches whatever Redis lost; on every pass while expiries
+that this process failed to write to Redis are not yet past (``index.unindexed_until``).
+Expiry is idempotent: several sweepers (several servers) may run at once and each reservation
+is expired exactly once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 
 from stockledger.locks import ExpiryIndex
 from stockledger.observability import metrics
@@ -41,7 +44,8 @@ class Sweeper:
         self.interval = interval
         self.scan_interval = scan_interval
         self.batch = batch
-        self._last_scan: float | None = None
+        self._last_scan: float | None = None  # time.monotonic() of the last database scan
+        self._last_scan_clock = datetime.min.replace(tzinfo=UTC)  # service clock, same scan
 
     async def run_once(self, *, scan: bool | None = None) -> int:
         """One pass: pop due ids from the index, then (if due or ``scan``) the database scan.
@@ -58,11 +62,17 @@ class Sweeper:
                 if len(ids) < self.batch or done == 0:
                     break
         now = time.monotonic()
+        unindexed = getattr(self.index, "unindexed_until", None)
         if scan or (
             scan is None
-            and (self._last_scan is None or now - self._last_scan >= self.scan_interval)
+            and (
+                self._last_scan is None
+                or now - self._last_scan >= self.scan_interval
+                or (unindexed is not None and self._last_scan_clock <= unindexed)
+            )
         ):
             self._last_scan = now
+            self._last_scan_clock = self.service.clock()
             while True:
                 ids = await self.service.due_reservation_ids(self.batch)
                 done = await self._expire(ids)
