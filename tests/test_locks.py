@@ -25,6 +25,7 @@ from redis.cluster import key_slot
 from redis.exceptions import ResponseError
 from server_process import free_port
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from stockledger.config import Settings
 from stockledger.db.engine import Database
@@ -246,6 +247,30 @@ async def test_retry_of_a_completed_call_replays_while_its_locks_are_busy(
         await service.reserve("cart-2", [Line("a", 1)], ttl_seconds=60)
     assert metric("inventory_lock_timeouts_total") - timeouts_before == 4
     assert await _ledger_count(db, org_id) == entries_before
+
+
+async def test_a_failed_read_after_a_lock_timeout_still_answers_lock_timeout(
+    db: Database,
+    settings: Settings,
+    clock: Clock,
+    org_id: str,
+    real_redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    locker = RedisBalanceLocker(real_redis, ttl=5.0, wait=0.05)
+    service = InventoryService(db, settings, clock=clock, locker=locker, org_id=org_id)
+    await service.restock("stock", [Line("a", 10)])
+    await real_redis.set(_names(org_id, "a")[0], secrets.token_hex(8), px=10_000)
+
+    def database_gone(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("SELECT ...", {}, ConnectionError("Lost connection to server"))
+
+    monkeypatch.setattr(db, "read", database_gone)  # the reads that follow the timeout
+    with pytest.raises(LockTimeoutError) as caught:
+        await service.reserve("cart", [Line("a", 1)], ttl_seconds=60)
+    assert caught.value.retry_after_ms > 0
+    with pytest.raises(LockTimeoutError):  # its only follow-up read is the replay lookup
+        await service.restock("more", [Line("a", 5)])
 
 
 @pytest.mark.parametrize("operation", ["reserve", "deduct"])

@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -254,6 +254,20 @@ def _observed(
         return wrapper
 
     return decorate
+
+
+@contextmanager
+def _still_timed_out(timeout: LockTimeoutError) -> Iterator[None]:
+    """Around a read that follows a lock wait that ran out: a domain answer (a replay's
+    IdempotencyKeyReusedError, InsufficientStockError) passes, but a failure of the read
+    itself still answers ``timeout``, which tells the caller to retry."""
+    try:
+        yield
+    except StockError:
+        raise
+    except Exception:
+        _log.warning("read after a lock timeout failed", exc_info=True)
+        raise timeout from None
 
 
 class InventoryService:
@@ -727,9 +741,10 @@ class InventoryService:
                 replay = await self._replay(operation, key, rhash)
                 if replay is not None:
                     return replay  # type: ignore[no-any-return]
-            except LockTimeoutError:
+            except LockTimeoutError as timeout:
                 # A retry of a call that already completed has its answer without the locks.
-                replay = await self._replay(operation, key, rhash)
+                with _still_timed_out(timeout):
+                    replay = await self._replay(operation, key, rhash)
                 if replay is not None:
                     return replay  # type: ignore[no-any-return]
                 raise
@@ -759,8 +774,9 @@ class InventoryService:
         except InsufficientStockError as refused:
             self._saw_available((s.location, s.sku, s.available) for s in refused.shortages)
             raise
-        except LockTimeoutError:
-            await self._refuse_if_short(key, merged)
+        except LockTimeoutError as timeout:
+            with _still_timed_out(timeout):
+                await self._refuse_if_short(key, merged)
             raise
         self._saw_available((b.location, b.sku, b.available) for b in result.balances)
         return result
