@@ -9,13 +9,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from graphql_helpers import GraphQLClient, app_settings, gql_fixture, line, serve  # noqa: F401
+from server_process import free_port
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from stockledger.app import DatabaseNotMigratedError, create_app
+from stockledger.app.serving import create_served_app
 from stockledger.config import Settings
 
 INTROSPECTION = "{ __schema { queryType { name } } }"
@@ -68,27 +71,48 @@ class BrokenDatabase:
 
 
 async def test_health_and_readiness(database_url: str, org_id: str) -> None:
-    failing: list[bool] = [False]
+    failing: set[str] = set()
 
-    async def redis_check() -> None:
-        if failing[0]:
-            raise ConnectionError("redis does not answer")
+    def check(name: str) -> Any:
+        async def run() -> None:
+            if name in failing:
+                raise ConnectionError(f"{name} does not answer")
+
+        return run
 
     async with serve(
-        app_settings(database_url, org_id), readiness_checks={"redis": redis_check}
+        app_settings(database_url, org_id),
+        readiness_checks={"queue": check("queue")},
+        degradable_checks={"redis": check("redis")},
     ) as gql:
         health = await gql.http.get("/healthz")
         assert (health.status_code, health.json()) == (200, {"status": "ok"})
         ready = await gql.http.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json() == {"status": "ready", "checks": {"database": "ok", "redis": "ok"}}
-        failing[0] = True
+        assert ready.json() == {
+            "status": "ready",
+            "checks": {"database": "ok", "queue": "ok", "redis": "ok"},
+        }
+        # What the app can run without: still ready, but says it is degraded.
+        failing.add("redis")
+        degraded = await gql.http.get("/readyz")
+        assert degraded.status_code == 200
+        assert degraded.json() == {
+            "status": "degraded",
+            "checks": {
+                "database": "ok",
+                "queue": "ok",
+                "redis": "ConnectionError: redis does not answer",
+            },
+        }
+        # A required check that fails makes the app unready, degraded or not.
+        failing.add("queue")
         down = await gql.http.get("/readyz")
         assert down.status_code == 503
         assert down.json()["status"] == "unavailable"
-        assert down.json()["checks"]["redis"] == "ConnectionError: redis does not answer"
+        assert down.json()["checks"]["queue"] == "ConnectionError: queue does not answer"
         assert down.json()["checks"]["database"] == "ok"
-        failing[0] = False
+        failing.clear()
         # A database that does not answer makes the app unready (and says so).
         real = gql.app.state.database
         gql.app.state.database = BrokenDatabase()
@@ -99,10 +123,37 @@ async def test_health_and_readiness(database_url: str, org_id: str) -> None:
         assert no_db.status_code == 503
         assert no_db.json()["checks"] == {
             "database": "OSError: connection refused",
+            "queue": "ok",
             "redis": "ok",
         }
         assert (await gql.http.get("/readyz")).status_code == 200
         assert (await gql.http.get("/healthz")).status_code == 200
+
+
+async def test_served_app_without_redis_is_ready_degraded_and_sells(
+    backend: str, database_url: str, org_id: str, tmp_path: Path
+) -> None:
+    """ARCHITECTURE section 4: a Redis outage degrades to database-only locking rather than
+    failing requests, so a load balancer must keep sending traffic: /readyz stays 200."""
+    closed = f"redis://127.0.0.1:{free_port()}/15"  # nothing listens there
+    if backend == "sqlite":
+        settings = Settings(data_dir=tmp_path / "data", org_id=org_id, redis_url=closed)
+    else:
+        settings = app_settings(database_url, org_id, redis_url=closed)
+    app = create_served_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://stockledger") as http:
+            ready = await http.get("/readyz")
+            assert ready.status_code == 200
+            assert ready.json()["status"] == "degraded"
+            assert ready.json()["checks"]["database"] == "ok"
+            assert ready.json()["checks"]["redis"].startswith("ConnectionError")
+            gql = GraphQLClient(http, app)
+            await gql.restock("r", line("A", 3))
+            res = await gql.reserve("c", line("A", 2))
+            assert res["replayed"] is False
+            assert (await gql.balance("A"))["available"] == 1
 
 
 async def test_graphiql_and_introspection_switches(database_url: str, org_id: str) -> None:

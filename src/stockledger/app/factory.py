@@ -62,6 +62,7 @@ def create_app(
     database: Database | None = None,
     runtime: RuntimeFactory | None = None,
     readiness_checks: Mapping[str, ReadinessCheck] | None = None,
+    degradable_checks: Mapping[str, ReadinessCheck] | None = None,
     lifespan_hooks: Sequence[LifespanHook] = (),
     extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
@@ -82,12 +83,16 @@ def create_app(
     be at head, else startup fails with :class:`DatabaseNotMigratedError`.
 
     ``readiness_checks``: name -> async check run by
-    ``/readyz`` after the database's ``SELECT 1``; more may be added to
-    ``app.state.readiness_checks`` before startup. ``lifespan_hooks``: async context managers
-    entered in order once the services are up. ``extra_routes``: e.g. ``/metrics``.
+    ``/readyz`` after the database's ``SELECT 1``; a failure makes the app unready.
+    ``degradable_checks``: the same for what the app can run without (Redis: ARCHITECTURE
+    section 4, "a Redis outage degrades to database-only locking ... rather than failing
+    requests"); a failure leaves it ready but degraded. More of either may be added to
+    ``app.state.readiness_checks`` / ``app.state.degradable_checks`` before startup.
+    ``lifespan_hooks``: async context managers entered in order once the services are up.
+    ``extra_routes``: e.g. ``/metrics``.
 
-    ``app.state`` holds ``settings``, ``database``, ``service``, ``queries`` and
-    ``readiness_checks`` while running.
+    ``app.state`` holds ``settings``, ``database``, ``service``, ``queries``,
+    ``readiness_checks`` and ``degradable_checks`` while running.
     """
     settings = settings or get_settings()
     schema = build_schema(settings)
@@ -137,6 +142,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.readiness_checks = dict(readiness_checks or {})
+    app.state.degradable_checks = dict(degradable_checks or {})
     return app
 
 
@@ -176,31 +182,34 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: ``SELECT 1`` on the database, then each of ``app.state.readiness_checks``.
+    """Readiness: ``SELECT 1`` on the database, then ``app.state.readiness_checks`` and
+    ``app.state.degradable_checks``.
 
-    200 ``{"status": "ready", "checks": {name: "ok"}}``, or 503 with ``"unavailable"`` and the
-    failing checks' messages.
+    200 ``{"status": "ready", "checks": {name: "ok"}}``; 200 with ``"degraded"`` when only
+    degradable checks failed; else 503 with ``"unavailable"``. A failed check's value is its
+    error message.
     """
     state: Any = request.app.state
-    checks: dict[str, str] = {}
-    ok = True
-    try:
+
+    async def database_answers() -> None:
         async with state.database.read() as conn:
             await conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:  # any failure means "not ready"; the log has the details
-        log.warning("readiness: database check failed", exc_info=True)
-        checks["database"] = f"{type(exc).__name__}: {exc}"[:300]
-        ok = False
-    for name, check in state.readiness_checks.items():
+
+    required = {"database": database_answers, **state.readiness_checks}
+    checks: dict[str, str] = {}
+    status = "ready"
+    for name, check in [*required.items(), *state.degradable_checks.items()]:
         try:
             await check()
             checks[name] = "ok"
-        except Exception as exc:
+        except Exception as exc:  # the log has the details
             log.warning("readiness: %s check failed", name, exc_info=True)
             checks[name] = f"{type(exc).__name__}: {exc}"[:300]
-            ok = False
+            if name in required:
+                status = "unavailable"
+            elif status == "ready":
+                status = "degraded"
     return JSONResponse(
-        {"status": "ready" if ok else "unavailable", "checks": checks},
-        status_code=200 if ok else 503,
+        {"status": status, "checks": checks},
+        status_code=503 if status == "unavailable" else 200,
     )

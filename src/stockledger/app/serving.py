@@ -72,7 +72,8 @@ class RequestIdMiddleware:
 @contextlib.asynccontextmanager
 async def _sweeper_and_redis_check(app: Starlette) -> AsyncIterator[None]:
     runtime: Any = app.state.runtime
-    app.state.readiness_checks["redis"] = runtime.redis.ping
+    # Without Redis the service runs on database locks alone: degraded, still ready.
+    app.state.degradable_checks["redis"] = runtime.redis.ping
     task = asyncio.create_task(runtime.sweeper.run_forever(), name="stockledger-sweeper")
     try:
         yield
@@ -84,7 +85,8 @@ async def _sweeper_and_redis_check(app: Starlette) -> AsyncIterator[None]:
 
 def create_served_app(settings: Settings) -> Starlette:
     """The full app: :func:`create_app` over :func:`open_runtime`, the sweeper running inside
-    (every ``sweep_interval_seconds``), ``/readyz`` also pinging Redis, ``/metrics``, and
+    (every ``sweep_interval_seconds``), ``/readyz`` also pinging Redis (degraded, not unready,
+    when it does not answer), ``/metrics``, and
     ``X-Request-ID`` handling."""
     app = create_app(
         settings,
