@@ -22,6 +22,7 @@ from conftest import Clock, make_settings
 from fakeredis import FakeAsyncRedis
 from prometheus_client import REGISTRY
 from redis.cluster import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from server_process import free_port
 from sqlalchemy import func, select
@@ -672,6 +673,39 @@ class Redis6Replica(ScriptErrors):
         "Error running script (call to f_70fb5105): @user_script:13: @user_script: 13: "
         "-READONLY You can't write against a read only replica."
     )
+
+
+class ReleaseFails(FakeAsyncRedis):
+    """fakeredis that drops the connection on the release script while ``failing`` is set."""
+
+    failing = False
+
+    async def evalsha(self, sha: Any, numkeys: int, *keys_and_args: Any) -> Any:
+        if self.failing and len(keys_and_args) - numkeys == 1:  # release: ARGV is the token
+            raise RedisConnectionError("connection dropped")
+        return await super().evalsha(sha, numkeys, *keys_and_args)
+
+
+async def test_keys_a_timed_out_acquire_could_not_give_back_are_released_later(
+    org_id: str,
+) -> None:
+    client = ReleaseFails()
+    locker = RedisBalanceLocker(client, ttl=15.0, wait=0.05, health=RedisHealth(0))
+    a, b = _names(org_id, "a", "b")
+    await client.set(b, "another-owner", px=10_000)
+    try:
+        client.failing = True
+        with pytest.raises(LocksBusy):  # took "a", timed out on "b", could not give "a" back
+            async with locker.hold(org_id, [("default", "a"), ("default", "b")]):
+                pytest.fail("entered without the lock")
+        assert await client.exists(a) == 1
+        client.failing = False
+        # The next acquire releases it first, instead of waiting out its 15 s lease.
+        async with locker.hold(org_id, [("default", "a")]):
+            assert await client.exists(a) == 1
+        assert await client.exists(a) == 0
+    finally:
+        await client.aclose()
 
 
 async def test_a_redis6_replica_degrades_too(org_id: str) -> None:

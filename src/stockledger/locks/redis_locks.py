@@ -415,8 +415,14 @@ class RedisBalanceLocker:
         return int(await self._extend(keys=names, args=[token, ttl_ms]))
 
     async def _release_quietly(self, names: list[str], token: str) -> None:
+        """Give back what a failed or cancelled acquire took; raises nothing. Keys Redis could
+        not be told about are kept for :meth:`_release_orphans`, so they do not block the
+        balance for the rest of their TTL."""
         try:
             await self._release(keys=names, args=[token])
+        except REDIS_UNAVAILABLE as exc:
+            self._orphans.append((names, token))
+            self.health.failed(exc)
         except RedisError:
             pass
 
