@@ -204,8 +204,7 @@ def p99_from_buckets(before: dict[float, float], after: dict[float, float]) -> f
 
 async def bench_s(settings: object, scenario: str, conns: int, duration: float) -> Result:
     from stockledger.runtime import open_runtime
-    from stockledger.services import Line
-    from stockledger.services.errors import StockError
+    from stockledger.services import Line, StockError
     from stockledger.services.queries import InventoryQueries
 
     async with open_runtime(settings) as rt:  # type: ignore[arg-type]

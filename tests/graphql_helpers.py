@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from stockledger.app import create_app
 from stockledger.config import Settings
 from stockledger.db.engine import create_database
-from stockledger.services.inventory import InventoryService
+from stockledger.services import InventoryService
 
 # -------------------------------------------------------------------- documents
 

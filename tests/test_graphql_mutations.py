@@ -24,6 +24,7 @@ from graphql_helpers import (
 from sqlalchemy import event
 
 from stockledger.db.engine import Database
+from stockledger.locks import Claim
 from stockledger.services import errors as e
 
 UTC_ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?\+00:00$")
@@ -400,15 +401,31 @@ async def test_extend_reservation(gql_clock: GraphQLClient, clock: Any) -> None:
 
 
 class BusyLocker:
-    """A locker whose keys are always held by someone else."""
+    """A locker whose keys are always held by another process (every claim is refused)."""
+
+    wait = 0.05
+    ttl = 3.0
+
+    async def claim(self, org_id: str, groups: Any) -> Claim:
+        return Claim("", [not group for group in groups])
+
+    @asynccontextmanager
+    async def keep(self, claim: Claim) -> AsyncIterator[None]:
+        yield
+
+    async def release_with(self, claim: Claim, index: Any, changes: Any) -> None:
+        await index.apply(changes)
+
+    def retry_after_ms(self) -> int:
+        return 250
+
+    def held_here(self, org_id: str, keys: Any) -> bool:
+        return False  # no sold-out fast path: every call must wait for its keys
 
     @asynccontextmanager
     async def hold(self, org_id: str, keys: Any) -> AsyncIterator[None]:
-        raise e.LockTimeoutError(250)
+        raise AssertionError("the services never hold keys")
         yield  # pragma: no cover
-
-    def busy(self, org_id: str, keys: Any) -> bool:
-        return False  # no sold-out fast path: every call must reach hold()
 
 
 async def test_every_mutation_reports_lock_timeout(database_url: str, org_id: str) -> None:

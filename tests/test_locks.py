@@ -686,18 +686,23 @@ class ReleaseFails(FakeAsyncRedis):
         return await super().evalsha(sha, numkeys, *keys_and_args)
 
 
-async def test_keys_a_timed_out_acquire_could_not_give_back_are_released_later(
+async def test_keys_a_failed_release_could_not_give_back_are_released_later(
     org_id: str,
 ) -> None:
+    # Claims are all or nothing (a timed-out wait holds no key), so the lease left behind
+    # is a hold's whose release did not reach Redis.
     client = ReleaseFails()
     locker = RedisBalanceLocker(client, ttl=15.0, wait=0.05, health=RedisHealth(0))
     a, b = _names(org_id, "a", "b")
     await client.set(b, "another-owner", px=10_000)
     try:
-        client.failing = True
-        with pytest.raises(LocksBusy):  # took "a", timed out on "b", could not give "a" back
+        with pytest.raises(LocksBusy):  # "b" is busy: nothing is taken
             async with locker.hold(org_id, [("default", "a"), ("default", "b")]):
                 pytest.fail("entered without the lock")
+        assert await client.exists(a) == 0
+        client.failing = True
+        async with locker.hold(org_id, [("default", "a")]):  # its release will not arrive
+            assert await client.exists(a) == 1
         assert await client.exists(a) == 1
         client.failing = False
         # The next acquire releases it first, instead of waiting out its 15 s lease.

@@ -209,14 +209,31 @@ def check_lines(lines: Sequence[Line] | None) -> list[tuple[Key, int]]:
     return merge(lines)
 
 
-def shortages(m: Model, merged: list[tuple[Key, int]]) -> None:
-    short = [
-        Shortage(sku, loc, q, max(m.available((loc, sku)), 0))
-        for (loc, sku), q in merged
-        if m.available((loc, sku)) < q
-    ]
-    if short:
-        raise Expect(InsufficientStockError(short))
+def shortages(m: Model, merged: list[tuple[Key, int]]) -> set[Key]:
+    """Raise the InsufficientStockError a reserve or direct deduct of ``merged`` gets.
+
+    A line found short first expires the due reservations that hold its balance (issue 9:
+    expired holds never refuse a cart); that expiry commits even when the call is still
+    refused. Returns the balances those expiries changed.
+    """
+
+    def short() -> list[Shortage]:
+        return [
+            Shortage(sku, loc, q, max(m.available((loc, sku)), 0))
+            for (loc, sku), q in merged
+            if m.available((loc, sku)) < q
+        ]
+
+    expired: set[Key] = set()
+    lacking = {(s.location, s.sku) for s in short()}
+    if lacking:
+        for r in sorted(m.reservations.values(), key=lambda r: (r.expires_at, r.id)):
+            if m.due(r) and any(r.lines[k].remaining for k in lacking if k in r.lines):
+                expired |= m.expire(r)
+    still = short()
+    if still:
+        raise Expect(InsufficientStockError(still), committed=m if expired else None)
+    return expired
 
 
 def consume(
@@ -493,32 +510,37 @@ class StockMachine(RuleBasedStateMachine):
         key = self.new_key(data)
         merged = merge(lines)
 
-        def predict(m: Model) -> MReservation:
-            shortages(m, merged)
+        def predict(m: Model) -> tuple[MReservation, set[Key]]:
+            expired = shortages(m, merged)
             for k, q in merged:
                 m.move(k, 0, q)
-            return MReservation(
+            made = MReservation(
                 id=0,
                 reference=ref,
                 expires_at=m.now + timedelta(seconds=DEFAULT_TTL if ttl is None else ttl),
                 created_at=m.now,
                 lines={k: MLine(q) for k, q in merged},
             )
+            return made, expired
 
-        result, res = self.attempt(
+        result, info = self.attempt(
             key,
             lambda: self.service.reserve(key, lines, reference=ref, ttl_seconds=ttl),
             predict,
         )
         if result is None:
             return
+        res, expired = info
         rid = result.reservation.id
         # ids grow, so "oldest first" (created_at, then id) is id order in the model
         assert rid > max(self.model.reservations, default=0)
         res.id = rid
         self.model.reservations[rid] = res
         self.check_reservation(result.reservation)
-        self.check_balances(result.balances, [k for k, _ in merged])
+        changed = [(b.location, b.sku) for b in result.balances]
+        # every balance reserved; may include those only an expiry on the way changed
+        assert {k for k, _ in merged} <= set(changed) <= {k for k, _ in merged} | expired
+        self.check_balances(result.balances, changed)
 
     def consume_lines(self, data: st.DataObject, keys: Sequence[Key]) -> list[Line] | None:
         kind = data.draw(st.sampled_from(["all"] * 4 + ["lines"] * 3 + ["empty"]), label="lines")
@@ -634,17 +656,20 @@ class StockMachine(RuleBasedStateMachine):
             lines = data.draw(lines_strategy(KEYS, 4), label="lines")
         key = self.new_key(data)
 
-        def predict(m: Model) -> list[tuple[Key, int]]:
+        def predict(m: Model) -> tuple[list[tuple[Key, int]], set[Key]]:
             merged = check_lines(lines)
-            shortages(m, merged)
+            expired = shortages(m, merged)
             for k, q in merged:
                 m.move(k, -q, 0)
-            return merged
+            return merged, expired
 
-        result, merged = self.attempt(key, lambda: self.service.deduct(key, lines=lines), predict)
+        result, info = self.attempt(key, lambda: self.service.deduct(key, lines=lines), predict)
         if result is not None:
+            merged, expired = info
             assert result.reservations == []
-            self.check_balances(result.balances, [k for k, _ in merged])
+            changed = [(b.location, b.sku) for b in result.balances]
+            assert {k for k, _ in merged} <= set(changed) <= {k for k, _ in merged} | expired
+            self.check_balances(result.balances, changed)
             assert [(e.location, e.sku, e.on_hand_delta) for e in result.ledger_entries] == [
                 (loc, sku, -q) for (loc, sku), q in merged
             ]

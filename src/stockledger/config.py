@@ -39,20 +39,31 @@ class Settings(BaseSettings):
     default_reservation_ttl_seconds: int = Field(default=1800, ge=1)
     max_reservation_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
 
-    # Whole-transaction retries on deadlock / lock wait timeout (MySQL 1213, 1205, MariaDB 1020).
-    retry_max_attempts: int = Field(default=8, ge=1)
+    # Batch retries on deadlock, lock wait timeout, duplicate key or a lost connection (MySQL
+    # 1213, 1205, 1062, MariaDB 1020): attempts of one batch before it is split in halves; a
+    # command alone runs again until its lock wait runs out. Backoff with full jitter.
+    retry_max_attempts: int = Field(default=3, ge=1)
     retry_initial_backoff_seconds: float = Field(default=0.005, gt=0)
     retry_max_backoff_seconds: float = Field(default=0.25, gt=0)
 
-    # Server-side bound on row-lock waits (seconds), so no coroutine is ever cancelled mid-query.
-    db_lock_wait_timeout_seconds: int = Field(default=10, ge=1)
+    # Group commit (ARCHITECTURE section 12): writer connections per process (one on SQLite),
+    # and a batch's caps in commands and in lines.
+    write_connections: int = Field(default=4, ge=1)
+    batch_max_commands: int = Field(default=256, ge=1)
+    batch_max_rows: int = Field(default=5000, ge=1)
+    id_block_size: int = Field(default=100, ge=1)
+
+    # Server-side bound on one statement's row-lock wait (seconds; InnoDB's minimum is 1), so no
+    # coroutine is ever cancelled mid-query; a write's total time is bounded by the lock wait.
+    db_lock_wait_timeout_seconds: int = Field(default=1, ge=1)
     db_pool_size: int = Field(default=20, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
 
-    # Redis locks (ARCHITECTURE section 4).
+    # Redis locks (ARCHITECTURE section 4): a lock's lease (a live holder extends it, so a dead
+    # one's locks stop blocking within it) and a write's total wait, retries included.
     locks_enabled: bool = True
-    lock_ttl_seconds: float = Field(default=15.0, gt=0)
+    lock_ttl_seconds: float = Field(default=3.0, gt=0)
     lock_wait_seconds: float = Field(default=5.0, gt=0)
     redis_pool_size: int = Field(default=64, ge=1)
 

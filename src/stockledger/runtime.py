@@ -17,10 +17,9 @@ from stockledger.config import Settings
 from stockledger.db.engine import Database, create_database
 from stockledger.locks import BalanceLocker, NoLocks
 from stockledger.locks.redis_locks import RedisBalanceLocker, RedisExpiryIndex, RedisHealth
-from stockledger.observability import metrics
-from stockledger.services.inventory import Clock, InventoryService
 from stockledger.services.rows import utcnow
 from stockledger.services.sweeper import Sweeper
+from stockledger.services.writes import Clock, InventoryService
 
 
 def create_redis(settings: Settings) -> Redis:
@@ -67,7 +66,6 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     """Open the database and Redis, build the services; close both on exit."""
     db = create_database(settings, database_url)
-    db.on_retry = lambda reason: metrics.TRANSACTION_RETRIES_TOTAL.labels(reason=reason).inc()
     redis = create_redis(settings)
     health = RedisHealth()
     locker: BalanceLocker = (
@@ -75,7 +73,7 @@ async def open_runtime(
             redis, ttl=settings.lock_ttl_seconds, wait=settings.lock_wait_seconds, health=health
         )
         if settings.locks_enabled
-        else NoLocks()
+        else NoLocks(settings.lock_wait_seconds)
     )
     index = RedisExpiryIndex(redis, settings.org_id, health)
     service = InventoryService(db, settings, clock=clock, locker=locker, expiry_index=index)
@@ -89,5 +87,6 @@ async def open_runtime(
     try:
         yield Runtime(settings, db, redis, service, sweeper, index)
     finally:
+        await service.close()
         await redis.aclose()
         await db.dispose()

@@ -28,8 +28,8 @@ from stockledger.config import Settings, get_settings
 from stockledger.db import migrate
 from stockledger.db.engine import Database, create_database
 from stockledger.resolvers import build_schema
-from stockledger.services.inventory import InventoryService
 from stockledger.services.queries import InventoryQueries
+from stockledger.services.writes import InventoryService
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Engine set-up per dialect and the one transaction runner every write goes through.
+"""Engine set-up per dialect, and which database errors mean "run the batch again".
 
 MySQL / MariaDB (asyncmy): READ COMMITTED (ARCHITECTURE section 4: a locking read of a missing
 row plus INSERT deadlocks under REPEATABLE READ), ``innodb_lock_wait_timeout`` bounded on the
@@ -6,37 +6,32 @@ server so no coroutine is ever cancelled mid-query.
 
 SQLite (aiosqlite): WAL, ``busy_timeout``, and ``BEGIN IMMEDIATE`` for writes because
 ``SELECT ... FOR UPDATE`` renders nothing there (SQLAlchemy docs, "Serializable isolation /
-Savepoints / Transactional DDL" for pysqlite/aiosqlite). Writers in one process also queue on an
-``asyncio.Lock`` so they do not spin in SQLite's busy handler.
+Savepoints / Transactional DDL" for pysqlite/aiosqlite).
+
+Writes and reads use separate engines (pools): the batcher's writers hold one connection each
+of the write engine, so a burst of reads never queues a writer behind them. The other pool also
+runs the rare short transactions beside the batches (id blocks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
 from stockledger.config import Settings
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-# MySQL error numbers worth retrying the whole transaction for (MySQL 8 reference manual,
+# MySQL error numbers worth running the whole transaction again for (MySQL 8 reference manual,
 # "Server Error Message Reference"; 1020 is MariaDB's "Record has changed since last read").
 MYSQL_DEADLOCK = 1213
 MYSQL_LOCK_WAIT_TIMEOUT = 1205
@@ -46,30 +41,13 @@ RETRYABLE_MYSQL_ERRORS = {
     MYSQL_DEADLOCK: "deadlock",
     MYSQL_LOCK_WAIT_TIMEOUT: "lock_wait_timeout",
     MARIADB_RECORD_CHANGED: "record_changed",
+    MYSQL_DUPLICATE_KEY: "duplicate_key",
 }
-
-
-class RetryTransaction(Exception):
-    """Raised inside a transaction body to have the whole transaction rolled back and run again.
-
-    ``reason`` is a short label for the retries metric (e.g. ``balance_created_concurrently``).
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class CommitThenRaise(Exception):
-    """Raised inside a transaction body to commit what was done so far, then raise ``error``.
-
-    Used where a failed call must still persist a side effect, e.g. expiring a reservation
-    found past its expiry (ARCHITECTURE section 11, "Expiry").
-    """
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
+# Client errors for a server that is away or a connection that broke (MySQL reference manual,
+# "Client Error Message Reference": 2002/2003 cannot connect, 2006 gone away, 2013 lost during
+# query, 2055 lost at handshake; 1927 and 4031 are MariaDB's and MySQL's "connection killed" /
+# "disconnected for inactivity"; 1053 server shutdown in progress).
+MYSQL_CONNECTION_ERRORS = {1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
 
 
 def mysql_error_code(exc: BaseException) -> int | None:
@@ -89,87 +67,49 @@ def is_duplicate_key(exc: BaseException) -> bool:
     return "UNIQUE constraint failed" in text
 
 
+def is_connection_lost(exc: BaseException) -> bool:
+    """True when the database is away or the connection broke (nothing is known to have
+    committed; a retry on a fresh connection is safe for idempotent writes)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if mysql_error_code(exc) in MYSQL_CONNECTION_ERRORS:
+        return True
+    cause = getattr(exc, "orig", None) or exc
+    return isinstance(cause, ConnectionError | asyncio.IncompleteReadError | BrokenPipeError) or (
+        isinstance(cause, OSError) and not isinstance(cause, DBAPIError)
+    )
+
+
 def retry_reason(exc: BaseException) -> str | None:
-    """A label when ``exc`` means "run the whole transaction again", else None."""
-    if isinstance(exc, RetryTransaction):
-        return exc.reason
+    """A label (for ``inventory_transaction_retries_total``) when ``exc`` means "run the
+    whole transaction again", else None: deadlock, lock wait timeout, MariaDB's 1020, a
+    duplicate key (a concurrent transaction wrote it first), SQLite busy, a lost connection."""
     code = mysql_error_code(exc)
     if code in RETRYABLE_MYSQL_ERRORS:
         return RETRYABLE_MYSQL_ERRORS[code]
+    if is_duplicate_key(exc):
+        return "duplicate_key"
     if isinstance(exc, DBAPIError) and "database is locked" in str(exc.orig):
         return "sqlite_busy"
+    if is_connection_lost(exc):
+        return "connection_lost"
     return None
 
 
 class Database:
-    """An async engine plus the rules for running transactions on it.
+    """The async engines (writes, reads) plus the dialect facts the services need.
 
     Build with :func:`create_database`. ``dialect`` is ``"mysql"`` or ``"sqlite"``.
-    ``on_retry`` (if set) is called with the reason label each time a transaction is retried.
     """
 
     def __init__(
         self, engine: AsyncEngine, settings: Settings, read_engine: AsyncEngine | None = None
     ) -> None:
         self.engine = engine
-        # SQLite reads get their own pool so a burst of reads never queues a writer (which
-        # holds the one write slot and the hot SKU's lock) behind them for a connection.
         self.read_engine = read_engine or engine
         self.settings = settings
         self.dialect = engine.dialect.name
         self.is_sqlite = self.dialect == "sqlite"
-        self._sqlite_writer = asyncio.Lock() if self.is_sqlite else None
-        self.on_retry: Callable[[str], None] | None = None
-
-    async def run_write(self, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run ``body(conn)`` in one write transaction and commit; retry it whole when asked.
-
-        Retried (bounded by ``retry_max_attempts``, exponential backoff with full jitter via
-        tenacity) on deadlock 1213, lock wait timeout 1205, MariaDB 1020, SQLite busy, and
-        :class:`RetryTransaction`. Any other exception rolls back and propagates, except
-        :class:`CommitThenRaise`, which commits and then raises its ``error``.
-        """
-        s = self.settings
-
-        def _log_retry(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            reason = retry_reason(exc) if exc else None
-            if self.on_retry and reason:
-                self.on_retry(reason)
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda e: retry_reason(e) is not None),
-            stop=stop_after_attempt(s.retry_max_attempts),
-            wait=wait_random_exponential(
-                multiplier=s.retry_initial_backoff_seconds, max=s.retry_max_backoff_seconds
-            ),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                return await self._write_once(body)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _write_once(self, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        if self._sqlite_writer is not None:
-            async with self._sqlite_writer:
-                return await self._transaction(body)
-        return await self._transaction(body)
-
-    async def _transaction(self, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        async with self.engine.connect() as conn:
-            trans = await conn.begin()
-            try:
-                result = await body(conn)
-            except CommitThenRaise as signal:
-                await trans.commit()
-                raise signal.error from None
-            except BaseException:
-                await trans.rollback()
-                raise
-            await trans.commit()
-            return result
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -220,7 +160,7 @@ def _setup_mysql(engine: AsyncEngine, settings: Settings) -> None:
 
 
 def create_database(settings: Settings, url: str | None = None) -> Database:
-    """Create the engine for ``url`` (default: the URL in force per ``settings``).
+    """Create the engines for ``url`` (default: the URL in force per ``settings``).
 
     Raises ``ValueError`` for a dialect other than mysql or sqlite.
     """
@@ -230,24 +170,34 @@ def create_database(settings: Settings, url: str | None = None) -> Database:
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        # Writes run one at a time (BEGIN IMMEDIATE plus the writer lock): a small pool.
+        # One writer (BEGIN IMMEDIATE is the database lock), plus migrations and id blocks.
         engine = create_async_engine(url, pool_size=2, max_overflow=2)
         _setup_sqlite(engine, settings)
         read_engine = create_async_engine(url, pool_size=5, max_overflow=5)
         _setup_sqlite(read_engine, settings)
         return Database(engine, settings, read_engine)
-    elif backend in ("mysql", "mariadb"):
+    if backend in ("mysql", "mariadb"):
+        options: dict[str, Any] = {
+            "isolation_level": "READ COMMITTED",
+            "pool_recycle": 3600,
+            "pool_pre_ping": False,
+        }
+        # The writers hold one connection each while they have work. No reset round trip when
+        # one goes back: every batch ends its transaction itself (SQLAlchemy docs, "Reset On
+        # Return": safe when the application always ends its transactions).
         engine = create_async_engine(
             url,
-            isolation_level="READ COMMITTED",
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-            pool_recycle=3600,
-            pool_pre_ping=False,
+            pool_size=settings.write_connections,
+            max_overflow=2,
+            pool_reset_on_return=None,
+            **options,
         )
         _setup_mysql(engine, settings)
-    else:
-        raise ValueError(
-            f"unsupported database {backend!r}: use mysql+asyncmy:// or sqlite+aiosqlite://"
+        read_engine = create_async_engine(
+            url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, **options
         )
-    return Database(engine, settings)
+        _setup_mysql(read_engine, settings)
+        return Database(engine, settings, read_engine)
+    raise ValueError(
+        f"unsupported database {backend!r}: use mysql+asyncmy:// or sqlite+aiosqlite://"
+    )

@@ -21,6 +21,7 @@ from sqlalchemy import (
 )
 
 from stockledger.db.types import BigId, ExactString, Timestamp
+from stockledger.domain.model import LEDGER_EVENT_TYPES, RESERVATION_STATUSES
 
 NAME_LENGTH = 255  # SKU, location, reference type/id, reason, idempotency key (section 11)
 ORG_LENGTH = 64
@@ -35,9 +36,6 @@ metadata = MetaData(naming_convention=naming_convention)
 
 # MySQL table options: InnoDB for row locks and CHECKs, utf8mb4 throughout.
 _mysql_opts: dict[str, Any] = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
-
-EVENT_TYPES = ("RESTOCK", "ADJUST", "RESERVE", "RELEASE", "EXPIRE", "DEDUCT")
-RESERVATION_STATUSES = ("ACTIVE", "COMMITTED", "RELEASED", "EXPIRED")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -80,7 +78,7 @@ inventory_ledger = Table(
     Column("reason", ExactString(NAME_LENGTH), nullable=True),
     Column("idempotency_key", ExactString(NAME_LENGTH), nullable=False),
     Column("created_at", Timestamp, nullable=False),
-    CheckConstraint(_in("event_type", EVENT_TYPES), name="event_type_known"),
+    CheckConstraint(_in("event_type", LEDGER_EVENT_TYPES), name="event_type_known"),
     Index("ix_inventory_ledger_balance", "org_id", "location", "sku", "id"),
     Index("ix_inventory_ledger_sku", "org_id", "sku", "id"),
     Index("ix_inventory_ledger_created", "org_id", "created_at"),
@@ -139,6 +137,17 @@ idempotency_key = Table(
     Column("result_ref", String(64), nullable=True),
     Column("created_at", Timestamp, nullable=False),
     PrimaryKeyConstraint("org_id", "idempotency_key"),
+    **_mysql_opts,
+)
+
+# Sequences for hi/lo id blocks (ARCHITECTURE section 12): ``next_value`` is the first id not
+# yet handed out; a writer moves it by a block in a short transaction of its own.
+id_block = Table(
+    "id_block",
+    metadata,
+    Column("name", String(32), nullable=False),
+    Column("next_value", BigInteger, nullable=False),
+    PrimaryKeyConstraint("name"),
     **_mysql_opts,
 )
 

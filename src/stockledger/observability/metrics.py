@@ -72,3 +72,13 @@ GRAPHQL_REQUEST_SECONDS = Histogram(
     "(ok, domain_error, error).",
     ["operation_type", "outcome"],
 )
+BATCH_SIZE = Histogram(
+    "inventory_batch_size",
+    "Commands per committed write batch (group commit, ARCHITECTURE section 12).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+BATCH_SECONDS = Histogram(
+    "inventory_batch_seconds",
+    "Time of one committed write batch (seconds): Redis claim, transaction, lock release.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)

@@ -9,8 +9,8 @@ from strawberry.dataloader import DataLoader
 
 from stockledger.resolvers import convert
 from stockledger.schema import ReservationLine
-from stockledger.services.inventory import InventoryService
 from stockledger.services.queries import InventoryQueries
+from stockledger.services.writes import InventoryService
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import strawberry
 from strawberry import UNSET
 
+from stockledger.domain import model as m
 from stockledger.schema import (
     Balance,
     BalanceConnection,
@@ -27,37 +28,29 @@ from stockledger.schema import (
 )
 from stockledger.schema import LineInput as LineInputType
 from stockledger.services.queries import Page
-from stockledger.services.records import (
-    BalanceRecord,
-    LedgerEntryRecord,
-    Line,
-    ReservationLineRecord,
-    ReservationRecord,
-)
-from stockledger.services.records import Reference as ReferenceRecord
 
 T = TypeVar("T")
 
 # ------------------------------------------------------------------ records -> types
 
 
-def balance(r: BalanceRecord) -> Balance:
+def balance(r: m.Balance) -> Balance:
     return Balance(
         sku=r.sku,
         location=r.location,
         on_hand=r.on_hand,
         reserved=r.reserved,
-        available=r.on_hand - r.reserved,
+        available=r.available,
         version=r.version,
         updated_at=r.updated_at,
     )
 
 
-def reference(r: ReferenceRecord | None) -> Reference | None:
+def reference(r: m.Reference | None) -> Reference | None:
     return None if r is None else Reference(type=r.type, id=r.id)
 
 
-def ledger_entry(r: LedgerEntryRecord) -> LedgerEntry:
+def ledger_entry(r: m.LedgerEntry) -> LedgerEntry:
     return LedgerEntry(
         id=strawberry.ID(str(r.id)),
         event_type=LedgerEventType[r.event_type],
@@ -75,18 +68,18 @@ def ledger_entry(r: LedgerEntryRecord) -> LedgerEntry:
     )
 
 
-def reservation_line(r: ReservationLineRecord) -> ReservationLine:
+def reservation_line(r: m.ReservationLine) -> ReservationLine:
     return ReservationLine(
         sku=r.sku,
         location=r.location,
         quantity=r.quantity,
-        remaining=r.quantity - r.deducted - r.released,
+        remaining=r.remaining,
         deducted=r.deducted,
         released=r.released,
     )
 
 
-def reservation(r: ReservationRecord) -> Reservation:
+def reservation(r: m.Reservation) -> Reservation:
     """A reservation; its lines are used as given when the record carries them (mutations)."""
     return Reservation(
         id=strawberry.ID(str(r.id)),
@@ -100,15 +93,15 @@ def reservation(r: ReservationRecord) -> Reservation:
     )
 
 
-def balances(records: Sequence[BalanceRecord]) -> list[Balance]:
+def balances(records: Sequence[m.Balance]) -> list[Balance]:
     return [balance(r) for r in records]
 
 
-def ledger_entries(records: Sequence[LedgerEntryRecord]) -> list[LedgerEntry]:
+def ledger_entries(records: Sequence[m.LedgerEntry]) -> list[LedgerEntry]:
     return [ledger_entry(r) for r in records]
 
 
-def reservations(records: Sequence[ReservationRecord]) -> list[Reservation]:
+def reservations(records: Sequence[m.Reservation]) -> list[Reservation]:
     return [reservation(r) for r in records]
 
 
@@ -121,21 +114,21 @@ def page_info(page: Page[Any]) -> PageInfo:
     )
 
 
-def balance_connection(page: Page[BalanceRecord]) -> BalanceConnection:
+def balance_connection(page: Page[m.Balance]) -> BalanceConnection:
     return BalanceConnection(
         edges=[BalanceEdge(cursor=c, node=balance(r)) for c, r in page.edges],
         page_info=page_info(page),
     )
 
 
-def ledger_connection(page: Page[LedgerEntryRecord]) -> LedgerEntryConnection:
+def ledger_connection(page: Page[m.LedgerEntry]) -> LedgerEntryConnection:
     return LedgerEntryConnection(
         edges=[LedgerEntryEdge(cursor=c, node=ledger_entry(r)) for c, r in page.edges],
         page_info=page_info(page),
     )
 
 
-def reservation_connection(page: Page[ReservationRecord]) -> ReservationConnection:
+def reservation_connection(page: Page[m.Reservation]) -> ReservationConnection:
     return ReservationConnection(
         edges=[ReservationEdge(cursor=c, node=reservation(r)) for c, r in page.edges],
         page_info=page_info(page),
@@ -150,13 +143,13 @@ def opt(value: T | None) -> T | None:
     return None if value is UNSET or value is None else value
 
 
-def lines_in(lines: Sequence[LineInputType] | None) -> list[Line] | None:
+def lines_in(lines: Sequence[LineInputType] | None) -> list[m.Line] | None:
     lines = opt(lines)
     if lines is None:
         return None
-    return [Line(sku=ln.sku, quantity=ln.quantity, location=ln.location) for ln in lines]
+    return [m.Line(sku=ln.sku, quantity=ln.quantity, location=ln.location) for ln in lines]
 
 
-def reference_in(ref: ReferenceInput | None) -> ReferenceRecord | None:
+def reference_in(ref: ReferenceInput | None) -> m.Reference | None:
     ref = opt(ref)
-    return None if ref is None else ReferenceRecord(type=ref.type, id=ref.id)
+    return None if ref is None else m.Reference(type=ref.type, id=ref.id)

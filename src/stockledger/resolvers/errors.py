@@ -1,6 +1,6 @@
 """The one place where domain exceptions become GraphQL errors.
 
-* Expected failures of a mutation (``services.errors.*``) become the matching ``Error`` member of
+* Expected failures of a mutation (``domain.errors.*``) become the matching ``Error`` member of
   the mutation's result union (:func:`mutation_error`).
 * Invalid query arguments (``first`` outside 1..500, a malformed cursor, a bad filter string)
   become a top-level GraphQL error whose message says what is wrong (:class:`QueryInputError`).
@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import typing
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -18,9 +20,12 @@ from typing import Any, TypeVar
 
 import strawberry
 from graphql import GraphQLError
+from sqlalchemy.exc import DBAPIError
 
 from stockledger import schema as s
-from stockledger.services import errors as e
+from stockledger.db.engine import is_connection_lost
+from stockledger.domain import errors as e
+from stockledger.services.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,66 +78,58 @@ def _error_type(exc: e.StockError) -> Any:
     raise TypeError(f"no GraphQL error type for {type(exc).__name__}")
 
 
-# The domain failures each mutation's result union can carry (schema.graphql, *Result unions).
-RESTOCK_ERRORS = (e.ValidationError, e.IdempotencyKeyReusedError, e.LockTimeoutError)
-ADJUST_ERRORS = (
-    e.InsufficientStockError,
-    e.NotFoundError,
-    e.ValidationError,
-    e.VersionConflictError,
-    e.IdempotencyKeyReusedError,
-    e.LockTimeoutError,
-)
-RESERVE_ERRORS = (
-    e.InsufficientStockError,
-    e.NotFoundError,
-    e.ValidationError,
-    e.IdempotencyKeyReusedError,
-    e.LockTimeoutError,
-)
-RELEASE_ERRORS = (
-    e.NotFoundError,
-    e.ReservationNotActiveError,
-    e.ValidationError,
-    e.IdempotencyKeyReusedError,
-    e.LockTimeoutError,
-)
-DEDUCT_ERRORS = (
-    e.InsufficientStockError,
-    e.NotFoundError,
-    e.ReservationNotActiveError,
-    e.ValidationError,
-    e.IdempotencyKeyReusedError,
-    e.LockTimeoutError,
-)
-EXTEND_ERRORS = RELEASE_ERRORS
+def union_members(result_type: Any) -> frozenset[str]:
+    """The names of the types a result union (``Annotated[A | B, strawberry.union(...)]``) can
+    carry: the schema's unions decide which domain errors each mutation answers."""
+    members = typing.get_args(typing.get_args(result_type)[0])
+    return frozenset(member.__name__ for member in members)
 
 
 async def mutation_result(
-    call: Awaitable[T],
-    success: Callable[[T], R],
-    allowed: tuple[type[e.StockError], ...],
+    info: Any, call: Awaitable[T], success: Callable[[T], R], result_type: Any
 ) -> Any:
     """Await one service call: its result through ``success``, or its domain failure as the
-    union member. A failure the union cannot carry propagates (an unexpected, masked error)."""
+    member of ``result_type`` of that name. A failure the union cannot carry propagates (an
+    unexpected, masked error); a database that is away is a top-level ``UNAVAILABLE``."""
     try:
         result = await call
-    except allowed as exc:
+    except e.StockError as exc:
+        if type(exc).__name__ not in union_members(result_type):
+            raise
         seen = DOMAIN_ERRORS.get()
         if seen is not None:
             seen.append(exc.code)
         return _error_type(exc)
+    except ServiceUnavailableError as exc:
+        raise unavailable(info, exc.retry_after_ms, exc.message) from exc
     return success(result)
 
 
+def unavailable(info: Any, retry_after_ms: int, message: str) -> GraphQLError:
+    """The top-level error for a database that is away: ``extensions.code: "UNAVAILABLE"``
+    with ``retryAfterMs``, and HTTP 503 with ``Retry-After`` (seconds; RFC 9110, 10.2.3)."""
+    response = getattr(info.context, "response", None)
+    if response is not None:
+        response.status_code = 503
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_ms / 1000)))
+    return GraphQLError(
+        message, extensions={"code": ServiceUnavailableError.code, "retryAfterMs": retry_after_ms}
+    )
+
+
 @contextmanager
-def query_input_errors() -> Iterator[None]:
-    """Turn the read side's ValidationError (bad ``first``, cursor, filter) into a
-    :class:`QueryInputError` saying which argument is wrong."""
+def query_errors(info: Any) -> Iterator[None]:
+    """Around a read: the read side's ValidationError (bad ``first``, cursor, filter) becomes
+    a :class:`QueryInputError` saying which argument is wrong, and a database that is away a
+    top-level ``UNAVAILABLE`` (:func:`unavailable`)."""
     try:
         yield
     except e.ValidationError as exc:
         raise QueryInputError(exc.message) from exc
+    except DBAPIError as exc:
+        if not is_connection_lost(exc):
+            raise
+        raise unavailable(info, 1000, "the database is unavailable; retry the query") from exc
 
 
 def should_mask_error(error: GraphQLError) -> bool:

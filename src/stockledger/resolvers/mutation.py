@@ -11,15 +11,7 @@ import strawberry
 from stockledger.resolvers import convert
 from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.convert import opt
-from stockledger.resolvers.errors import (
-    ADJUST_ERRORS,
-    DEDUCT_ERRORS,
-    EXTEND_ERRORS,
-    RELEASE_ERRORS,
-    RESERVE_ERRORS,
-    RESTOCK_ERRORS,
-    mutation_result,
-)
+from stockledger.resolvers.errors import mutation_result
 from stockledger.schema import (
     AdjustInput,
     AdjustResult,
@@ -102,7 +94,7 @@ class Mutation:
             reference=convert.reference_in(input.reference),
             reason=opt(input.reason),
         )
-        return await mutation_result(call, _restock, RESTOCK_ERRORS)
+        return await mutation_result(info, call, _restock, RestockResult)
 
     @strawberry.mutation(description="ADJUST one balance by a delta or to a counted on hand.")
     async def adjust(self, info: Info, input: AdjustInput) -> AdjustResult:
@@ -116,7 +108,7 @@ class Mutation:
             reason=input.reason,
             reference=convert.reference_in(input.reference),
         )
-        return await mutation_result(call, _adjust, ADJUST_ERRORS)
+        return await mutation_result(info, call, _adjust, AdjustResult)
 
     @strawberry.mutation(description="RESERVE a cart: every line or nothing.")
     async def reserve(self, info: Info, input: ReserveInput) -> ReserveResult:
@@ -126,7 +118,7 @@ class Mutation:
             reference=convert.reference_in(input.reference),
             ttl_seconds=opt(input.ttl_seconds),
         )
-        return await mutation_result(call, _reserve, RESERVE_ERRORS)
+        return await mutation_result(info, call, _reserve, ReserveResult)
 
     @strawberry.mutation(description="RELEASE reserved units back to available.")
     async def release(self, info: Info, input: ReleaseInput) -> ReleaseResult:
@@ -136,7 +128,7 @@ class Mutation:
             reference=convert.reference_in(input.reference),
             lines=convert.lines_in(input.lines),
         )
-        return await mutation_result(call, _release, RELEASE_ERRORS)
+        return await mutation_result(info, call, _release, ReleaseResult)
 
     @strawberry.mutation(description="DEDUCT reserved units, or directly from available stock.")
     async def deduct(self, info: Info, input: DeductInput) -> DeductResult:
@@ -146,7 +138,7 @@ class Mutation:
             reference=convert.reference_in(input.reference),
             lines=convert.lines_in(input.lines),
         )
-        return await mutation_result(call, _deduct, DEDUCT_ERRORS)
+        return await mutation_result(info, call, _deduct, DeductResult)
 
     @strawberry.mutation(description="Move an ACTIVE reservation's expiry to now + ttlSeconds.")
     async def extend_reservation(
@@ -155,4 +147,4 @@ class Mutation:
         call = info.context.service.extend_reservation(
             input.idempotency_key, input.reservation_id, input.ttl_seconds
         )
-        return await mutation_result(call, _extend, EXTEND_ERRORS)
+        return await mutation_result(info, call, _extend, ExtendReservationResult)

@@ -7,7 +7,7 @@ import strawberry
 from stockledger.resolvers import convert
 from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.convert import opt
-from stockledger.resolvers.errors import query_input_errors
+from stockledger.resolvers.errors import query_errors
 from stockledger.schema import (
     Balance,
     BalanceConnection,
@@ -28,7 +28,7 @@ Info = strawberry.Info[GraphQLContext, None]
 class Query:
     @strawberry.field(description="null when the SKU has never been stocked at that location.")
     async def balance(self, info: Info, sku: str, location: str = "default") -> Balance | None:
-        with query_input_errors():
+        with query_errors(info):
             record = await info.context.queries.balance(sku, location)
         return None if record is None else convert.balance(record)
 
@@ -47,7 +47,7 @@ class Query:
                 location=opt(filter.location),
                 available_below=opt(filter.available_below),
             )
-        with query_input_errors():
+        with query_errors(info):
             page = await info.context.queries.balances(f, first, opt(after))
         return convert.balance_connection(page)
 
@@ -73,13 +73,13 @@ class Query:
                 since=opt(filter.since),
                 until=opt(filter.until),
             )
-        with query_input_errors():
+        with query_errors(info):
             page = await info.context.queries.ledger(f, first, opt(after), direction.value)
         return convert.ledger_connection(page)
 
     @strawberry.field
     async def reservation(self, info: Info, id: strawberry.ID) -> Reservation | None:
-        with query_input_errors():
+        with query_errors(info):
             record = await info.context.queries.reservation(id)
         return None if record is None else convert.reservation(record)
 
@@ -99,6 +99,6 @@ class Query:
                 reference=convert.reference_in(filter.reference),
                 expires_before=opt(filter.expires_before),
             )
-        with query_input_errors():
+        with query_errors(info):
             page = await info.context.queries.reservations(f, first, opt(after))
         return convert.reservation_connection(page)

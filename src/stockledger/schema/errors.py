@@ -1,6 +1,6 @@
 """The ``Error`` interface and its implementations: expected failures, returned as union members.
 
-Each mirrors a domain exception of ``services/errors.py``; ``resolvers/errors.py`` is the one
+Each mirrors a domain exception of ``domain/errors.py``; ``resolvers/errors.py`` is the one
 place that maps one to the other.
 """
 

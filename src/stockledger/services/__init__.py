@@ -1,7 +1,11 @@
-"""The transaction rules (ARCHITECTURE section 3). Every public coroutine of
-:class:`~stockledger.services.inventory.InventoryService` is one database transaction."""
+"""The use cases: validate, batch, lock, load, apply the domain, write, commit.
 
-from stockledger.services.errors import (
+:class:`~stockledger.services.writes.InventoryService` is the write side (every write is one
+command of a batch), :class:`~stockledger.services.queries.InventoryQueries` the read side.
+The domain's values and errors are re-exported here as the services' public vocabulary.
+"""
+
+from stockledger.domain.errors import (
     IdempotencyKeyReusedError,
     InsufficientStockError,
     LockTimeoutError,
@@ -12,41 +16,45 @@ from stockledger.services.errors import (
     ValidationError,
     VersionConflictError,
 )
-from stockledger.services.inventory import InventoryService
-from stockledger.services.records import (
-    AdjustResult,
-    BalanceRecord,
-    DeductResult,
-    ExtendResult,
-    LedgerEntryRecord,
+from stockledger.domain.model import (
+    Balance,
+    LedgerEntry,
     Line,
     Reference,
+    Reservation,
+    ReservationLine,
+)
+from stockledger.services.errors import ServiceUnavailableError
+from stockledger.services.records import (
+    AdjustResult,
+    DeductResult,
+    ExtendResult,
     ReleaseResult,
-    ReservationLineRecord,
-    ReservationRecord,
     ReserveResult,
     RestockResult,
 )
+from stockledger.services.writes import InventoryService
 
 __all__ = [
     "AdjustResult",
-    "BalanceRecord",
+    "Balance",
     "DeductResult",
     "ExtendResult",
     "IdempotencyKeyReusedError",
     "InsufficientStockError",
     "InventoryService",
-    "LedgerEntryRecord",
+    "LedgerEntry",
     "Line",
     "LockTimeoutError",
     "NotFoundError",
     "Reference",
     "ReleaseResult",
-    "ReservationLineRecord",
+    "ReservationLine",
+    "Reservation",
     "ReservationNotActiveError",
-    "ReservationRecord",
     "ReserveResult",
     "RestockResult",
+    "ServiceUnavailableError",
     "Shortage",
     "StockError",
     "ValidationError",

@@ -9,7 +9,7 @@ Cursors are base64url (unpadded) of a small JSON object tagged with the kind of 
 so a cursor of one list given to another is refused like any malformed cursor.
 
 Invalid input (``first`` outside 1..500, a malformed cursor, a bad filter string) raises
-:class:`~stockledger.services.errors.ValidationError` naming the argument, before any SQL runs.
+:class:`~stockledger.domain.errors.ValidationError` naming the argument, before any SQL runs.
 """
 
 from __future__ import annotations
@@ -26,18 +26,25 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from stockledger.db.engine import Database
-from stockledger.db.models import EVENT_TYPES, RESERVATION_STATUSES
 from stockledger.db.models import inventory_balance as B
 from stockledger.db.models import inventory_ledger as L
 from stockledger.db.models import reservation as R
 from stockledger.db.models import reservation_line as RL
-from stockledger.services.errors import ValidationError
-from stockledger.services.records import (
-    BalanceRecord,
-    LedgerEntryRecord,
+from stockledger.domain.errors import ValidationError
+from stockledger.domain.model import (
+    LEDGER_EVENT_TYPES,
+    RESERVATION_STATUSES,
+    Balance,
+    LedgerEntry,
     Reference,
-    ReservationLineRecord,
-    ReservationRecord,
+    Reservation,
+    ReservationLine,
+)
+from stockledger.domain.validation import (
+    MAX_LINES,
+    check_reference,
+    check_string,
+    parse_reservation_id,
 )
 from stockledger.services.rows import (
     balance_record,
@@ -46,12 +53,6 @@ from stockledger.services.rows import (
     reservation_record,
     select_balances,
     to_db_time,
-)
-from stockledger.services.validation import (
-    MAX_LINES,
-    check_reference,
-    check_string,
-    parse_reservation_id,
 )
 
 T = TypeVar("T")
@@ -182,7 +183,7 @@ class InventoryQueries:
         self.db = db
         self.org_id = org_id
 
-    async def balance(self, sku: str, location: str = "default") -> BalanceRecord | None:
+    async def balance(self, sku: str, location: str = "default") -> Balance | None:
         """The balance of ``sku`` at ``location``; None when never stocked there.
 
         Raises ValidationError for a SKU or location that breaks the string rules.
@@ -196,7 +197,7 @@ class InventoryQueries:
 
     async def balances(
         self, filter: BalanceFilter | None = None, first: int = 50, after: str | None = None
-    ) -> Page[BalanceRecord]:
+    ) -> Page[Balance]:
         """Balances ordered by (location, sku), ``first`` (1..500) of them after ``after``.
 
         Raises ValidationError for a bad ``first``, cursor or filter.
@@ -230,7 +231,7 @@ class InventoryQueries:
         first: int = 50,
         after: str | None = None,
         direction: str = "DESC",
-    ) -> Page[LedgerEntryRecord]:
+    ) -> Page[LedgerEntry]:
         """Ledger entries in append (id) order, ``DESC`` (newest first) or ``ASC``.
 
         Raises ValidationError for a bad ``first``, cursor, direction or filter.
@@ -247,7 +248,7 @@ class InventoryQueries:
         if filter.event_types is not None:
             types = list(dict.fromkeys(filter.event_types))
             for i, t in enumerate(types):
-                if t not in EVENT_TYPES:
+                if t not in LEDGER_EVENT_TYPES:
                     raise ValidationError("is not a ledger event type", f"filter.eventTypes.{i}")
             if not types:
                 return Page(has_previous_page=after is not None)
@@ -277,7 +278,7 @@ class InventoryQueries:
         edges = [(encode_cursor(_LEDGER, r.id), ledger_record(r)) for r in rows[:first]]
         return Page(edges, len(rows) > first, after is not None)
 
-    async def reservation(self, reservation_id: str | int) -> ReservationRecord | None:
+    async def reservation(self, reservation_id: str | int) -> Reservation | None:
         """The reservation with this id (without lines; see :meth:`lines_for`), or None.
 
         An id that is no number names no reservation (None).
@@ -297,7 +298,7 @@ class InventoryQueries:
 
     async def reservations(
         self, filter: ReservationFilter | None = None, first: int = 50, after: str | None = None
-    ) -> Page[ReservationRecord]:
+    ) -> Page[Reservation]:
         """Reservations by id ascending (without lines; see :meth:`lines_for`).
 
         Raises ValidationError for a bad ``first``, cursor or filter.
@@ -324,7 +325,7 @@ class InventoryQueries:
 
     async def lines_for(
         self, reservation_ids: Sequence[int]
-    ) -> dict[int, tuple[ReservationLineRecord, ...]]:
+    ) -> dict[int, tuple[ReservationLine, ...]]:
         """The lines of many reservations in one query, by reservation id ((location, sku) order).
 
         Ids with no lines (or no reservation) map to an empty tuple. For a DataLoader.
@@ -339,7 +340,7 @@ class InventoryQueries:
             .where(RL.c.org_id == self.org_id, RL.c.reservation_id.in_(ids))
             .order_by(RL.c.reservation_id, RL.c.location, RL.c.sku)
         )
-        out: dict[int, list[ReservationLineRecord]] = {rid: [] for rid in ids}
+        out: dict[int, list[ReservationLine]] = {rid: [] for rid in ids}
         async with self.db.read() as conn:
             for row in (await conn.execute(stmt)).all():
                 out[row.reservation_id].append(line_record(row))

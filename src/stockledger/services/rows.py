@@ -1,4 +1,5 @@
-"""Row -> record conversion and the small SQL building blocks shared by reads and writes."""
+"""Row -> domain value conversion and the small SQL building blocks of the read side
+(queries, replays, reconciliation)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,14 @@ from stockledger.db.models import inventory_balance as B
 from stockledger.db.models import inventory_ledger as L
 from stockledger.db.models import reservation as R
 from stockledger.db.models import reservation_line as RL
-from stockledger.services.records import (
-    BalanceRecord,
-    LedgerEntryRecord,
+from stockledger.domain.model import (
+    Balance,
+    BalanceKey,
+    LedgerEntry,
     Reference,
-    ReservationLineRecord,
-    ReservationRecord,
+    Reservation,
+    ReservationLine,
 )
-
-BalanceKey = tuple[str, str]  # (location, sku): the sort and lock order
 
 
 def utcnow() -> datetime:
@@ -43,11 +43,13 @@ def from_db_time(value: datetime) -> datetime:
 
 
 def reference_of(ref_type: str | None, ref_id: str | None) -> Reference | None:
+    """The reference stored as two columns, or None."""
     return None if ref_type is None or ref_id is None else Reference(ref_type, ref_id)
 
 
-def balance_record(row: Any) -> BalanceRecord:
-    return BalanceRecord(
+def balance_record(row: Any) -> Balance:
+    """A balance row as a domain value."""
+    return Balance(
         sku=row.sku,
         location=row.location,
         on_hand=row.on_hand,
@@ -57,8 +59,9 @@ def balance_record(row: Any) -> BalanceRecord:
     )
 
 
-def ledger_record(row: Any) -> LedgerEntryRecord:
-    return LedgerEntryRecord(
+def ledger_record(row: Any) -> LedgerEntry:
+    """A ledger row as a domain value."""
+    return LedgerEntry(
         id=row.id,
         event_type=row.event_type,
         sku=row.sku,
@@ -75,8 +78,9 @@ def ledger_record(row: Any) -> LedgerEntryRecord:
     )
 
 
-def line_record(row: Any) -> ReservationLineRecord:
-    return ReservationLineRecord(
+def line_record(row: Any) -> ReservationLine:
+    """A reservation line row as a domain value."""
+    return ReservationLine(
         sku=row.sku,
         location=row.location,
         quantity=row.quantity,
@@ -85,8 +89,9 @@ def line_record(row: Any) -> ReservationLineRecord:
     )
 
 
-def reservation_record(row: Any, lines: Sequence[Any] | None = None) -> ReservationRecord:
-    return ReservationRecord(
+def reservation_record(row: Any, lines: Sequence[Any] | None = None) -> Reservation:
+    """A reservation row (and its line rows, when given) as a domain value."""
+    return Reservation(
         id=row.id,
         status=row.status,
         reference=reference_of(row.ref_type, row.ref_id),
@@ -155,7 +160,7 @@ async def select_lines(
 
 async def select_reservations(
     conn: AsyncConnection, org_id: str, reservation_ids: Sequence[int]
-) -> list[ReservationRecord]:
+) -> list[Reservation]:
     """Reservations with their lines, in the order of ``reservation_ids``."""
     if not reservation_ids:
         return []
@@ -167,9 +172,7 @@ async def select_reservations(
     return [reservation_record(by_id[i], lines[i]) for i in reservation_ids if i in by_id]
 
 
-async def select_ledger_by_key(
-    conn: AsyncConnection, org_id: str, key: str
-) -> list[LedgerEntryRecord]:
+async def select_ledger_by_key(conn: AsyncConnection, org_id: str, key: str) -> list[LedgerEntry]:
     """The ledger entries written under one idempotency key, in append order."""
     stmt = select(L).where(L.c.org_id == org_id, L.c.idempotency_key == key).order_by(L.c.id)
     return [ledger_record(r) for r in (await conn.execute(stmt)).all()]

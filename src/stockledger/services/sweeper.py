@@ -1,12 +1,15 @@
 """The expiry sweeper (ARCHITECTURE section 6).
 
-Every ``interval`` seconds it pops the reservations due in the Redis expiry index and expires
-each through :meth:`InventoryService.expire_reservation` (EXPIRE ledger entries, balances
-restored). Every ``scan_interval`` seconds, and on its first pass, it also scans the database
-index (status, expires_at), which catches whatever Redis lost; on every pass while expiries
-that this process failed to write to Redis are not yet past (``index.unindexed_until``).
-Expiry is idempotent: several sweepers (several servers) may run at once and each reservation
-is expired exactly once.
+Every ``interval`` seconds it takes the reservations due in the expiry index (leased, so two
+sweepers never take the same id and a sweeper that dies gives its ids back after the lease)
+and expires them through the batcher, like every other write: a few transactions for many
+expiries (:meth:`InventoryService.expire_many`). An expiry whose rows stay held elsewhere is
+tried again on the next pass, and the rest go ahead. Every ``scan_interval`` seconds, and on
+its first pass, it also scans the database index (status, expires_at), which catches whatever
+the index lost; on every pass while expiries that a write failed to record in the index are
+not yet past (``index.unindexed_until``), or while a scanned expiry was busy. Expiry is
+idempotent: several sweepers (several servers) may run at once and each reservation is
+expired exactly once.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from stockledger.locks import ExpiryIndex
+from stockledger.locks import ExpiryIndex, NoExpiryIndex
 from stockledger.observability import metrics
-from stockledger.services.inventory import InventoryService
+from stockledger.services.writes import Expiry, InventoryService
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,8 @@ log = logging.getLogger(__name__)
 class Sweeper:
     """Expires due reservations; :meth:`run_once` is one pass, :meth:`run_forever` the loop.
 
-    ``index`` needs ``pop_due(now, limit) -> list[int]`` (the Redis index); without one only the
-    database scan runs. Intervals are seconds; ``batch`` bounds the ids taken per pass.
+    Intervals are seconds; ``batch`` bounds the ids taken from the index (or the scan) at a
+    time.
     """
 
     def __init__(
@@ -40,63 +43,76 @@ class Sweeper:
         batch: int = 200,
     ) -> None:
         self.service = service
-        self.index = index
+        self.index: ExpiryIndex = index or NoExpiryIndex()
         self.interval = interval
         self.scan_interval = scan_interval
         self.batch = batch
         self._last_scan: float | None = None  # time.monotonic() of the last database scan
         self._last_scan_clock = datetime.min.replace(tzinfo=UTC)  # service clock, same scan
+        self._scan_again = False  # a scanned expiry was busy: scan on the next pass too
 
     async def run_once(self, *, scan: bool | None = None) -> int:
-        """One pass: pop due ids from the index, then (if due or ``scan``) the database scan.
+        """One pass: the due ids of the index, then (if due or ``scan``) the database scan.
 
         Returns the number of reservations this pass expired.
         """
         expired = 0
-        pop_due = getattr(self.index, "pop_due", None)
-        if pop_due is not None:
-            while True:
-                ids = await pop_due(self.service.clock(), self.batch)
-                done = await self._expire(ids)
-                expired += done
-                if len(ids) < self.batch or done == 0:
-                    break
-        now = time.monotonic()
-        unindexed = getattr(self.index, "unindexed_until", None)
-        if scan or (
-            scan is None
-            and (
-                self._last_scan is None
-                or now - self._last_scan >= self.scan_interval
-                or (unindexed is not None and self._last_scan_clock <= unindexed)
-            )
-        ):
-            self._last_scan = now
+        while True:
+            ids = await self.index.pop_due(self.service.clock(), self.batch)
+            if not ids:
+                break
+            done, busy = await self._expire(ids)
+            expired += done
+            if busy:
+                await self.index.reschedule({i: self._later() for i in busy})
+            if len(ids) < self.batch or len(busy) == len(ids):
+                break
+        if self._scan_due(scan):
+            self._last_scan = time.monotonic()
             self._last_scan_clock = self.service.clock()
+            self._scan_again = False
             while True:
                 ids = await self.service.due_reservation_ids(self.batch)
-                done = await self._expire(ids)
+                done, busy = await self._expire(ids)
                 expired += done
-                # A full batch that expired nothing (each failing) must not spin forever.
+                self._scan_again = self._scan_again or bool(busy)
+                # A full batch that expired nothing (each busy) must not spin.
                 if len(ids) < self.batch or done == 0:
                     break
         return expired
 
-    async def _expire(self, ids: list[int]) -> int:
+    def _scan_due(self, scan: bool | None) -> bool:
+        if scan is not None:
+            return scan
+        unindexed = self.index.unindexed_until
+        return (
+            self._last_scan is None
+            or self._scan_again
+            or time.monotonic() - self._last_scan >= self.scan_interval
+            or (unindexed is not None and self._last_scan_clock <= unindexed)
+        )
+
+    def _later(self) -> datetime:
+        return self.service.clock() + timedelta(seconds=self.interval)
+
+    async def _expire(self, ids: list[int]) -> tuple[int, list[int]]:
+        """Expire ``ids``; returns how many this call expired and the ids that were busy."""
+        if not ids:
+            return 0, []
+        try:
+            expiries = await self.service.expire_many(ids)
+        except Exception:  # e.g. the database is away: the ids are tried again later
+            log.exception("expiring %d reservation(s) failed", len(ids))
+            return 0, list(ids)
+        return self._count(expiries), [e.reservation_id for e in expiries if e.busy]
+
+    def _count(self, expiries: list[Expiry]) -> int:
+        now = self.service.clock()
         count = 0
-        for rid in ids:
-            try:
-                record = await self.service.expire_reservation(rid)
-            except Exception:  # one bad reservation must not stop the sweep
-                log.exception("expiring reservation %s failed", rid)
-                # pop_due took it out of the index: put it back (due now) for the next pass.
-                schedule = getattr(self.index, "schedule", None)
-                if schedule is not None:
-                    await schedule(rid, self.service.clock())
-                continue
-            if record is not None:
+        for e in expiries:
+            if e.expired is not None:
                 count += 1
-                lag = (self.service.clock() - record.expires_at).total_seconds()
+                lag = (now - e.expired.expires_at).total_seconds()
                 metrics.EXPIRY_BACKLOG_SECONDS.observe(max(lag, 0.0))
         return count
 

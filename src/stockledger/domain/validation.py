@@ -1,6 +1,6 @@
 """Input rules of ARCHITECTURE section 11, applied before anything touches the database.
 
-Every function raises :class:`~stockledger.services.errors.ValidationError` naming the input
+Every function raises :class:`~stockledger.domain.errors.ValidationError` naming the input
 path at fault (GraphQL field names, e.g. ``lines.0.quantity``) and returns normalized values.
 """
 
@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from stockledger.services.errors import ValidationError
-from stockledger.services.records import Line, Reference
+from stockledger.domain.errors import ValidationError
+from stockledger.domain.model import EXPIRE_KEY_PREFIX, BalanceKey, Line, Reference
 
 MAX_STRING_LENGTH = 255
 MAX_QUANTITY = 1_000_000_000  # per line (section 11)
@@ -20,7 +22,6 @@ MAX_LINES = 500  # per input (section 11)
 # GraphQL Int is a signed 32-bit integer (GraphQL spec, "Int"); a balance above it could not
 # be returned, so a change that would push on_hand past it is refused.
 MAX_BALANCE = 2**31 - 1
-RESERVED_KEY_PREFIX = "expire:"  # keys of the service's own EXPIRE entries
 
 
 def check_string(value: Any, field: str) -> str:
@@ -45,8 +46,8 @@ def check_string(value: Any, field: str) -> str:
 def check_key(value: Any, field: str = "idempotencyKey") -> str:
     """An idempotency key: a string per :func:`check_string`, not starting with ``expire:``."""
     key = check_string(value, field)
-    if key.startswith(RESERVED_KEY_PREFIX):
-        raise ValidationError(f"keys starting with {RESERVED_KEY_PREFIX!r} are reserved", field)
+    if key.startswith(EXPIRE_KEY_PREFIX):
+        raise ValidationError(f"keys starting with {EXPIRE_KEY_PREFIX!r} are reserved", field)
     return key
 
 
@@ -70,10 +71,31 @@ def check_reference(value: Reference | None, field: str = "reference") -> Refere
     )
 
 
-def check_lines(lines: Any, field: str = "lines") -> list[Line]:
+@dataclass(frozen=True, slots=True)
+class Cart:
+    """Validated lines: summed per (location, sku) and sorted by key (the lock order).
+
+    ``first_index`` maps each key to the index of its first line in the input, so an error
+    about a merged line can name the input path the client sent (``lines.<i>.<field>``).
+    """
+
+    lines: tuple[Line, ...]
+    first_index: Mapping[BalanceKey, int]
+    field: str = "lines"
+
+    def path(self, key: BalanceKey, attr: str) -> str:
+        """The input path of ``attr`` on the first line of ``key``, e.g. ``lines.2.quantity``."""
+        return f"{self.field}.{self.first_index[key]}.{attr}"
+
+    def keys(self) -> list[BalanceKey]:
+        return [line.key for line in self.lines]
+
+
+def check_lines(lines: Any, field: str = "lines") -> Cart:
     """1 to 500 lines, each valid; lines for the same (location, sku) summed; sorted by key.
 
-    Returns the merged lines in (location, sku) order, the lock order of ARCHITECTURE section 4.
+    Raises ValidationError naming the line at fault (or ``lines`` itself when missing, empty
+    or too long).
     """
     if lines is None:
         raise ValidationError("is required", field)
@@ -81,8 +103,8 @@ def check_lines(lines: Any, field: str = "lines") -> list[Line]:
         raise ValidationError("must not be empty", field)
     if len(lines) > MAX_LINES:
         raise ValidationError(f"must have at most {MAX_LINES} lines, got {len(lines)}", field)
-    merged: dict[tuple[str, str], int] = {}
-    first_index: dict[tuple[str, str], int] = {}
+    merged: dict[BalanceKey, int] = {}
+    first_index: dict[BalanceKey, int] = {}
     for i, line in enumerate(lines):
         sku = check_string(line.sku, f"{field}.{i}.sku")
         location = check_string(line.location, f"{field}.{i}.location")
@@ -95,7 +117,11 @@ def check_lines(lines: Any, field: str = "lines") -> list[Line]:
                 f"lines for {location}/{sku} add up to more than {MAX_QUANTITY}",
                 f"{field}.{first_index[key]}.quantity",
             )
-    return [Line(sku=sku, location=loc, quantity=q) for (loc, sku), q in sorted(merged.items())]
+    return Cart(
+        tuple(Line(sku=sku, location=loc, quantity=q) for (loc, sku), q in sorted(merged.items())),
+        first_index,
+        field,
+    )
 
 
 def check_ttl(value: Any, maximum: int, field: str = "ttlSeconds") -> int:
@@ -123,11 +149,11 @@ def request_hash(operation: str, payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def lines_payload(lines: list[Line] | None) -> list[list[Any]] | None:
+def lines_payload(cart: Cart | None) -> list[list[Any]] | None:
     """Merged lines as JSON-able ``[location, sku, quantity]`` triples for :func:`request_hash`."""
-    if lines is None:
+    if cart is None:
         return None
-    return [[line.location, line.sku, line.quantity] for line in lines]
+    return [[line.location, line.sku, line.quantity] for line in cart.lines]
 
 
 def reference_payload(ref: Reference | None) -> list[str] | None:

@@ -1,0 +1,659 @@
+"""The SQL of the unit of work: one writer connection, a few pre-built statements per table.
+
+:class:`SqlStore` holds one connection of the write engine (a batcher's writer owns one) and
+runs, per batch transaction (:meth:`SqlStore.transaction`), the statements of ARCHITECTURE
+section 12: the idempotency keys looked up in one statement, reservations and balances locked
+in key order in one statement per table, then every table written once (multi-row INSERTs,
+one UPDATE for all balances) and one COMMIT.
+
+Statements are plain SQL strings sent with ``exec_driver_sql`` (no SQL compilation per call),
+built once per shape (dialect and row count). MySQL / MariaDB and SQLite differ in:
+
+- parameter style (``%s`` for asyncmy, ``?`` for sqlite3);
+- row locks: ``FOR UPDATE SKIP LOCKED`` (MySQL 8.0.1+, MariaDB 10.6+; MySQL manual "Locking
+  Read Concurrency with NOWAIT and SKIP LOCKED") on MySQL, where a row another transaction
+  holds is reported as busy instead of waited for; SQLite has no row locks (its write
+  transaction is the database lock, ``BEGIN IMMEDIATE``);
+- ``FORCE INDEX (PRIMARY)`` on MySQL, so InnoDB locks balance rows in (location, sku) order;
+- timestamps: DATETIME(6) values on MySQL, SQLAlchemy's text format on SQLite;
+- ledger ids: consecutive from the first id of a multi-row INSERT where InnoDB guarantees it
+  (``innodb_autoinc_lock_mode`` 0 or 1 with ``auto_increment_increment`` 1: MySQL manual,
+  "AUTO_INCREMENT Handling in InnoDB"), and on SQLite (one writer); else read back by key.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncTransaction
+
+from stockledger.db.engine import Database
+from stockledger.domain.model import (
+    ACTIVE,
+    Balance,
+    BalanceKey,
+    LedgerEntry,
+    Reference,
+    Reservation,
+    ReservationLine,
+)
+from stockledger.domain.state import KeyRow
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+# Rows per multi-row statement: keeps every statement far below SQLite's 32,766 parameters
+# (SQLite docs, "Limits In SQLite", SQLITE_MAX_VARIABLE_NUMBER) and MySQL's packet size.
+MAX_ROWS_PER_STATEMENT = 500
+
+_BALANCE_COLUMNS = "location, sku, on_hand, reserved, version, updated_at"
+_RESERVATION_COLUMNS = "id, status, ref_type, ref_id, expires_at, created_at, updated_at"
+_LINE_COLUMNS = "reservation_id, location, sku, quantity, deducted, released"
+_LEDGER_INSERT = (
+    "org_id, location, sku, event_type, on_hand_delta, reserved_delta, on_hand_after, "
+    "reserved_after, reservation_id, ref_type, ref_id, reason, idempotency_key, created_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """An idempotency key row already written: what it was used for."""
+
+    operation: str
+    request_hash: str
+    result_ref: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Locked(Generic[K, V]):
+    """Rows locked for this transaction, by key; ``busy``: rows that exist but another
+    transaction holds (skipped, not waited for). Keys in neither do not exist."""
+
+    rows: dict[K, V]
+    busy: frozenset[K] = frozenset()
+
+
+@dataclass
+class WriteSet:
+    """Everything a batch writes, by table; ``now`` is ``updated_at`` of every changed row."""
+
+    now: datetime
+    new_balances: list[Balance] = field(default_factory=list)
+    balances: list[Balance] = field(default_factory=list)
+    new_reservations: list[Reservation] = field(default_factory=list)
+    reservations: list[Reservation] = field(default_factory=list)
+    lines: list[tuple[int, ReservationLine]] = field(default_factory=list)
+    entries: list[LedgerEntry] = field(default_factory=list)
+    keys: list[KeyRow] = field(default_factory=list)
+    # Keys whose ledger entries need their ids in the results (restock, adjust, deduct).
+    keys_needing_ids: set[str] = field(default_factory=set)
+
+
+class _Sql:
+    """Statement text for one dialect, built once per shape (see :func:`_sql`)."""
+
+    def __init__(self, dialect: str) -> None:
+        self.mysql = dialect == "mysql"
+        self.mark = "%s" if self.mysql else "?"
+
+    def marks(self, n: int) -> str:
+        return ", ".join([self.mark] * n)
+
+    def values(self, rows: int, columns: int) -> str:
+        one = f"({self.marks(columns)})"
+        return ", ".join([one] * rows)
+
+    def pairs(self, n: int, a: str = "location", b: str = "sku") -> str:
+        m = self.mark
+        return " OR ".join([f"({a} = {m} AND {b} = {m})"] * n)
+
+    @functools.cache  # noqa: B019 (one instance per dialect: see _sql)
+    def select_keys(self, n: int) -> str:
+        return (
+            "SELECT idempotency_key, operation, request_hash, result_ref FROM idempotency_key "
+            f"WHERE org_id = {self.mark} AND idempotency_key IN ({self.marks(n)})"
+        )
+
+    @functools.cache  # noqa: B019
+    def select_balances(self, n: int, lock: str) -> str:
+        hint = " FORCE INDEX (PRIMARY)" if self.mysql else ""
+        suffix = {"none": "", "wait": " FOR UPDATE", "skip": " FOR UPDATE SKIP LOCKED"}[lock]
+        if not self.mysql:
+            suffix = ""
+        return (
+            f"SELECT {_BALANCE_COLUMNS} FROM inventory_balance{hint} "
+            f"WHERE org_id = {self.mark} AND ({self.pairs(n)}) ORDER BY location, sku{suffix}"
+        )
+
+    @functools.cache  # noqa: B019
+    def select_reservations(self, n: int, lock: str) -> str:
+        suffix = {"none": "", "wait": " FOR UPDATE", "skip": " FOR UPDATE SKIP LOCKED"}[lock]
+        if not self.mysql:
+            suffix = ""
+        return (
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservation "
+            f"WHERE org_id = {self.mark} AND id IN ({self.marks(n)}) ORDER BY id{suffix}"
+        )
+
+    @functools.cache  # noqa: B019
+    def select_lines(self, n: int) -> str:
+        return (
+            f"SELECT {_LINE_COLUMNS} FROM reservation_line WHERE reservation_id IN "
+            f"({self.marks(n)}) ORDER BY reservation_id, location, sku"
+        )
+
+    @functools.cache  # noqa: B019
+    def select_by_reference(self, n: int) -> str:
+        return (
+            "SELECT id FROM reservation WHERE org_id = "
+            f"{self.mark} AND status = 'ACTIVE' AND ({self.pairs(n, 'ref_type', 'ref_id')}) "
+            "ORDER BY id"
+        )
+
+    @functools.cache  # noqa: B019
+    def select_due_holding(self, n: int) -> str:
+        m = self.mark
+        return (
+            "SELECT DISTINCT r.id, r.expires_at FROM reservation r JOIN reservation_line l "
+            f"ON l.reservation_id = r.id WHERE r.status = 'ACTIVE' AND r.expires_at <= {m} "
+            f"AND r.org_id = {m} AND l.quantity - l.deducted - l.released > 0 "
+            f"AND ({self.pairs(n, 'l.location', 'l.sku')}) ORDER BY r.expires_at, r.id LIMIT {m}"
+        )
+
+    @functools.cache  # noqa: B019
+    def insert_balances(self, n: int) -> str:
+        return (
+            f"INSERT INTO inventory_balance (org_id, {_BALANCE_COLUMNS}) VALUES {self.values(n, 7)}"
+        )
+
+    @functools.cache  # noqa: B019
+    def update_balances(self, n: int) -> str:
+        """One UPDATE for ``n`` balances: each column a CASE over the (location, sku) pairs."""
+        m = self.mark
+        when = " ".join([f"WHEN location = {m} AND sku = {m} THEN {m}"] * n)
+        return (
+            f"UPDATE inventory_balance SET on_hand = CASE {when} END, "
+            f"reserved = CASE {when} END, version = CASE {when} END, updated_at = {m} "
+            f"WHERE org_id = {m} AND ({self.pairs(n)})"
+        )
+
+    @functools.cache  # noqa: B019
+    def insert_reservations(self, n: int) -> str:
+        return (
+            f"INSERT INTO reservation (org_id, {_RESERVATION_COLUMNS}) VALUES {self.values(n, 8)}"
+        )
+
+    @functools.cache  # noqa: B019
+    def update_reservations(self, n: int) -> str:
+        m = self.mark
+        when = " ".join([f"WHEN id = {m} THEN {m}"] * n)
+        return (
+            f"UPDATE reservation SET status = CASE {when} END, expires_at = CASE {when} END, "
+            f"updated_at = {m} WHERE org_id = {m} AND id IN ({self.marks(n)})"
+        )
+
+    @functools.cache  # noqa: B019
+    def insert_lines(self, n: int) -> str:
+        return f"INSERT INTO reservation_line (org_id, {_LINE_COLUMNS}) VALUES {self.values(n, 7)}"
+
+    @functools.cache  # noqa: B019
+    def update_lines(self, n: int) -> str:
+        m = self.mark
+        when = " ".join(
+            [f"WHEN reservation_id = {m} AND location = {m} AND sku = {m} THEN {m}"] * n
+        )
+        where = " OR ".join([f"(reservation_id = {m} AND location = {m} AND sku = {m})"] * n)
+        return (
+            f"UPDATE reservation_line SET deducted = CASE {when} END, "
+            f"released = CASE {when} END WHERE {where}"
+        )
+
+    @functools.cache  # noqa: B019
+    def insert_ledger(self, n: int) -> str:
+        return f"INSERT INTO inventory_ledger ({_LEDGER_INSERT}) VALUES {self.values(n, 14)}"
+
+    @functools.cache  # noqa: B019
+    def select_ledger_ids(self, n: int) -> str:
+        return (
+            "SELECT id, idempotency_key, location, sku, reservation_id, event_type "
+            f"FROM inventory_ledger WHERE org_id = {self.mark} AND idempotency_key IN "
+            f"({self.marks(n)}) ORDER BY id"
+        )
+
+    @functools.cache  # noqa: B019
+    def insert_keys(self, n: int) -> str:
+        return (
+            "INSERT INTO idempotency_key (org_id, idempotency_key, operation, request_hash, "
+            f"result_ref, created_at) VALUES {self.values(n, 6)}"
+        )
+
+
+@functools.cache
+def _sql(dialect: str) -> _Sql:
+    """The one statement builder of a dialect (its caches live as long as the process)."""
+    return _Sql(dialect)
+
+
+def _chunks(items: Sequence[Any], size: int = MAX_ROWS_PER_STATEMENT) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _ref(ref_type: str | None, ref_id: str | None) -> Reference | None:
+    return None if ref_type is None or ref_id is None else Reference(ref_type, ref_id)
+
+
+class SqlStore:
+    """The unit of work's statements on one connection of ``db``'s write engine, for one org.
+
+    Not safe for concurrent use: one writer task owns one store. After a lost connection the
+    next :meth:`transaction` opens a fresh one.
+    """
+
+    def __init__(self, db: Database, org_id: str) -> None:
+        self.db = db
+        self.org_id = org_id
+        self.sql = _sql(db.dialect)
+        self._conn: AsyncConnection | None = None
+        self._consecutive_ids: bool | None = None
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connection(self) -> AsyncConnection:
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            if self._conn is not None:
+                await self.discard()
+            self._conn = await self.db.engine.connect()
+        return self._conn
+
+    async def discard(self) -> None:
+        """Give up the connection (after a failure whose state is unknown); never raises."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await conn.invalidate()
+        except Exception:  # already gone: nothing to give back
+            pass
+        try:
+            await conn.close()
+        except Exception:
+            pass
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    def time(self, value: datetime) -> Any:
+        """A timestamp as a parameter: naive UTC (MySQL DATETIME(6)) or SQLAlchemy's SQLite
+        text format ``YYYY-MM-DD HH:MM:SS.ffffff``, so Core reads of the same rows agree."""
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value if self.sql.mysql else value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    @staticmethod
+    def from_db_time(value: Any) -> datetime:
+        """A stored timestamp (datetime, or text on SQLite) as an aware UTC datetime."""
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+    # ------------------------------------------------------------------ outside a batch
+
+    async def allocate_ids(self, name: str, count: int) -> range:
+        """``count`` fresh ids of the sequence ``name`` (hi/lo: one short transaction per
+        block, ARCHITECTURE section 12), on a connection of the other pool, so the writers'
+        connections only ever run batches."""
+        m = self.sql.mark
+        lock = " FOR UPDATE" if self.sql.mysql else ""
+        async with self.db.read_engine.begin() as conn:
+            row = (
+                await conn.exec_driver_sql(
+                    f"SELECT next_value FROM id_block WHERE name = {m}{lock}", (name,)
+                )
+            ).first()
+            if row is None:
+                raise LookupError(f"no id sequence {name!r}: run `stockledger migrate`")
+            start = int(row[0])
+            await conn.exec_driver_sql(
+                f"UPDATE id_block SET next_value = {m} WHERE name = {m}", (start + count, name)
+            )
+        return range(start, start + count)
+
+    async def committed(self, keys: Sequence[str]) -> bool:
+        """Whether a transaction that wrote the key rows or ledger entries of ``keys`` (its
+        commit's outcome unknown) did commit: any of them found means all did."""
+        conn = await self._connection()
+        m = self.sql.mark
+        async with conn.begin():
+            for chunk in _chunks(list(keys)):
+                marks = self.sql.marks(len(chunk))
+                found = await conn.exec_driver_sql(
+                    f"SELECT 1 FROM idempotency_key WHERE org_id = {m} AND idempotency_key "
+                    f"IN ({marks}) UNION ALL SELECT 1 FROM inventory_ledger WHERE org_id = {m} "
+                    f"AND idempotency_key IN ({marks}) LIMIT 1",
+                    (self.org_id, *chunk, self.org_id, *chunk),
+                )
+                if found.first() is not None:
+                    return True
+        return False
+
+    # ------------------------------------------------------------------ one batch
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqlTransaction]:
+        """One write transaction; leaving it without :meth:`SqlTransaction.commit` rolls back.
+
+        On SQLite the engine's "begin" hook makes it ``BEGIN IMMEDIATE``.
+        """
+        conn = await self._connection()
+        trans = await conn.begin()
+        tx = SqlTransaction(self, conn, trans)
+        try:
+            yield tx
+        finally:
+            if trans.is_active:
+                try:
+                    await trans.rollback()
+                except Exception:
+                    await self.discard()
+                    raise
+
+    async def consecutive_ledger_ids(self, conn: AsyncConnection) -> bool:
+        """Whether a multi-row INSERT's ids are consecutive (see the module docstring)."""
+        if self._consecutive_ids is None:
+            if self.sql.mysql:
+                result: Any = await conn.exec_driver_sql(
+                    "SELECT @@innodb_autoinc_lock_mode, @@auto_increment_increment"
+                )
+                row = result.one()
+                self._consecutive_ids = int(row[0]) <= 1 and int(row[1]) == 1
+            else:
+                self._consecutive_ids = True
+        return self._consecutive_ids
+
+
+class SqlTransaction:
+    """The statements of one batch transaction (see :class:`SqlStore`)."""
+
+    def __init__(self, store: SqlStore, conn: AsyncConnection, trans: AsyncTransaction) -> None:
+        self.store = store
+        self.conn = conn
+        self.trans = trans
+        self.sql = store.sql
+        self.org_id = store.org_id
+
+    async def _run(self, statement: str, params: Sequence[Any]) -> Any:
+        return await self.conn.exec_driver_sql(statement, tuple(params))
+
+    async def find_keys(self, keys: Sequence[str]) -> dict[str, StoredKey]:
+        """The key rows already written for ``keys`` (at READ COMMITTED: committed ones)."""
+        out: dict[str, StoredKey] = {}
+        for chunk in _chunks(sorted(set(keys))):
+            result = await self._run(self.sql.select_keys(len(chunk)), (self.org_id, *chunk))
+            for key, operation, request_hash, result_ref in result:
+                out[key] = StoredKey(operation, request_hash, result_ref)
+        return out
+
+    async def active_reservation_ids(self, references: Sequence[Reference]) -> list[int]:
+        """Ids of the ACTIVE reservations with any of ``references`` (not locked)."""
+        ids: list[int] = []
+        for chunk in _chunks(sorted(set(references), key=lambda r: (r.type, r.id))):
+            params = [self.org_id, *(x for r in chunk for x in (r.type, r.id))]
+            result = await self._run(self.sql.select_by_reference(len(chunk)), params)
+            ids += [int(row[0]) for row in result]
+        return ids
+
+    async def lock_reservations(
+        self, ids: Sequence[int], *, wait: bool
+    ) -> Locked[int, Reservation]:
+        """Lock this org's reservations of ``ids`` in id order, with their lines.
+
+        ``wait`` False skips rows another transaction holds (reported in ``busy``).
+        """
+        wanted = sorted(set(ids))
+        if not wanted:
+            return Locked({})
+        rows: dict[int, Any] = {}
+        lock = "wait" if wait else "skip"
+        for chunk in _chunks(wanted):
+            result = await self._run(
+                self.sql.select_reservations(len(chunk), lock), (self.org_id, *chunk)
+            )
+            for row in result:
+                rows[int(row[0])] = row
+        busy: frozenset[int] = frozenset()
+        missing = [i for i in wanted if i not in rows]
+        if missing and self.sql.mysql and not wait:
+            exist = await self._run(
+                self.sql.select_reservations(len(missing), "none"), (self.org_id, *missing)
+            )
+            busy = frozenset(int(row[0]) for row in exist)
+        lines: dict[int, list[ReservationLine]] = {i: [] for i in rows}
+        for chunk in _chunks(sorted(rows)):
+            for rid, location, sku, quantity, deducted, released in await self._run(
+                self.sql.select_lines(len(chunk)), chunk
+            ):
+                lines[int(rid)].append(
+                    ReservationLine(sku, location, int(quantity), int(deducted), int(released))
+                )
+        t = self.store.from_db_time
+        found = {
+            i: Reservation(
+                id=i,
+                status=row[1],
+                reference=_ref(row[2], row[3]),
+                expires_at=t(row[4]),
+                created_at=t(row[5]),
+                updated_at=t(row[6]),
+                lines=tuple(lines[i]),
+            )
+            for i, row in rows.items()
+        }
+        return Locked(found, busy)
+
+    async def lock_balances(
+        self, keys: Sequence[BalanceKey], *, wait: bool
+    ) -> Locked[BalanceKey, Balance]:
+        """Lock this org's balances of ``keys`` in (location, sku) order, one statement.
+
+        ``wait`` False skips rows another transaction holds (reported in ``busy``).
+        """
+        wanted = sorted(set(keys))
+        if not wanted:
+            return Locked({})
+        found: dict[BalanceKey, Balance] = {}
+        t = self.store.from_db_time
+        lock = "wait" if wait else "skip"
+        for chunk in _chunks(wanted):
+            params = [self.org_id, *(x for k in chunk for x in k)]
+            for location, sku, on_hand, reserved, version, updated_at in await self._run(
+                self.sql.select_balances(len(chunk), lock), params
+            ):
+                found[(location, sku)] = Balance(
+                    sku, location, int(on_hand), int(reserved), int(version), t(updated_at)
+                )
+        busy: frozenset[BalanceKey] = frozenset()
+        missing = [k for k in wanted if k not in found]
+        if missing and self.sql.mysql and not wait:
+            params = [self.org_id, *(x for k in missing for x in k)]
+            exist = await self._run(self.sql.select_balances(len(missing), "none"), params)
+            busy = frozenset((row[0], row[1]) for row in exist)
+        return Locked(found, busy)
+
+    async def due_holding(self, keys: Sequence[BalanceKey], now: datetime, limit: int) -> list[int]:
+        """Ids of ACTIVE reservations due at ``now`` that hold units of any of ``keys``,
+        soonest first (not locked; uses the (status, expires_at) index)."""
+        wanted = sorted(set(keys))[:MAX_ROWS_PER_STATEMENT]
+        if not wanted:
+            return []
+        params = [self.store.time(now), self.org_id, *(x for k in wanted for x in k), limit]
+        result = await self._run(self.sql.select_due_holding(len(wanted)), params)
+        return [int(row[0]) for row in result]
+
+    async def write(self, ws: WriteSet) -> dict[int, int]:
+        """Write every table once (multi-row statements), the key rows last.
+
+        Returns the ledger ids of ``ws.entries`` that belong to ``ws.keys_needing_ids``, by
+        index into ``ws.entries``. Raises the driver's IntegrityError on a duplicate key row
+        or balance (a concurrent transaction wrote it first).
+        """
+        sql, org, now = self.sql, self.org_id, self.store.time(ws.now)
+        for chunk in _chunks(ws.new_balances):
+            params = []
+            for b in chunk:
+                params += [org, b.location, b.sku, b.on_hand, b.reserved, b.version, now]
+            await self._run(sql.insert_balances(len(chunk)), params)
+        for chunk in _chunks(ws.balances):
+            params = []
+            for column in ("on_hand", "reserved", "version"):
+                for b in chunk:
+                    params += [b.location, b.sku, getattr(b, column)]
+            params += [now, org]
+            for b in chunk:
+                params += [b.location, b.sku]
+            await self._run(sql.update_balances(len(chunk)), params)
+        for chunk in _chunks(ws.new_reservations):
+            params = []
+            for r in chunk:
+                ref_type, ref_id = (
+                    (r.reference.type, r.reference.id) if r.reference else (None, None)
+                )
+                params += [
+                    org,
+                    r.id,
+                    r.status,
+                    ref_type,
+                    ref_id,
+                    self.store.time(r.expires_at),
+                    self.store.time(r.created_at),
+                    now,
+                ]
+            await self._run(sql.insert_reservations(len(chunk)), params)
+        new_lines = [(r.id, ln) for r in ws.new_reservations for ln in r.lines or ()]
+        for chunk in _chunks(new_lines):
+            params = []
+            for rid, ln in chunk:
+                params += [org, rid, ln.location, ln.sku, ln.quantity, ln.deducted, ln.released]
+            await self._run(sql.insert_lines(len(chunk)), params)
+        for chunk in _chunks(ws.reservations):
+            params = []
+            for r in chunk:
+                params += [r.id, r.status]
+            for r in chunk:
+                params += [r.id, self.store.time(r.expires_at)]
+            params += [now, org, *(r.id for r in chunk)]
+            await self._run(sql.update_reservations(len(chunk)), params)
+        for chunk in _chunks(ws.lines):
+            params = []
+            for column in ("deducted", "released"):
+                for rid, ln in chunk:
+                    params += [rid, ln.location, ln.sku, getattr(ln, column)]
+            for rid, ln in chunk:
+                params += [rid, ln.location, ln.sku]
+            await self._run(sql.update_lines(len(chunk)), params)
+        ids = await self._insert_ledger(ws)
+        for chunk in _chunks(ws.keys):
+            params = []
+            for k in chunk:
+                params += [org, k.idempotency_key, k.operation, k.request_hash, k.result_ref, now]
+            await self._run(sql.insert_keys(len(chunk)), params)
+        return ids
+
+    async def _insert_ledger(self, ws: WriteSet) -> dict[int, int]:
+        sql, org = self.sql, self.org_id
+        consecutive = await self.store.consecutive_ledger_ids(self.conn)
+        ids: dict[int, int] = {}
+        offset = 0
+        for chunk in _chunks(ws.entries):
+            params = []
+            for e in chunk:
+                ref_type, ref_id = (
+                    (e.reference.type, e.reference.id) if e.reference else (None, None)
+                )
+                params += [
+                    org,
+                    e.location,
+                    e.sku,
+                    e.event_type,
+                    e.on_hand_delta,
+                    e.reserved_delta,
+                    e.on_hand_after,
+                    e.reserved_after,
+                    e.reservation_id,
+                    ref_type,
+                    ref_id,
+                    e.reason,
+                    e.idempotency_key,
+                    self.store.time(e.created_at),
+                ]
+            result = await self._run(sql.insert_ledger(len(chunk)), params)
+            if consecutive and ws.keys_needing_ids:
+                last = result.lastrowid
+                # MySQL reports the first id of a multi-row INSERT, SQLite the last.
+                first = int(last) if sql.mysql else int(last) - len(chunk) + 1
+                for i in range(len(chunk)):
+                    if chunk[i].idempotency_key in ws.keys_needing_ids:
+                        ids[offset + i] = first + i
+            offset += len(chunk)
+        if not consecutive and ws.keys_needing_ids:
+            ids = await self._read_back_ids(ws)
+        return ids
+
+    async def _read_back_ids(self, ws: WriteSet) -> dict[int, int]:
+        """Ledger ids by entry index, read back by key (one statement per 500 keys)."""
+        found: dict[tuple[Any, ...], int] = {}
+        for chunk in _chunks(sorted(ws.keys_needing_ids)):
+            result = await self._run(self.sql.select_ledger_ids(len(chunk)), (self.org_id, *chunk))
+            for ledger_id, key, location, sku, rid, event in result:
+                found[(key, location, sku, rid, event)] = int(ledger_id)
+        return {
+            i: found[(e.idempotency_key, e.location, e.sku, e.reservation_id, e.event_type)]
+            for i, e in enumerate(ws.entries)
+            if e.idempotency_key in ws.keys_needing_ids
+        }
+
+    async def commit(self) -> None:
+        await self.trans.commit()
+
+
+async def reservation_balance_keys(
+    db: Database, org_id: str, ids: Sequence[int], references: Sequence[Reference]
+) -> dict[int | Reference, list[BalanceKey]]:
+    """The balances held by reservations ``ids`` and by the ACTIVE reservations with
+    ``references``: a hint read (no lock) that tells which Redis locks and which writer a
+    release, deduct, extend or expire will need. Unknown ones map to nothing."""
+    out: dict[int | Reference, list[BalanceKey]] = {}
+    sql = _sql(db.dialect)
+    m = sql.mark
+    async with db.read() as conn:
+        for chunk in _chunks(sorted(set(ids))):
+            result: Any = await conn.exec_driver_sql(
+                "SELECT l.reservation_id, l.location, l.sku FROM reservation_line l "
+                f"WHERE l.org_id = {m} AND l.reservation_id IN ({sql.marks(len(chunk))}) "
+                "ORDER BY l.reservation_id, l.location, l.sku",
+                (org_id, *chunk),
+            )
+            for rid, location, sku in result:
+                out.setdefault(int(rid), []).append((location, sku))
+        refs = sorted(set(references), key=lambda r: (r.type, r.id))
+        for ref_chunk in _chunks(refs):
+            result = await conn.exec_driver_sql(
+                "SELECT r.ref_type, r.ref_id, l.location, l.sku FROM reservation r "
+                "JOIN reservation_line l ON l.reservation_id = r.id "
+                f"WHERE r.org_id = {m} AND r.status = '{ACTIVE}' AND "
+                f"({sql.pairs(len(ref_chunk), 'r.ref_type', 'r.ref_id')})",
+                (org_id, *(x for r in ref_chunk for x in (r.type, r.id))),
+            )
+            for ref_type, ref_id, location, sku in result:
+                keys = out.setdefault(Reference(ref_type, ref_id), [])
+                if (location, sku) not in keys:
+                    keys.append((location, sku))
+    return {k: sorted(v) for k, v in out.items()}

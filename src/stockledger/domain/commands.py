@@ -1,0 +1,361 @@
+"""The write commands, each built from a client's input by a ``validated`` constructor.
+
+A constructor applies the input rules of ARCHITECTURE section 11 (``domain/validation.py``)
+and computes the idempotency payload hash (section 11, "Idempotency payload"): it raises
+:class:`~stockledger.domain.errors.ValidationError` (or NotFoundError for a reservation id that
+is no number) before anything touches a store, so an invalid request never touches a key. A
+built command is what the rules (``domain/rules.py``) decide on.
+
+Quantities are units of stock, TTLs seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from stockledger.domain.errors import NotFoundError, ValidationError
+from stockledger.domain.model import BalanceKey, Reference, expire_key
+from stockledger.domain.validation import (
+    MAX_BALANCE,
+    MAX_QUANTITY,
+    Cart,
+    check_key,
+    check_lines,
+    check_reference,
+    check_reservation_id,
+    check_string,
+    check_ttl,
+    lines_payload,
+    parse_reservation_id,
+    reference_payload,
+    request_hash,
+)
+
+
+def _integer(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError("must be an integer", field)
+    return value
+
+
+def _reservation_number(text: str) -> int:
+    """The number behind a checked id string; NotFoundError when it is no number (such an id
+    can name no reservation). Called after the whole input is validated."""
+    number = parse_reservation_id(text)
+    if number is None:
+        raise NotFoundError("Reservation", text)
+    return number
+
+
+@dataclass(frozen=True, slots=True)
+class Restock:
+    """RESTOCK: ``on_hand += quantity`` per line, creating balances on first restock."""
+
+    operation: ClassVar[str] = "restock"
+    idempotency_key: str
+    cart: Cart
+    reference: Reference | None
+    reason: str | None
+    request_hash: str
+
+    @classmethod
+    def validated(
+        cls,
+        idempotency_key: Any,
+        lines: Any,
+        *,
+        reference: Reference | None = None,
+        reason: Any = None,
+    ) -> Restock:
+        key = check_key(idempotency_key)
+        cart = check_lines(lines)
+        reference = check_reference(reference)
+        if reason is not None:
+            reason = check_string(reason, "reason")
+        payload = {
+            "lines": lines_payload(cart),
+            "reference": reference_payload(reference),
+            "reason": reason,
+        }
+        return cls(key, cart, reference, reason, request_hash(cls.operation, payload))
+
+    def balance_keys(self) -> list[BalanceKey]:
+        return self.cart.keys()
+
+
+@dataclass(frozen=True, slots=True)
+class Adjust:
+    """ADJUST: ``on_hand += delta`` or ``on_hand = set_on_hand`` (exactly one), with a reason.
+
+    ``expected_version`` (optional) makes it a compare-and-set on the balance's version.
+    """
+
+    operation: ClassVar[str] = "adjust"
+    idempotency_key: str
+    sku: str
+    location: str
+    delta: int | None
+    set_on_hand: int | None
+    expected_version: int | None
+    reason: str
+    reference: Reference | None
+    request_hash: str
+
+    @classmethod
+    def validated(
+        cls,
+        idempotency_key: Any,
+        sku: Any,
+        location: Any = "default",
+        *,
+        delta: Any = None,
+        set_on_hand: Any = None,
+        expected_version: Any = None,
+        reason: Any,
+        reference: Reference | None = None,
+    ) -> Adjust:
+        key = check_key(idempotency_key)
+        sku = check_string(sku, "sku")
+        location = check_string(location, "location")
+        reason = check_string(reason, "reason")
+        reference = check_reference(reference)
+        if (delta is None) == (set_on_hand is None):
+            raise ValidationError("give exactly one of delta and setOnHand", "delta")
+        if delta is not None and abs(_integer(delta, "delta")) > MAX_QUANTITY:
+            raise ValidationError(f"must be between -{MAX_QUANTITY} and {MAX_QUANTITY}", "delta")
+        if set_on_hand is not None and not 0 <= _integer(set_on_hand, "setOnHand") <= MAX_BALANCE:
+            raise ValidationError(f"must be between 0 and {MAX_BALANCE}", "setOnHand")
+        if expected_version is not None and (
+            isinstance(expected_version, bool)
+            or not isinstance(expected_version, int)
+            or expected_version < 0
+        ):
+            raise ValidationError("must be a non-negative integer", "expectedVersion")
+        payload = {
+            "sku": sku,
+            "location": location,
+            "delta": delta,
+            "setOnHand": set_on_hand,
+            "expectedVersion": expected_version,
+            "reason": reason,
+            "reference": reference_payload(reference),
+        }
+        return cls(
+            key,
+            sku,
+            location,
+            delta,
+            set_on_hand,
+            expected_version,
+            reason,
+            reference,
+            request_hash(cls.operation, payload),
+        )
+
+    def balance_keys(self) -> list[BalanceKey]:
+        return [(self.location, self.sku)]
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    """RESERVE a cart for ``ttl_seconds``: ``reserved += quantity`` on every line, or nothing."""
+
+    operation: ClassVar[str] = "reserve"
+    idempotency_key: str
+    cart: Cart
+    reference: Reference | None
+    ttl_seconds: int
+    request_hash: str
+
+    @classmethod
+    def validated(
+        cls,
+        idempotency_key: Any,
+        lines: Any,
+        *,
+        reference: Reference | None = None,
+        ttl_seconds: Any = None,
+        default_ttl_seconds: int,
+        max_ttl_seconds: int,
+    ) -> Reserve:
+        """``ttl_seconds`` None means the server default (which the payload hash records)."""
+        key = check_key(idempotency_key)
+        cart = check_lines(lines)
+        reference = check_reference(reference)
+        ttl = default_ttl_seconds if ttl_seconds is None else ttl_seconds
+        ttl = check_ttl(ttl, max_ttl_seconds)
+        payload = {
+            "lines": lines_payload(cart),
+            "reference": reference_payload(reference),
+            "ttl": ttl,
+        }
+        return cls(key, cart, reference, ttl, request_hash(cls.operation, payload))
+
+    def balance_keys(self) -> list[BalanceKey]:
+        return self.cart.keys()
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """RELEASE units held by a reservation (by id) or by every ACTIVE reservation with a
+    reference, oldest first. ``cart`` None: everything remaining."""
+
+    operation: ClassVar[str] = "release"
+    idempotency_key: str
+    reservation_id: int | None
+    reference: Reference | None
+    cart: Cart | None
+    request_hash: str
+
+    @classmethod
+    def validated(
+        cls,
+        idempotency_key: Any,
+        *,
+        reservation_id: Any = None,
+        reference: Reference | None = None,
+        lines: Any = None,
+    ) -> Release:
+        key, rid, reference, cart, rhash = _consume_input(
+            cls.operation, idempotency_key, reservation_id, reference, lines
+        )
+        return cls(key, rid, reference, cart, rhash)
+
+
+@dataclass(frozen=True, slots=True)
+class Deduct:
+    """DEDUCT units held by a reservation (by id) or by reference: they leave on hand.
+    ``cart`` None: everything remaining."""
+
+    operation: ClassVar[str] = "deduct"
+    idempotency_key: str
+    reservation_id: int | None
+    reference: Reference | None
+    cart: Cart | None
+    request_hash: str
+
+    @classmethod
+    def validated(
+        cls,
+        idempotency_key: Any,
+        *,
+        reservation_id: Any = None,
+        reference: Reference | None = None,
+        lines: Any = None,
+    ) -> Deduct | DeductDirect:
+        """With neither ``reservation_id`` nor ``reference``: a :class:`DeductDirect`."""
+        if reservation_id is None and reference is None:
+            return DeductDirect.validated(idempotency_key, lines)
+        key, rid, reference, cart, rhash = _consume_input(
+            cls.operation, idempotency_key, reservation_id, reference, lines
+        )
+        return cls(key, rid, reference, cart, rhash)
+
+
+def _consume_input(
+    operation: str,
+    idempotency_key: Any,
+    reservation_id: Any,
+    reference: Reference | None,
+    lines: Any,
+) -> tuple[str, int | None, Reference | None, Cart | None, str]:
+    key = check_key(idempotency_key)
+    if (reservation_id is None) == (reference is None):
+        raise ValidationError("give exactly one of reservationId and reference", "reservationId")
+    rid_text = None if reservation_id is None else check_reservation_id(reservation_id)
+    reference = check_reference(reference)
+    cart = None if lines is None else check_lines(lines)
+    payload = {
+        "reservationId": rid_text,
+        "reference": reference_payload(reference),
+        "lines": lines_payload(cart),
+    }
+    rhash = request_hash(operation, payload)
+    rid = None if rid_text is None else _reservation_number(rid_text)
+    return key, rid, reference, cart, rhash
+
+
+@dataclass(frozen=True, slots=True)
+class DeductDirect:
+    """DEDUCT straight from available stock: ``on_hand -= quantity`` on every line, or none."""
+
+    operation: ClassVar[str] = "deduct"
+    idempotency_key: str
+    cart: Cart
+    request_hash: str
+
+    @classmethod
+    def validated(cls, idempotency_key: Any, lines: Any) -> DeductDirect:
+        key = check_key(idempotency_key)
+        cart = check_lines(lines)
+        payload = {"reservationId": None, "reference": None, "lines": lines_payload(cart)}
+        return cls(key, cart, request_hash(cls.operation, payload))
+
+    def balance_keys(self) -> list[BalanceKey]:
+        return self.cart.keys()
+
+
+@dataclass(frozen=True, slots=True)
+class Extend:
+    """Move an ACTIVE reservation's expiry to now + ``ttl_seconds``."""
+
+    operation: ClassVar[str] = "extend"
+    idempotency_key: str
+    reservation_id: int
+    ttl_seconds: int
+    request_hash: str
+    reference: ClassVar[None] = None
+
+    @classmethod
+    def validated(
+        cls, idempotency_key: Any, reservation_id: Any, ttl_seconds: Any, *, max_ttl_seconds: int
+    ) -> Extend:
+        key = check_key(idempotency_key)
+        text = check_reservation_id(reservation_id)
+        ttl = check_ttl(ttl_seconds, max_ttl_seconds)
+        rhash = request_hash(cls.operation, {"reservationId": text, "ttl": ttl})
+        return cls(key, _reservation_number(text), ttl, rhash)
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """EXPIRE one reservation if it is ACTIVE and due; the sweeper's command.
+
+    It writes no idempotency key row: its ledger entries carry ``expire:<id>``, and expiring
+    twice finds it no longer ACTIVE.
+    """
+
+    operation: ClassVar[str] = "expire"
+    reservation_id: int
+    reference: ClassVar[None] = None
+    request_hash: ClassVar[str] = ""
+
+    @property
+    def idempotency_key(self) -> str:
+        return expire_key(self.reservation_id)
+
+
+Command = Restock | Adjust | Reserve | Release | Deduct | DeductDirect | Extend | Expire
+"""Every write command."""
+
+
+def known_balance_keys(command: Command) -> list[BalanceKey]:
+    """The balances a command names in its input (reservation-addressed ones name none)."""
+    if isinstance(command, Restock | Adjust | Reserve | DeductDirect):
+        return command.balance_keys()
+    return []
+
+
+def addressed_reservation(command: Command) -> int | None:
+    """The reservation id a command addresses, if any."""
+    if isinstance(command, Release | Deduct | Extend | Expire):
+        return command.reservation_id
+    return None
+
+
+def addressed_reference(command: Command) -> Reference | None:
+    """The reference whose ACTIVE reservations a release or deduct addresses, if any."""
+    if isinstance(command, Release | Deduct):
+        return command.reference
+    return None

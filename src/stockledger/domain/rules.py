@@ -1,0 +1,393 @@
+"""The transaction rules of ARCHITECTURE section 3, one function per row of its table.
+
+| event | condition | effect |
+|---|---|---|
+| RESTOCK q | q > 0 | on_hand += q (creates the balance on first restock) |
+| ADJUST delta / set | result on_hand >= reserved; reason required | on_hand += delta |
+| RESERVE q (per line) | available >= q, for every line, else nothing at all | reserved += q |
+| RELEASE q | q <= line remaining | reserved -= q |
+| EXPIRE | reservation ACTIVE and expires_at <= now | reserved -= remaining, status EXPIRED |
+| DEDUCT q, reserved | q <= line remaining | reserved -= q, on_hand -= q |
+| DEDUCT q, direct | available >= q | on_hand -= q |
+
+Each rule is a pure function of the locked state (:class:`~stockledger.domain.state.Stock`),
+the command and the time: it returns the command's
+:class:`~stockledger.domain.state.Changes` (exactly one ledger entry per balance and
+reservation touched) or a :class:`~stockledger.domain.state.Refusal` with one domain error. It
+never changes ``stock``; the caller applies the changes. The answers to what the table leaves
+open are section 11's; where a rule takes one from elsewhere, its docstring says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+
+from stockledger.domain.commands import (
+    Adjust,
+    Command,
+    Deduct,
+    DeductDirect,
+    Expire,
+    Extend,
+    Release,
+    Reserve,
+    Restock,
+)
+from stockledger.domain.errors import (
+    InsufficientStockError,
+    NotFoundError,
+    ReservationNotActiveError,
+    Shortage,
+    ValidationError,
+    VersionConflictError,
+)
+from stockledger.domain.model import (
+    ACTIVE,
+    COMMITTED,
+    EXPIRED,
+    RELEASED,
+    BalanceKey,
+    Reference,
+    Reservation,
+    ReservationLine,
+    expire_key,
+)
+from stockledger.domain.state import Changes, Decision, Draft, KeyRow, Refusal, Stock
+from stockledger.domain.validation import MAX_BALANCE, Cart
+
+
+def decide(
+    stock: Stock, command: Command, now: datetime, *, new_reservation_id: int | None = None
+) -> Decision:
+    """The rule for ``command`` at ``now``. A reserve needs ``new_reservation_id``, the id its
+    reservation gets (the unit of work hands out ids)."""
+    if isinstance(command, Restock):
+        return restock(stock, command, now)
+    if isinstance(command, Adjust):
+        return adjust(stock, command, now)
+    if isinstance(command, Reserve):
+        if new_reservation_id is None:
+            raise ValueError("a reserve needs the id of the reservation it creates")
+        return reserve(stock, command, now, new_reservation_id)
+    if isinstance(command, Release | Deduct):
+        return consume(stock, command, now)
+    if isinstance(command, DeductDirect):
+        return deduct_direct(stock, command, now)
+    if isinstance(command, Extend):
+        return extend(stock, command, now)
+    return expire(stock, command, now)
+
+
+def key_row(command: Restock | Adjust | Reserve | Release | Deduct | DeductDirect) -> KeyRow:
+    return KeyRow(command.idempotency_key, command.operation, command.request_hash)
+
+
+def restock(stock: Stock, command: Restock, now: datetime) -> Decision:
+    """RESTOCK q: on_hand += q per line, creating the balance on first restock.
+
+    A change that would take on hand past 2**31-1 is a ValidationError: GraphQL's Int is
+    32-bit (GraphQL spec, "Int"), so such a balance could not be returned.
+    """
+    draft = Draft(stock, now, command.idempotency_key)
+    for line in command.cart.lines:
+        if draft.balance(line.key).on_hand + line.quantity > MAX_BALANCE:
+            return Refusal(
+                ValidationError(
+                    f"on hand of {line.location}/{line.sku} would exceed {MAX_BALANCE}",
+                    command.cart.path(line.key, "quantity"),
+                )
+            )
+        draft.move(
+            line.key,
+            "RESTOCK",
+            line.quantity,
+            0,
+            reference=command.reference,
+            reason=command.reason,
+        )
+    return draft.changes(key_row=key_row(command))
+
+
+def adjust(stock: Stock, command: Adjust, now: datetime) -> Decision:
+    """ADJUST delta / set: on_hand += delta, provided the result stays >= reserved.
+
+    A balance that does not exist is created (version 0 before). A zero change is still an
+    entry (section 11: a count that found nothing wrong is an audit event).
+    """
+    draft = Draft(stock, now, command.idempotency_key)
+    key = (command.location, command.sku)
+    balance = draft.balance(key)
+    if command.expected_version is not None and command.expected_version != balance.version:
+        return Refusal(VersionConflictError(command.expected_version, balance.version))
+    if command.delta is not None:
+        delta = command.delta
+    else:
+        assert command.set_on_hand is not None  # the constructor requires exactly one
+        delta = command.set_on_hand - balance.on_hand
+    if balance.on_hand + delta < balance.reserved:
+        shortage = Shortage(command.sku, command.location, -delta, balance.available)
+        return Refusal(InsufficientStockError([shortage]))
+    if balance.on_hand + delta > MAX_BALANCE:
+        return Refusal(ValidationError(f"on hand would exceed {MAX_BALANCE}", "delta"))
+    draft.move(key, "ADJUST", delta, 0, reference=command.reference, reason=command.reason)
+    return draft.changes(key_row=key_row(command))
+
+
+def reserve(stock: Stock, command: Reserve, now: datetime, reservation_id: int) -> Decision:
+    """RESERVE q per line: available >= q on every line, else nothing at all.
+
+    A never-stocked balance has 0 available. Due reservations holding a short balance are
+    expired first, so expired holds never refuse a cart (see :func:`_short_lines`).
+    """
+    draft = Draft(stock, now, command.idempotency_key)
+    shortages = _short_lines(stock, draft, command.cart)
+    if shortages:
+        return Refusal(InsufficientStockError(shortages), _committed(draft))
+    reservation = Reservation(
+        id=reservation_id,
+        status=ACTIVE,
+        reference=command.reference,
+        expires_at=now + timedelta(seconds=command.ttl_seconds),
+        created_at=now,
+        updated_at=now,
+        lines=tuple(
+            ReservationLine(line.sku, line.location, line.quantity, 0, 0)
+            for line in command.cart.lines
+        ),
+    )
+    draft.save(reservation)
+    for line in command.cart.lines:
+        draft.move(
+            line.key,
+            "RESERVE",
+            0,
+            line.quantity,
+            reservation_id=reservation_id,
+            reference=command.reference,
+        )
+    return draft.changes(answer=(reservation_id,), key_row=key_row(command))
+
+
+def deduct_direct(stock: Stock, command: DeductDirect, now: datetime) -> Decision:
+    """DEDUCT q, direct: available >= q on every line, else nothing; on_hand -= q."""
+    draft = Draft(stock, now, command.idempotency_key)
+    shortages = _short_lines(stock, draft, command.cart)
+    if shortages:
+        return Refusal(InsufficientStockError(shortages), _committed(draft))
+    for line in command.cart.lines:
+        draft.move(line.key, "DEDUCT", -line.quantity, 0)
+    return draft.changes(key_row=key_row(command))
+
+
+def consume(stock: Stock, command: Release | Deduct, now: datetime) -> Decision:
+    """RELEASE q (reserved -= q) or DEDUCT q, reserved (reserved -= q, on_hand -= q), with
+    q <= line remaining, from one reservation or from every ACTIVE reservation with a
+    reference, oldest first (section 11, "By reference").
+
+    No lines: everything remaining. A reservation left with nothing remaining is COMMITTED
+    if any of it was deducted, else RELEASED.
+    """
+    draft = Draft(stock, now, command.idempotency_key)
+    found = _addressed(stock, draft, command.reservation_id, command.reference, now)
+    if isinstance(found, Refusal):
+        return found
+    take = _take(found, command.cart)
+    if isinstance(take, Refusal):
+        return take  # the expiries on the way roll back with it
+    deduct = isinstance(command, Deduct)
+    touched: list[Reservation] = []
+    for reservation in found:
+        wanted = take.get(reservation.id)
+        if not wanted:
+            continue
+        lines = []
+        for line in reservation.lines or ():
+            q = wanted.get(line.key, 0)
+            if q and deduct:
+                draft.move(
+                    line.key,
+                    "DEDUCT",
+                    -q,
+                    -q,
+                    reservation_id=reservation.id,
+                    reference=reservation.reference,
+                )
+                line = dataclasses.replace(line, deducted=line.deducted + q)
+            elif q:
+                draft.move(
+                    line.key,
+                    "RELEASE",
+                    0,
+                    -q,
+                    reservation_id=reservation.id,
+                    reference=reservation.reference,
+                )
+                line = dataclasses.replace(line, released=line.released + q)
+            lines.append(line)
+        status = ACTIVE
+        if all(line.remaining == 0 for line in lines):
+            status = COMMITTED if any(line.deducted > 0 for line in lines) else RELEASED
+        after = dataclasses.replace(reservation, status=status, updated_at=now, lines=tuple(lines))
+        draft.save(after)
+        touched.append(after)
+    return draft.changes(answer=[r.id for r in touched], key_row=key_row(command))
+
+
+def extend(stock: Stock, command: Extend, now: datetime) -> Decision:
+    """Set an ACTIVE reservation's expiry to now + ttl (shorter or longer). No ledger entry:
+    no quantity changes; the key row remembers which reservation it was."""
+    draft = Draft(stock, now, command.idempotency_key)
+    found = _addressed(stock, draft, command.reservation_id, None, now)
+    if isinstance(found, Refusal):
+        return found
+    reservation = dataclasses.replace(
+        found[0], expires_at=now + timedelta(seconds=command.ttl_seconds), updated_at=now
+    )
+    draft.save(reservation)
+    row = KeyRow(
+        command.idempotency_key, command.operation, command.request_hash, str(reservation.id)
+    )
+    return draft.changes(answer=(reservation.id,), key_row=row)
+
+
+def expire(stock: Stock, command: Expire, now: datetime) -> Changes:
+    """EXPIRE: a reservation ACTIVE and due (now >= expires_at) gives its remaining back.
+
+    Anything else (not found, not ACTIVE, not yet due) changes nothing: expiry is idempotent.
+    """
+    draft = Draft(stock, now, command.idempotency_key)
+    reservation = stock.reservation(command.reservation_id)
+    if reservation is None or not reservation.is_due(now):
+        return draft.changes()
+    _expire(draft, reservation)
+    return draft.changes(answer=(reservation.id,))
+
+
+# ---------------------------------------------------------------------------- shared steps
+
+
+def _expire(draft: Draft, reservation: Reservation) -> None:
+    """Move each line's remaining into ``released`` (reserved -= remaining) and set status
+    EXPIRED. The entries carry the key ``expire:<id>`` (section 11, "Expiry")."""
+    lines = []
+    for line in reservation.lines or ():
+        if line.remaining > 0:
+            draft.move(
+                line.key,
+                "EXPIRE",
+                0,
+                -line.remaining,
+                reservation_id=reservation.id,
+                reference=reservation.reference,
+                idempotency_key=expire_key(reservation.id),
+            )
+            line = dataclasses.replace(line, released=line.released + line.remaining)
+        lines.append(line)
+    draft.save(
+        dataclasses.replace(reservation, status=EXPIRED, updated_at=draft.now, lines=tuple(lines))
+    )
+
+
+def _short_lines(stock: Stock, draft: Draft, cart: Cart) -> list[Shortage]:
+    """The lines whose available is below their quantity, after expiring the due
+    reservations that hold those balances (a reserve or direct deduct that finds a line short
+    first expires them, in the same transaction, so expired holds never refuse a cart)."""
+    shortages = _shortages(draft, cart)
+    if shortages:
+        for reservation in stock.due_holding([(s.location, s.sku) for s in shortages], draft.now):
+            _expire(draft, reservation)
+        shortages = _shortages(draft, cart)
+    return shortages
+
+
+def _shortages(draft: Draft, cart: Cart) -> list[Shortage]:
+    out = []
+    for line in cart.lines:
+        available = draft.balance(line.key).available
+        if available < line.quantity:
+            out.append(Shortage(line.sku, line.location, line.quantity, max(available, 0)))
+    return out
+
+
+def _committed(draft: Draft) -> Changes | None:
+    """What a refused command still commits: the expiries it made on the way, if any."""
+    return draft.changes() if draft.touched else None
+
+
+def _addressed(
+    stock: Stock,
+    draft: Draft,
+    reservation_id: int | None,
+    reference: Reference | None,
+    now: datetime,
+) -> list[Reservation] | Refusal:
+    """The ACTIVE reservations a release, deduct or extend acts on, oldest first.
+
+    By id: NotFoundError, ReservationNotActiveError, or, when it is past due but not yet
+    swept, it is expired and the call refused with status EXPIRED (that expiry commits). By
+    reference: the due ones are expired and the rest acted on; none ACTIVE is NotFoundError
+    (``TYPE:ID``), and so is none left after expiring, with the expiry committed.
+    """
+    if reservation_id is not None:
+        reservation = draft.reservation(reservation_id)
+        if reservation is None:
+            return Refusal(NotFoundError("Reservation", str(reservation_id)))
+        if reservation.status != ACTIVE:
+            return Refusal(ReservationNotActiveError(reservation.id, reservation.status))
+        if reservation.is_due(now):
+            _expire(draft, reservation)
+            return Refusal(ReservationNotActiveError(reservation.id, EXPIRED), draft.changes())
+        return [reservation]
+    assert reference is not None  # the command constructors require one of the two
+    rows = stock.by_reference(reference)
+    if not rows:
+        return Refusal(NotFoundError("Reservation", str(reference)))
+    for reservation in rows:
+        if reservation.is_due(now):
+            _expire(draft, reservation)
+    active = [r for r in rows if not r.is_due(now)]
+    if not active:
+        return Refusal(NotFoundError("Reservation", str(reference)), draft.changes())
+    return active
+
+
+def _take(
+    reservations: list[Reservation], cart: Cart | None
+) -> dict[int, dict[BalanceKey, int]] | Refusal:
+    """Units to take per reservation and balance: everything remaining, or each line's
+    quantity from the reservations in order. Asking more than remains, or for a balance they
+    do not hold, is a ValidationError naming the line (section 11, "Over-asking")."""
+    take: dict[int, dict[BalanceKey, int]] = {}
+    if cart is None:
+        for reservation in reservations:
+            for line in reservation.lines or ():
+                if line.remaining > 0:
+                    take.setdefault(reservation.id, {})[line.key] = line.remaining
+        return take
+    for wanted in cart.lines:
+        need, held = wanted.quantity, 0
+        for reservation in reservations:
+            held_line = next((ln for ln in reservation.lines or () if ln.key == wanted.key), None)
+            if held_line is None:
+                continue
+            held += held_line.remaining
+            q = min(held_line.remaining, need)
+            if q > 0:
+                take.setdefault(reservation.id, {})[wanted.key] = q
+                need -= q
+        if need > 0:
+            where = f"{wanted.location}/{wanted.sku}"
+            if held == 0:
+                return Refusal(
+                    ValidationError(
+                        f"the reservation holds nothing of {where}", cart.path(wanted.key, "sku")
+                    )
+                )
+            return Refusal(
+                ValidationError(
+                    f"only {held} units of {where} remain reserved, {wanted.quantity} asked",
+                    cart.path(wanted.key, "quantity"),
+                )
+            )
+    return take

@@ -1,0 +1,226 @@
+"""The locked state a batch of commands works on, and what a command decides to change.
+
+:class:`Stock` holds the balances and reservations a unit of work loaded (and locked), and takes
+each applied command's :class:`Changes` so that the next command of the batch sees them
+(commands of one batch are serializable in arrival order, ARCHITECTURE section 12).
+:class:`Draft` is one command's working copy: the rules read through it and record moves in it;
+a command that fails simply drops its draft, so it leaves no trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from stockledger.domain.errors import StockError
+from stockledger.domain.model import (
+    ACTIVE,
+    Balance,
+    BalanceKey,
+    LedgerEntry,
+    Reference,
+    Reservation,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    """The idempotency key row a successful command writes (ARCHITECTURE section 5).
+
+    ``result_ref`` holds what the ledger cannot tell about the result (the reservation an
+    extend acted on, which writes no ledger entry).
+    """
+
+    idempotency_key: str
+    operation: str
+    request_hash: str
+    result_ref: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What one command changes, all of it written in the batch's transaction.
+
+    ``balances``: the after-state of every balance it touched, in key order. ``reservations``:
+    the after-state of every reservation it created or changed. ``answer``: the ids of the
+    reservations its result lists, in the result's order. ``key_row``: None for the
+    service's own expiry, and for what a refused command still commits.
+    """
+
+    entries: tuple[LedgerEntry, ...] = ()
+    balances: tuple[Balance, ...] = ()
+    reservations: tuple[Reservation, ...] = ()
+    answer: tuple[int, ...] = ()
+    key_row: KeyRow | None = None
+
+    def expired(self) -> list[int]:
+        """Ids of the reservations these changes expire (EXPIRE entries)."""
+        return list(
+            dict.fromkeys(
+                e.reservation_id
+                for e in self.entries
+                if e.event_type == "EXPIRE" and e.reservation_id is not None
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A command that failed with ``error``. ``committed`` is what it still commits: the
+    past-due reservations it expired on the way (ARCHITECTURE section 11, "Expiry")."""
+
+    error: StockError
+    committed: Changes | None = None
+
+
+Decision = Changes | Refusal
+"""What a rule returns: the command's changes, or its refusal."""
+
+
+class Stock:
+    """Balances by (location, sku) and reservations by id, as loaded under lock.
+
+    A balance absent here was never stocked; a reservation absent here does not exist in this
+    org (or was not loaded: the unit of work loads everything its commands address).
+    """
+
+    def __init__(
+        self, balances: Iterable[Balance] = (), reservations: Iterable[Reservation] = ()
+    ) -> None:
+        self.balances: dict[BalanceKey, Balance] = {b.key: b for b in balances}
+        self.reservations: dict[int, Reservation] = {}
+        self._by_reference: dict[Reference, set[int]] = {}
+        for r in reservations:
+            self._put(r)
+
+    def balance(self, key: BalanceKey) -> Balance | None:
+        return self.balances.get(key)
+
+    def reservation(self, reservation_id: int) -> Reservation | None:
+        return self.reservations.get(reservation_id)
+
+    def by_reference(self, reference: Reference) -> list[Reservation]:
+        """The ACTIVE reservations with ``reference``, oldest first (created_at, then id)."""
+        found = (self.reservations[i] for i in self._by_reference.get(reference, ()))
+        return sorted((r for r in found if r.status == ACTIVE), key=lambda r: (r.created_at, r.id))
+
+    def due_holding(self, keys: Iterable[BalanceKey], now: datetime) -> list[Reservation]:
+        """ACTIVE reservations due at ``now`` that still hold units of one of ``keys``,
+        soonest expiry first."""
+        wanted = set(keys)
+        due = [
+            r
+            for r in self.reservations.values()
+            if r.is_due(now) and any(k in wanted for k in r.holds())
+        ]
+        return sorted(due, key=lambda r: (r.expires_at, r.id))
+
+    def add(
+        self, reservations: Iterable[Reservation] = (), balances: Iterable[Balance] = ()
+    ) -> None:
+        """Load more rows (the unit of work does, e.g. due holds found for a short balance)."""
+        for r in reservations:
+            self._put(r)
+        for b in balances:
+            self.balances[b.key] = b
+
+    def apply(self, changes: Changes) -> None:
+        """Take a command's changes, so later commands of the batch see them."""
+        for b in changes.balances:
+            self.balances[b.key] = b
+        for r in changes.reservations:
+            self._put(r)
+
+    def _put(self, reservation: Reservation) -> None:
+        self.reservations[reservation.id] = reservation
+        if reservation.reference is not None:
+            self._by_reference.setdefault(reservation.reference, set()).add(reservation.id)
+
+
+class Draft:
+    """One command's working copy over a :class:`Stock`: reads see the command's own moves.
+
+    ``key`` is the idempotency key its ledger entries carry unless a move names another;
+    ``now`` stamps every entry and every balance it touches.
+    """
+
+    def __init__(self, stock: Stock, now: datetime, key: str) -> None:
+        self.stock = stock
+        self.now = now
+        self.key = key
+        self._balances: dict[BalanceKey, Balance] = {}
+        self._reservations: dict[int, Reservation] = {}
+        self._entries: list[LedgerEntry] = []
+
+    def balance(self, key: BalanceKey) -> Balance:
+        """The balance as this command sees it; a never-stocked one is all zeros."""
+        found = self._balances.get(key) or self.stock.balance(key)
+        if found is None:
+            return Balance(key[1], key[0], 0, 0, 0, self.now)
+        return found
+
+    def reservation(self, reservation_id: int) -> Reservation | None:
+        return self._reservations.get(reservation_id) or self.stock.reservation(reservation_id)
+
+    @property
+    def touched(self) -> bool:
+        return bool(self._entries or self._reservations)
+
+    def move(
+        self,
+        key: BalanceKey,
+        event_type: str,
+        on_hand_delta: int,
+        reserved_delta: int,
+        *,
+        reservation_id: int | None = None,
+        reference: Reference | None = None,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """Apply deltas (units) to one balance and record its ledger entry.
+
+        The version goes up by one: it counts the balance's ledger entries (schema.graphql,
+        ``Balance.version``).
+        """
+        before = self.balance(key)
+        after = dataclasses.replace(
+            before,
+            on_hand=before.on_hand + on_hand_delta,
+            reserved=before.reserved + reserved_delta,
+            version=before.version + 1,
+            updated_at=self.now,
+        )
+        self._balances[key] = after
+        self._entries.append(
+            LedgerEntry(
+                id=None,
+                event_type=event_type,
+                sku=key[1],
+                location=key[0],
+                on_hand_delta=on_hand_delta,
+                reserved_delta=reserved_delta,
+                on_hand_after=after.on_hand,
+                reserved_after=after.reserved,
+                reservation_id=reservation_id,
+                reference=reference,
+                reason=reason,
+                idempotency_key=idempotency_key or self.key,
+                created_at=self.now,
+            )
+        )
+
+    def save(self, reservation: Reservation) -> None:
+        """Record a created or changed reservation (its after-state)."""
+        self._reservations[reservation.id] = reservation
+
+    def changes(self, *, answer: Iterable[int] = (), key_row: KeyRow | None = None) -> Changes:
+        return Changes(
+            entries=tuple(self._entries),
+            balances=tuple(self._balances[k] for k in sorted(self._balances)),
+            reservations=tuple(self._reservations.values()),
+            answer=tuple(answer),
+            key_row=key_row,
+        )

@@ -1,0 +1,320 @@
+"""Group commit: concurrent commands wait on a queue; a few writers run them in batches.
+
+Each writer (``STOCKLEDGER_WRITE_CONNECTIONS``, one database connection each; one on SQLite)
+has its own queue. A command goes to the writer of its first balance key, so one hot SKU's
+commands always meet in one writer's batches (its row is locked once per batch) while other
+SKUs' go to the others. A writer takes whatever waits, up to ``batch_max_commands`` commands and
+``batch_max_rows`` lines, and runs it as one transaction (:class:`UnitOfWork`); batches form
+while the previous transaction is in flight, with no timer, so one request alone is not delayed
+(ARCHITECTURE section 12).
+
+Per command (its ``deadline`` is its arrival plus the lock wait, ``STOCKLEDGER_LOCK_WAIT_SECONDS``):
+
+- keys another holder has: it waits for a later batch (jittered backoff), and past its
+  deadline it is settled :class:`Busy`; one that waited too often runs alone, waiting on the
+  row locks instead of skipping them (fair when Redis cannot arbitrate);
+- deadlock, lock wait timeout, duplicate key (a copy committed elsewhere), a lost connection:
+  the whole batch runs again (bounded, jittered), on a fresh connection after a lost one; a
+  batch that keeps failing is split in halves, so one poisoned command fails alone
+  (:class:`Crashed`); past its deadline a command the database kept failing is
+  :class:`Unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from stockledger.config import Settings
+from stockledger.db.engine import Database, retry_reason
+from stockledger.db.store import SqlStore
+from stockledger.domain.commands import Command, addressed_reference, addressed_reservation
+from stockledger.domain.model import BalanceKey
+from stockledger.locks import BalanceLocker, ExpiryIndex
+from stockledger.observability import metrics
+from stockledger.services.unit_of_work import (
+    Busy,
+    Crashed,
+    IdBlocks,
+    Outcome,
+    Pending,
+    Unavailable,
+    UnitOfWork,
+    weight,
+)
+
+log = logging.getLogger(__name__)
+
+# A command deferred this many times for busy rows runs alone, waiting for the row locks.
+PATIENT_AFTER_WAITS = 25
+# Connection-level failures: past the deadline the command is Unavailable, not Busy.
+_DATABASE_AWAY = {"connection_lost"}
+
+
+class Batcher:
+    """Per-process queues and writer tasks over ``db`` for one org.
+
+    Writers start with the first command. ``clock`` is the services' UTC clock; the lock wait
+    of ``locker`` (seconds) bounds each command's total time, retries included.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        org_id: str,
+        locker: BalanceLocker,
+        index: ExpiryIndex,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.org_id = org_id
+        self.locker = locker
+        self.wait = locker.wait
+        self.writers = 1 if db.is_sqlite else settings.write_connections
+        self.max_commands = settings.batch_max_commands
+        self.max_rows = settings.batch_max_rows
+        ids = IdBlocks(settings.id_block_size)
+        self._stores = [SqlStore(db, org_id) for _ in range(self.writers)]
+        self._units = [
+            UnitOfWork(s, org_id=org_id, locker=locker, index=index, clock=clock, ids=ids)
+            for s in self._stores
+        ]
+        self._queues: list[collections.deque[Pending]] = [
+            collections.deque() for _ in range(self.writers)
+        ]
+        self._alone: list[list[Pending]] = [[] for _ in range(self.writers)]
+        self._wake: list[asyncio.Event] = [asyncio.Event() for _ in range(self.writers)]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ callers
+
+    async def submit(
+        self,
+        command: Command,
+        keys: Sequence[BalanceKey],
+        *,
+        early: bool = False,
+        patience: float | None = None,
+    ) -> Outcome:
+        """Run ``command`` in the next batch of its writer; its outcome once that committed.
+
+        ``keys``: the balances it touches as far as known (a hint for locks and routing).
+        ``early``: settle it :class:`Busy` at its first busy key held by this process (its
+        stock looked sold out: the caller reads the balance first). ``patience`` (seconds,
+        default the lock wait) bounds its wait.
+        """
+        return (await self.submit_many([(command, keys)], patience=patience, early=early))[0]
+
+    async def submit_many(
+        self,
+        items: Sequence[tuple[Command, Sequence[BalanceKey]]],
+        *,
+        patience: float | None = None,
+        early: bool = False,
+    ) -> list[Outcome]:
+        """Queue every command at once (in order) and return their outcomes in that order."""
+        self._start()
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        deadline = now + (self.wait if patience is None else patience)
+        pendings = []
+        for command, keys in items:
+            p = Pending(
+                command,
+                tuple(sorted(set(keys))),
+                weight(command),
+                now,
+                deadline,
+                loop.create_future(),
+                early,
+            )
+            pendings.append(p)
+            self._enqueue(p)
+        return list(await asyncio.gather(*(p.future for p in pendings)))
+
+    async def close(self) -> None:
+        """Stop the writers (commands still queued are cancelled) and give connections back."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for queue in self._queues:
+            while queue:
+                queue.popleft().future.cancel()
+
+    # ------------------------------------------------------------------ queues
+
+    def _start(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._writer(i), name=f"stockledger-writer-{i}")
+                for i in range(self.writers)
+            ]
+
+    def _writer_of(self, p: Pending) -> int:
+        if self.writers == 1:
+            return 0
+        if p.keys:
+            return hash(p.keys[0]) % self.writers
+        rid = addressed_reservation(p.command)
+        if rid is not None:
+            return rid % self.writers
+        return hash(addressed_reference(p.command)) % self.writers
+
+    def _enqueue(self, p: Pending, *, front: bool = False) -> None:
+        i = self._writer_of(p)
+        if front:
+            self._queues[i].appendleft(p)
+        else:
+            self._queues[i].append(p)
+        self._wake[i].set()
+
+    def _enqueue_first(self, p: Pending) -> None:
+        """Queue a command that waited ahead of newer ones (it arrived before them)."""
+        self._enqueue(p, front=True)
+
+    def _retry_later(self, p: Pending) -> None:
+        """Queue a deferred command again after a jittered backoff (1 ms growing to 20 ms)."""
+        p.waits += 1
+        if p.early and self.locker.held_here(self.org_id, p.keys):
+            self._settle(p, Busy(self.locker.retry_after_ms(), early=True))
+            return
+        if p.waits >= PATIENT_AFTER_WAITS and p.problem == "row":
+            i = self._writer_of(p)
+            self._alone[i].append(p)
+            self._wake[i].set()
+            return
+        delay = random.uniform(0, min(0.02, 0.001 * 2 ** min(p.waits, 5)))
+        asyncio.get_running_loop().call_later(delay, self._enqueue_first, p)
+
+    def _take(self, queue: collections.deque[Pending]) -> list[Pending]:
+        """Whatever waits, in order, up to the caps (at least one command)."""
+        batch: list[Pending] = []
+        rows = 0
+        while queue and len(batch) < self.max_commands:
+            p = queue[0]
+            if p.future.done():  # its caller went away before it ran
+                queue.popleft()
+                continue
+            if batch and rows + p.weight > self.max_rows:
+                break
+            batch.append(queue.popleft())
+            rows += p.weight
+        return batch
+
+    @staticmethod
+    def _settle(p: Pending, outcome: Outcome) -> None:
+        if not p.future.done():
+            p.future.set_result(outcome)
+
+    # ------------------------------------------------------------------ writers
+
+    async def _writer(self, i: int) -> None:
+        queue, alone, wake, uow = self._queues[i], self._alone[i], self._wake[i], self._units[i]
+        try:
+            while True:
+                wake.clear()  # before looking, so a command queued meanwhile wakes us
+                if alone:
+                    await self._guarded(uow, [alone.pop(0)], patient=True)
+                    continue
+                batch = self._take(queue)
+                if batch:
+                    await self._guarded(uow, batch)
+                    continue
+                # Idle: the connection goes back to the pool (cheap: no reset round trip,
+                # every batch ended its transaction) and is taken again with the next batch.
+                await self._stores[i].close()
+                if not (queue or alone):
+                    await wake.wait()
+        finally:
+            await self._stores[i].discard()
+
+    async def _guarded(
+        self, uow: UnitOfWork, batch: list[Pending], *, patient: bool = False
+    ) -> None:
+        """:meth:`_run`, where a failure of the batcher itself fails the batch, not the
+        writer (which goes on with the next batch)."""
+        try:
+            await self._run(uow, batch, patient=patient)
+        except Exception as exc:
+            log.exception("a write batch failed")
+            for p in batch:
+                self._settle(p, Crashed(exc))
+
+    async def _run(self, uow: UnitOfWork, batch: list[Pending], *, patient: bool = False) -> None:
+        """Run ``batch`` until every command is settled or deferred; see the module docstring."""
+        attempt = 0
+        while True:
+            batch = self._drop_late(batch)
+            if not batch:
+                return
+            started = time.monotonic()
+            try:
+                result = await uow.run(batch, patient=patient)
+            except Exception as exc:
+                reason = retry_reason(exc)
+                if reason is None:
+                    if len(batch) == 1:
+                        log.error("a write failed unexpectedly", exc_info=exc)
+                        self._settle(batch[0], Crashed(exc))
+                        return
+                    await self._split(uow, batch, patient)
+                    return
+                metrics.TRANSACTION_RETRIES_TOTAL.labels(reason=reason).inc()
+                problem = "database" if reason in _DATABASE_AWAY else "row"
+                for p in batch:
+                    p.problem = problem
+                if reason in _DATABASE_AWAY:
+                    await uow.store.discard()
+                attempt += 1
+                if attempt >= self.settings.retry_max_attempts and len(batch) > 1:
+                    await self._split(uow, batch, patient)
+                    return
+                await asyncio.sleep(self._backoff(attempt))
+                continue
+            metrics.BATCH_SIZE.observe(len(batch))
+            metrics.BATCH_SECONDS.observe(time.monotonic() - started)
+            for p, outcome in result.outcomes:
+                self._settle(p, outcome)
+            for p in result.deferred:
+                self._retry_later(p)
+            return
+
+    async def _split(self, uow: UnitOfWork, batch: list[Pending], patient: bool) -> None:
+        half = len(batch) // 2
+        await self._run(uow, batch[:half], patient=patient)
+        await self._run(uow, batch[half:], patient=patient)
+
+    def _drop_late(self, batch: list[Pending]) -> list[Pending]:
+        """Settle the commands whose wait ran out (Busy, or Unavailable when the database
+        was away); the rest run."""
+        now = time.monotonic()
+        keep = []
+        for p in batch:
+            if p.future.done():
+                continue
+            if now < p.deadline:
+                keep.append(p)
+            elif p.problem == "database":
+                self._settle(p, Unavailable(self.locker.retry_after_ms(), "database unavailable"))
+            else:
+                self._settle(p, Busy(self.locker.retry_after_ms()))
+        return keep
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter") between the
+        settings' initial and maximum backoff (seconds)."""
+        s = self.settings
+        cap = min(s.retry_max_backoff_seconds, s.retry_initial_backoff_seconds * 2**attempt)
+        return random.uniform(0, cap)

@@ -1,0 +1,545 @@
+"""The unit of work: a batch of commands applied in one transaction (ARCHITECTURE section 12).
+
+:meth:`UnitOfWork.run` takes a batch (commands in arrival order) and:
+
+1. claims the Redis locks of every command's balances in one script call, each command all or
+   nothing; a command whose keys another holder has waits for a later batch (``deferred``);
+2. in one transaction: looks the idempotency keys up in one statement; locks the reservations
+   the commands address, then their balances, in key order, one statement per table, skipping
+   rows another transaction holds (those commands are deferred too);
+3. applies the commands one after another to the in-memory state (``domain/rules.py``): a
+   command that fails fails alone and leaves no trace; a key already done, or done earlier in
+   the batch, is a replay;
+4. when a reserve or direct deduct is short, loads the due reservations that hold its short
+   balances and plans again, so the rule can expire them first;
+5. writes every table once (the diff of the final state against what was loaded, plus the
+   ledger entries and key rows) and commits once;
+6. gives the Redis locks back and updates the expiry index in one pipelined round trip.
+
+Database errors propagate (the batcher retries or splits the batch); a COMMIT whose outcome is
+unknown (the connection dropped) is settled by looking the batch's keys up first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from stockledger.db.store import Locked, StoredKey, WriteSet
+from stockledger.domain.commands import (
+    Adjust,
+    Command,
+    Deduct,
+    DeductDirect,
+    Expire,
+    Extend,
+    Release,
+    Reserve,
+    Restock,
+    addressed_reference,
+    addressed_reservation,
+    known_balance_keys,
+)
+from stockledger.domain.errors import IdempotencyKeyReusedError, InsufficientStockError
+from stockledger.domain.model import ACTIVE, Balance, BalanceKey, Reference, Reservation
+from stockledger.domain.rules import decide
+from stockledger.domain.state import Changes, Refusal, Stock
+from stockledger.locks import BalanceLocker, ExpiryIndex, IndexChanges
+from stockledger.observability import metrics
+
+log = logging.getLogger(__name__)
+
+# Due reservations loaded at most per batch for the short balances of its reserves.
+MAX_DUE_HOLDS = 500
+
+
+# ---------------------------------------------------------------------------- outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The command's changes committed (ledger ids filled in where its result shows them).
+    An Expire with no changes found nothing to expire."""
+
+    changes: Changes
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The command failed with a domain error; ``refusal.committed`` did commit."""
+
+    refusal: Refusal
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """The command's key was already done with the same payload: the call changed nothing,
+    except ``committed``: the past-due reservations it addresses, expired on the way when none
+    of them is left ACTIVE (a retry that finds them past due expires them like any call)."""
+
+    committed: Changes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """The command's balances or reservation stayed held by others past its wait.
+
+    ``early``: given up at its first key busy in this process, because its stock looked sold
+    out (the caller reads the balance, then submits again if it was not).
+    """
+
+    retry_after_ms: int
+    early: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """The database did not answer within the command's wait; nothing is known to have
+    changed (a retry with the same key is safe)."""
+
+    retry_after_ms: int
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class Crashed:
+    """An unexpected error applying this command alone (a bug, or data the database refused)."""
+
+    error: BaseException
+
+
+Outcome = Applied | Refused | Replayed | Busy | Unavailable | Crashed
+
+
+@dataclass(eq=False)
+class Pending:
+    """A command waiting for its batch, with what the batcher needs to schedule it.
+
+    ``keys``: the balances it will touch as far as known before locking (sorted), for the
+    Redis claim and the choice of writer. ``weight``: rows it adds to a batch. ``deadline``
+    (``time.monotonic()``): when waiting for busy keys or an absent database ends. ``early``:
+    give up at the first busy key (see :class:`Busy`). ``problem``: why it last waited.
+    """
+
+    command: Command
+    keys: tuple[BalanceKey, ...]
+    weight: int
+    submitted: float
+    deadline: float
+    future: asyncio.Future[Outcome]
+    early: bool = False
+    problem: str | None = None
+    waits: int = 0
+
+
+@dataclass
+class BatchResult:
+    """What :meth:`UnitOfWork.run` settled, and what waits for a later batch."""
+
+    outcomes: list[tuple[Pending, Outcome]] = field(default_factory=list)
+    deferred: list[Pending] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- the store port
+
+
+class StoreTransaction(Protocol):
+    """The statements of one batch transaction (``db/store.py`` has the SQL one)."""
+
+    async def find_keys(self, keys: Sequence[str]) -> dict[str, StoredKey]: ...
+
+    async def active_reservation_ids(self, references: Sequence[Reference]) -> list[int]: ...
+
+    async def lock_reservations(
+        self, ids: Sequence[int], *, wait: bool
+    ) -> Locked[int, Reservation]: ...
+
+    async def lock_balances(
+        self, keys: Sequence[BalanceKey], *, wait: bool
+    ) -> Locked[BalanceKey, Balance]: ...
+
+    async def due_holding(
+        self, keys: Sequence[BalanceKey], now: datetime, limit: int
+    ) -> list[int]: ...
+
+    async def write(self, ws: WriteSet) -> dict[int, int]: ...
+
+    async def commit(self) -> None: ...
+
+
+class Store(Protocol):
+    """One writer's store: transactions, id blocks and the unknown-commit check."""
+
+    def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]: ...
+
+    async def allocate_ids(self, name: str, count: int) -> range: ...
+
+    async def committed(self, keys: Sequence[str]) -> bool: ...
+
+    async def discard(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class IdBlocks:
+    """Reservation ids from hi/lo blocks of the ``id_block`` sequence, shared by a process's
+    writers; a block costs one short transaction (ARCHITECTURE section 12)."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._ids: list[int] = []
+        self._lock = asyncio.Lock()
+
+    async def take(self, store: Store, count: int) -> list[int]:
+        """``count`` fresh ids, increasing; fetches blocks through ``store`` as needed."""
+        async with self._lock:
+            while len(self._ids) < count:
+                block = await store.allocate_ids("reservation", max(self.block_size, count))
+                self._ids.extend(block)
+            taken, self._ids = self._ids[:count], self._ids[count:]
+        return taken
+
+
+# ---------------------------------------------------------------------------- the unit of work
+
+
+@dataclass
+class _Loaded:
+    """The rows a batch transaction locked, and the rows it found held by others."""
+
+    reservations: dict[int, Reservation] = field(default_factory=dict)
+    balances: dict[BalanceKey, Balance] = field(default_factory=dict)
+    busy_reservations: set[int] = field(default_factory=set)
+    busy_balances: set[BalanceKey] = field(default_factory=set)
+    due_checked: set[BalanceKey] = field(default_factory=set)
+
+
+@dataclass
+class _Plan:
+    """The commands of one batch applied in memory: outcomes so far, and what to write."""
+
+    stock: Stock
+    outcomes: list[tuple[Pending, Outcome]] = field(default_factory=list)
+    deferred: list[Pending] = field(default_factory=list)
+    applied: list[tuple[Pending, Changes]] = field(default_factory=list)
+    short: set[BalanceKey] = field(default_factory=set)
+    index: IndexChanges = field(default_factory=IndexChanges)
+
+
+class UnitOfWork:
+    """Runs batches on one writer's ``store`` for one org.
+
+    ``locker``/``index``: the Redis locks and expiry index (no-ops without Redis). ``clock``
+    returns the current UTC time. ``ids`` hands out reservation ids.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        org_id: str,
+        locker: BalanceLocker,
+        index: ExpiryIndex,
+        clock: Callable[[], datetime],
+        ids: IdBlocks,
+    ) -> None:
+        self.store = store
+        self.org_id = org_id
+        self.locker = locker
+        self.index = index
+        self.clock = clock
+        self.ids = ids
+
+    async def run(self, batch: Sequence[Pending], *, patient: bool = False) -> BatchResult:
+        """Apply ``batch`` in one transaction; see the module docstring.
+
+        ``patient``: wait for rows other transactions hold instead of skipping them (for a
+        command that waited too often). Raises the database's errors (nothing committed, or,
+        for a lost COMMIT, nothing known to have committed).
+        """
+        claim = await self.locker.claim(self.org_id, [p.keys for p in batch])
+        result = BatchResult()
+        runnable = []
+        claimed_at = time.monotonic()
+        for p, granted in zip(batch, claim.granted, strict=True):
+            if granted:
+                runnable.append(p)
+                if claim.names and p.keys:
+                    metrics.LOCK_WAIT_SECONDS.observe(claimed_at - p.submitted)
+            else:
+                p.problem = "busy"
+                result.deferred.append(p)
+        changes = IndexChanges()
+        try:
+            if runnable:
+                reservation_ids = await self.ids.take(
+                    self.store, sum(isinstance(p.command, Reserve) for p in runnable)
+                )
+                async with self.locker.keep(claim):
+                    plan = await self._transaction(runnable, reservation_ids, patient)
+                result.outcomes += plan.outcomes
+                result.deferred += plan.deferred
+                changes = plan.index
+        finally:
+            await self.locker.release_with(claim, self.index, changes)
+        return result
+
+    async def _transaction(
+        self, batch: list[Pending], reservation_ids: list[int], patient: bool
+    ) -> _Plan:
+        async with self.store.transaction() as tx:
+            keyed = [p.command.idempotency_key for p in batch if not isinstance(p.command, Expire)]
+            found = await tx.find_keys(keyed) if keyed else {}
+            stored = {k: (v.operation, v.request_hash) for k, v in found.items()}
+            loaded = await self._lock(tx, batch, patient)
+            now = self.clock()  # as of the row locks: a call that waited past expiry sees it
+            plan = self._plan(batch, loaded, stored, reservation_ids, now)
+            wanted = plan.short - loaded.due_checked
+            if wanted and await self._load_due_holds(tx, loaded, wanted, now):
+                plan = self._plan(batch, loaded, stored, reservation_ids, now)
+            ws, spans = self._write_set(plan, loaded, now)
+            ids = await tx.write(ws)
+            try:
+                await tx.commit()
+            except Exception:
+                # The COMMIT may or may not have happened: settle it by the batch's keys.
+                if not await self._committed_anyway(ws):
+                    raise
+        if ids:
+            _fill_ledger_ids(plan, spans, ids)
+        plan.index = _index_changes(plan, ws)
+        return plan
+
+    async def _committed_anyway(self, ws: WriteSet) -> bool:
+        evidence = [k.idempotency_key for k in ws.keys] + [e.idempotency_key for e in ws.entries]
+        await self.store.discard()
+        if not evidence:
+            return False
+        try:
+            return await self.store.committed(evidence[:500])
+        except Exception:
+            log.warning("could not tell whether a batch committed; it runs again", exc_info=True)
+            return False
+
+    async def _lock(self, tx: StoreTransaction, batch: list[Pending], patient: bool) -> _Loaded:
+        """Lock what the batch addresses: reservations (by id, and the ACTIVE ones of each
+        reference), then every balance those and the commands touch, in key order."""
+        ids = {i for p in batch if (i := addressed_reservation(p.command)) is not None}
+        refs = [ref for p in batch if (ref := addressed_reference(p.command)) is not None]
+        if refs:
+            ids.update(await tx.active_reservation_ids(refs))
+        reservations = await tx.lock_reservations(sorted(ids), wait=patient)
+        keys = {k for p in batch for k in known_balance_keys(p.command)}
+        for held in reservations.rows.values():
+            keys.update(ln.key for ln in held.lines or ())
+        balances = await tx.lock_balances(sorted(keys), wait=patient)
+        return _Loaded(
+            dict(reservations.rows),
+            dict(balances.rows),
+            set(reservations.busy),
+            set(balances.busy),
+        )
+
+    async def _load_due_holds(
+        self, tx: StoreTransaction, loaded: _Loaded, keys: set[BalanceKey], now: datetime
+    ) -> bool:
+        """Load (and lock, skipping busy rows) the due reservations holding ``keys`` with the
+        balances they hold. True when it found any to plan with."""
+        loaded.due_checked |= keys
+        due = [i for i in await tx.due_holding(sorted(keys), now, MAX_DUE_HOLDS)]
+        due = [i for i in due if i not in loaded.reservations]
+        if not due:
+            return False
+        more = await tx.lock_reservations(due, wait=False)
+        extra = {
+            ln.key
+            for r in more.rows.values()
+            for ln in r.lines or ()
+            if ln.key not in loaded.balances
+        }
+        balances = await tx.lock_balances(sorted(extra), wait=False) if extra else Locked({})
+        loaded.balances.update(balances.rows)
+        found = False
+        for r in more.rows.values():
+            # Expiring it must change every balance it holds: only when all are locked here.
+            if all(k in loaded.balances for k in r.holds()):
+                loaded.reservations[r.id] = r
+                found = True
+        return found
+
+    def _plan(
+        self,
+        batch: list[Pending],
+        loaded: _Loaded,
+        stored: dict[str, tuple[str, str]],
+        reservation_ids: list[int],
+        now: datetime,
+    ) -> _Plan:
+        """Apply the commands in arrival order to the loaded state (in memory only)."""
+        plan = _Plan(Stock(loaded.balances.values(), loaded.reservations.values()))
+        new_ids = iter(reservation_ids)
+        # Keys that succeeded earlier in this batch: (operation, request hash), as stored.
+        done: dict[str, tuple[str, str]] = {}
+        for p in batch:
+            command = p.command
+            if self._touches_busy(command, loaded, plan.stock):
+                p.problem = "row"
+                plan.deferred.append(p)
+                continue
+            if not isinstance(command, Expire):
+                key = command.idempotency_key
+                earlier = stored.get(key) or done.get(key)
+                if earlier is not None:
+                    operation, rhash = earlier
+                    if (operation, rhash) == (command.operation, command.request_hash):
+                        committed = _expired_on_replay(plan.stock, command, now)
+                        if committed is not None:
+                            plan.stock.apply(committed)
+                            plan.applied.append((p, committed))
+                        plan.outcomes.append((p, Replayed(committed)))
+                    else:
+                        error = IdempotencyKeyReusedError(key, operation)
+                        plan.outcomes.append((p, Refused(Refusal(error))))
+                    continue
+            new_id = next(new_ids) if isinstance(command, Reserve) else None
+            try:
+                decision = decide(plan.stock, command, now, new_reservation_id=new_id)
+            except Exception as exc:  # a bug for this command: it fails alone
+                log.exception("applying %s failed", command.operation)
+                plan.outcomes.append((p, Crashed(exc)))
+                continue
+            if isinstance(decision, Changes):
+                plan.stock.apply(decision)
+                plan.applied.append((p, decision))
+                plan.outcomes.append((p, Applied(decision)))
+                if not isinstance(command, Expire):
+                    done[command.idempotency_key] = (command.operation, command.request_hash)
+                continue
+            if decision.committed is not None:
+                plan.stock.apply(decision.committed)
+                plan.applied.append((p, decision.committed))
+            plan.outcomes.append((p, Refused(decision)))
+            if isinstance(command, Reserve | DeductDirect) and isinstance(
+                decision.error, InsufficientStockError
+            ):
+                plan.short.update((s.location, s.sku) for s in decision.error.shortages)
+        return plan
+
+    @staticmethod
+    def _touches_busy(command: Command, loaded: _Loaded, stock: Stock) -> bool:
+        """Whether a command needs a row another transaction holds (it waits for a later
+        batch). By reference it touches every ACTIVE reservation with it."""
+        if not loaded.busy_reservations and not loaded.busy_balances:
+            return False
+        rid = addressed_reservation(command)
+        ids = [rid] if rid is not None else []
+        reference = addressed_reference(command)
+        if reference is not None:
+            ids += [r.id for r in stock.by_reference(reference)]
+            if loaded.busy_reservations:
+                return True  # a busy row may be one of this reference's (its status unknown)
+        if any(i in loaded.busy_reservations for i in ids):
+            return True
+        keys = set(known_balance_keys(command))
+        for i in ids:
+            r = stock.reservation(i)
+            if r is not None:
+                keys.update(ln.key for ln in r.lines or ())
+        return any(k in loaded.busy_balances for k in keys)
+
+    def _write_set(
+        self, plan: _Plan, loaded: _Loaded, now: datetime
+    ) -> tuple[WriteSet, dict[Pending, int]]:
+        """The final state's difference from what was loaded, plus entries and key rows.
+
+        Also returns, for each command whose result shows its ledger entries (restock,
+        adjust, deduct), the index of its first entry in ``WriteSet.entries``.
+        """
+        ws = WriteSet(now)
+        for key, balance in sorted(plan.stock.balances.items()):
+            loaded_balance = loaded.balances.get(key)
+            if loaded_balance is None:
+                ws.new_balances.append(balance)
+            elif balance != loaded_balance:
+                ws.balances.append(balance)
+        for rid, reservation in sorted(plan.stock.reservations.items()):
+            before = loaded.reservations.get(rid)
+            if before is None:
+                ws.new_reservations.append(reservation)
+                continue
+            if reservation == before:
+                continue
+            ws.reservations.append(reservation)
+            for line, old in zip(reservation.lines or (), before.lines or (), strict=True):
+                if line != old:
+                    ws.lines.append((rid, line))
+        spans: dict[Pending, int] = {}
+        for p, changes in plan.applied:
+            if changes.key_row is not None:
+                ws.keys.append(changes.key_row)
+                if isinstance(p.command, Restock | Adjust | Deduct | DeductDirect):
+                    ws.keys_needing_ids.add(changes.key_row.idempotency_key)
+                    spans[p] = len(ws.entries)
+            ws.entries.extend(changes.entries)
+        return ws, spans
+
+
+def _expired_on_replay(stock: Stock, command: Command, now: datetime) -> Changes | None:
+    """What a retry of a done release, deduct or extend commits anyway: the expiry of the
+    reservations it addresses when every one of them is past due (section 11, "Expiry")."""
+    if not isinstance(command, Release | Deduct | Extend):
+        return None
+    decision = decide(stock, command, now)
+    return decision.committed if isinstance(decision, Refusal) else None
+
+
+def _fill_ledger_ids(plan: _Plan, spans: dict[Pending, int], ids: dict[int, int]) -> None:
+    """Give the applied commands whose results show ledger entries their entries' ids."""
+    for n, (p, outcome) in enumerate(plan.outcomes):
+        start = spans.get(p)
+        if start is None or not isinstance(outcome, Applied):
+            continue
+        entries = tuple(
+            dataclasses.replace(e, id=ids.get(start + i))
+            for i, e in enumerate(outcome.changes.entries)
+        )
+        plan.outcomes[n] = (p, Applied(dataclasses.replace(outcome.changes, entries=entries)))
+
+
+def _index_changes(plan: _Plan, ws: WriteSet) -> IndexChanges:
+    """Expiries to add or move (reservations left ACTIVE) and to forget (no longer ACTIVE),
+    from the final state of what the batch wrote; an expire that found its reservation not
+    due puts it back at its expiry (a stale index entry), one that found it gone forgets it."""
+    changes = IndexChanges()
+    for r in [*ws.new_reservations, *ws.reservations]:
+        if r.status == ACTIVE:
+            changes.schedule[r.id] = r.expires_at
+        else:
+            changes.unschedule.append(r.id)
+    for p, outcome in plan.outcomes:
+        command = p.command
+        if isinstance(command, Expire) and isinstance(outcome, Applied):
+            if not outcome.changes.reservations:
+                found = plan.stock.reservation(command.reservation_id)
+                if found is not None and found.status == ACTIVE:
+                    changes.schedule[found.id] = found.expires_at
+                else:
+                    changes.unschedule.append(command.reservation_id)
+    return changes
+
+
+def weight(command: Command) -> int:
+    """Rows a command adds to a batch (its lines; one for a whole-reservation call)."""
+    cart = getattr(command, "cart", None)
+    return len(cart.lines) if cart is not None else 1
+
+
+def sorted_keys(keys: Iterable[BalanceKey]) -> tuple[BalanceKey, ...]:
+    return tuple(sorted(set(keys)))

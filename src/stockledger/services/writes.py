@@ -1,0 +1,629 @@
+"""The write services: restock, adjust, reserve, release, deduct, extend and expire.
+
+Each public coroutine builds its validated command (``domain/commands.py``: nothing invalid
+reaches a store), hands it to the batcher (``services/batcher.py``), which applies it with
+others in one transaction (``services/unit_of_work.py``, rules in ``domain/rules.py``), and
+turns the outcome into the call's result or error. Then it counts the call in the metrics of
+ARCHITECTURE section 10 and writes its one log line.
+
+A call that waited past its lock wait (keys held elsewhere) answers, in this order: its replay
+if its key is already done, InsufficientStockError when a read of the committed balance finds a
+line short (reserve, direct deduct), else LockTimeoutError.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from stockledger.config import Settings
+from stockledger.db.engine import Database, is_connection_lost
+from stockledger.db.models import reservation as R
+from stockledger.db.store import reservation_balance_keys
+from stockledger.domain.commands import (
+    Adjust,
+    Command,
+    Deduct,
+    DeductDirect,
+    Expire,
+    Extend,
+    Release,
+    Reserve,
+    Restock,
+    addressed_reference,
+    addressed_reservation,
+    known_balance_keys,
+)
+from stockledger.domain.errors import (
+    InsufficientStockError,
+    LockTimeoutError,
+    Shortage,
+    StockError,
+)
+from stockledger.domain.model import ACTIVE, BalanceKey, Line, Reference, Reservation
+from stockledger.domain.state import Changes
+from stockledger.domain.validation import Cart
+from stockledger.locks import BalanceLocker, ExpiryIndex, NoExpiryIndex, NoLocks
+from stockledger.observability import metrics
+from stockledger.observability.logs import get_logger
+from stockledger.services.batcher import Batcher
+from stockledger.services.errors import ServiceUnavailableError
+from stockledger.services.idempotency import key_done, replay
+from stockledger.services.records import (
+    AdjustResult,
+    DeductResult,
+    ExtendResult,
+    ReleaseResult,
+    ReserveResult,
+    RestockResult,
+)
+from stockledger.services.rows import balance_record, select_balances, to_db_time, utcnow
+from stockledger.services.unit_of_work import (
+    Applied,
+    Busy,
+    Crashed,
+    Outcome,
+    Refused,
+    Replayed,
+    Unavailable,
+)
+
+Clock = Callable[[], datetime]
+_log = get_logger("stockledger.writes")
+
+# How long the sweeper's expiries wait for busy rows (seconds) before it tries them again on a
+# later pass: long enough for a concurrent batch on the same balances, short enough that one
+# row held by another session does not hold up the rest of the sweep.
+EXPIRE_PATIENCE_SECONDS = 1.0
+# Balances remembered as last seen available (a hint: see _looks_short).
+_SEEN_CAP = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """What one expire did: ``expired`` is the reservation it expired (None: nothing to do:
+    not ACTIVE, not due, or missing); ``busy``: its rows stayed held, try again later."""
+
+    reservation_id: int
+    expired: Reservation | None
+    busy: bool = False
+
+
+@dataclass
+class _Answer:
+    """A call's end: its result or error, the outcome label of the metrics and the log line,
+    and what it committed (for the log line)."""
+
+    outcome: str
+    result: Any = None
+    error: BaseException | None = None
+    committed: Changes | None = None
+
+
+class InventoryService:
+    """The stock rules of ARCHITECTURE section 3 over one :class:`Database`, for one org.
+
+    ``clock`` returns the current UTC time (tests pass their own to control expiry).
+    ``locker`` and ``expiry_index`` default to no-ops (database locks alone, expiry by scan).
+    Quantities are units of stock; TTLs are seconds.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        clock: Clock = utcnow,
+        locker: BalanceLocker | None = None,
+        expiry_index: ExpiryIndex | None = None,
+        org_id: str | None = None,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.clock = clock
+        self.locker: BalanceLocker = locker or NoLocks(settings.lock_wait_seconds)
+        self.expiry_index: ExpiryIndex = expiry_index or NoExpiryIndex()
+        self.org_id = org_id or settings.org_id
+        self.batcher = Batcher(
+            db,
+            settings,
+            org_id=self.org_id,
+            locker=self.locker,
+            index=self.expiry_index,
+            clock=clock,
+        )
+        # Units available per balance as last seen by this process. Only decides whether a
+        # call on busy keys reads the balance first; a stale value costs time, never
+        # correctness.
+        self._available_seen: dict[BalanceKey, int] = {}
+
+    async def close(self) -> None:
+        """Stop the batcher's writers and give their connections back."""
+        await self.batcher.close()
+
+    # ------------------------------------------------------------------ public writes
+
+    async def restock(
+        self,
+        idempotency_key: str,
+        lines: Sequence[Line],
+        *,
+        reference: Reference | None = None,
+        reason: str | None = None,
+    ) -> RestockResult:
+        """RESTOCK: ``on_hand += quantity`` per line, creating balances on first restock.
+
+        Raises ValidationError (bad input, or on_hand would pass 2**31-1),
+        IdempotencyKeyReusedError, LockTimeoutError, ServiceUnavailableError.
+        """
+        return await self._write(
+            "restock",
+            idempotency_key,
+            reference,
+            lambda: Restock.validated(idempotency_key, lines, reference=reference, reason=reason),
+        )
+
+    async def adjust(
+        self,
+        idempotency_key: str,
+        sku: str,
+        location: str = "default",
+        *,
+        delta: int | None = None,
+        set_on_hand: int | None = None,
+        expected_version: int | None = None,
+        reason: str,
+        reference: Reference | None = None,
+    ) -> AdjustResult:
+        """ADJUST: ``on_hand += delta`` or ``on_hand = set_on_hand`` (exactly one), with a reason.
+
+        A balance that does not exist is created (version 0 before). A zero change is still
+        recorded. ``expected_version`` makes it a compare-and-set. Raises ValidationError,
+        InsufficientStockError (on_hand would fall below reserved), VersionConflictError,
+        IdempotencyKeyReusedError, LockTimeoutError, ServiceUnavailableError.
+        """
+        return await self._write(
+            "adjust",
+            idempotency_key,
+            reference,
+            lambda: Adjust.validated(
+                idempotency_key,
+                sku,
+                location,
+                delta=delta,
+                set_on_hand=set_on_hand,
+                expected_version=expected_version,
+                reason=reason,
+                reference=reference,
+            ),
+        )
+
+    async def reserve(
+        self,
+        idempotency_key: str,
+        lines: Sequence[Line],
+        *,
+        reference: Reference | None = None,
+        ttl_seconds: int | None = None,
+    ) -> ReserveResult:
+        """RESERVE a cart: ``reserved += quantity`` on every line, or nothing at all.
+
+        ``ttl_seconds`` defaults to the setting (1800 s) and may not pass the maximum. A
+        never-stocked balance has 0 available. Raises ValidationError, InsufficientStockError
+        (listing every short line), IdempotencyKeyReusedError, LockTimeoutError,
+        ServiceUnavailableError.
+        """
+        s = self.settings
+        return await self._write(
+            "reserve",
+            idempotency_key,
+            reference,
+            lambda: Reserve.validated(
+                idempotency_key,
+                lines,
+                reference=reference,
+                ttl_seconds=ttl_seconds,
+                default_ttl_seconds=s.default_reservation_ttl_seconds,
+                max_ttl_seconds=s.max_reservation_ttl_seconds,
+            ),
+        )
+
+    async def release(
+        self,
+        idempotency_key: str,
+        *,
+        reservation_id: str | int | None = None,
+        reference: Reference | None = None,
+        lines: Sequence[Line] | None = None,
+    ) -> ReleaseResult:
+        """RELEASE reserved units back to available: ``reserved -= quantity``.
+
+        Address exactly one of ``reservation_id`` or ``reference`` (every ACTIVE reservation
+        with it, oldest first). No ``lines``: everything remaining. Raises ValidationError
+        (also for more than a line's remaining), NotFoundError, ReservationNotActiveError
+        (EXPIRED when found past expiry, which is then expired), IdempotencyKeyReusedError,
+        LockTimeoutError, ServiceUnavailableError.
+        """
+        return await self._write(
+            "release",
+            idempotency_key,
+            reference,
+            lambda: Release.validated(
+                idempotency_key, reservation_id=reservation_id, reference=reference, lines=lines
+            ),
+        )
+
+    async def deduct(
+        self,
+        idempotency_key: str,
+        *,
+        reservation_id: str | int | None = None,
+        reference: Reference | None = None,
+        lines: Sequence[Line] | None = None,
+    ) -> DeductResult:
+        """DEDUCT: commit reserved units (``reserved -= q, on_hand -= q``), or, with neither
+        ``reservation_id`` nor ``reference``, deduct ``lines`` directly from available stock.
+
+        Raises ValidationError, InsufficientStockError (direct only), NotFoundError,
+        ReservationNotActiveError, IdempotencyKeyReusedError, LockTimeoutError,
+        ServiceUnavailableError.
+        """
+        return await self._write(
+            "deduct",
+            idempotency_key,
+            reference,
+            lambda: Deduct.validated(
+                idempotency_key, reservation_id=reservation_id, reference=reference, lines=lines
+            ),
+        )
+
+    async def extend_reservation(
+        self, idempotency_key: str, reservation_id: str | int, ttl_seconds: int
+    ) -> ExtendResult:
+        """Set an ACTIVE reservation's expiry to now + ``ttl_seconds`` (1 to the maximum).
+
+        Raises ValidationError, NotFoundError, ReservationNotActiveError (EXPIRED when found
+        past expiry, which is then expired), IdempotencyKeyReusedError, LockTimeoutError,
+        ServiceUnavailableError.
+        """
+        max_ttl = self.settings.max_reservation_ttl_seconds
+        return await self._write(
+            "extend",
+            idempotency_key,
+            None,
+            lambda: Extend.validated(
+                idempotency_key, reservation_id, ttl_seconds, max_ttl_seconds=max_ttl
+            ),
+        )
+
+    # ------------------------------------------------------------------ expiry
+
+    async def expire_reservation(self, reservation_id: int) -> Reservation | None:
+        """EXPIRE one reservation if it is ACTIVE and due (now >= expires_at).
+
+        Idempotent: returns the expired reservation, or None when it was not ACTIVE, not due,
+        does not exist (e.g. another sweeper got there first), or stayed busy.
+        """
+        [expiry] = await self.expire_many([reservation_id], patience=self.locker.wait)
+        return expiry.expired
+
+    async def expire_many(
+        self, reservation_ids: Sequence[int], *, patience: float = EXPIRE_PATIENCE_SECONDS
+    ) -> list[Expiry]:
+        """EXPIRE each of ``reservation_ids`` that is ACTIVE and due, in batches; ``patience``
+        (seconds) bounds the wait for rows held elsewhere (then ``busy``)."""
+        ids = list(dict.fromkeys(reservation_ids))
+        if not ids:
+            return []
+        start = time.perf_counter()
+        commands = [Expire(i) for i in ids]
+        hints = await self._reservation_hints(commands)
+        outcomes = await self.batcher.submit_many(
+            [(c, self._keys(c, hints)) for c in commands], patience=patience
+        )
+        out = []
+        for command, outcome in zip(commands, outcomes, strict=True):
+            answer = await self._answer(command, outcome)
+            self._record(command.operation, command.idempotency_key, None, answer, start, command)
+            # Busy, or failed (logged): the sweeper tries it again on a later pass.
+            busy = answer.outcome in ("lock_timeout", "unavailable", "error")
+            out.append(Expiry(command.reservation_id, answer.result, busy))
+        return out
+
+    async def due_reservation_ids(self, limit: int = 1000) -> list[int]:
+        """Ids of ACTIVE reservations whose expiry has passed, soonest first (the DB scan)."""
+        now = to_db_time(self.clock())
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(R.c.id)
+                .where(R.c.status == ACTIVE, R.c.expires_at <= now, R.c.org_id == self.org_id)
+                .order_by(R.c.expires_at)
+                .limit(limit)
+            )
+            return [r.id for r in rows]
+
+    async def expire_due(self, limit: int = 1000) -> list[int]:
+        """Expire every due reservation found by the database scan (up to ``limit``).
+
+        Returns the ids this call expired (others may have been expired concurrently).
+        """
+        expiries = await self.expire_many(
+            await self.due_reservation_ids(limit), patience=self.locker.wait
+        )
+        return [e.reservation_id for e in expiries if e.expired is not None]
+
+    # ------------------------------------------------------------------ one call
+
+    async def _write(
+        self, operation: str, raw_key: Any, reference: Any, build: Callable[[], Command]
+    ) -> Any:
+        """Build, run and record one call; returns its result (the type of ``operation``'s)."""
+        start = time.perf_counter()
+        try:
+            command = build()
+        except StockError as error:
+            answer = _Answer(error.code.lower(), error=error)
+            self._record(operation, raw_key, reference, answer, start, None)
+            raise
+        try:
+            answer = await self._execute(command)
+        except ServiceUnavailableError as error:
+            answer = _Answer("unavailable", error=error)
+        self._record(operation, command.idempotency_key, reference, answer, start, command)
+        if answer.error is not None:
+            raise answer.error
+        return answer.result
+
+    async def _execute(self, command: Command) -> _Answer:
+        """Submit ``command`` and settle its outcome (see the module docstring)."""
+        hints = await self._reservation_hints([command])
+        keys = self._keys(command, hints)
+        early = isinstance(command, Reserve | DeductDirect) and self._looks_short(command.cart)
+        while True:
+            outcome = await self.batcher.submit(command, keys, early=early)
+            if isinstance(outcome, Busy) and outcome.early:
+                # Busy elsewhere, and last seen short here: read before queueing again.
+                assert isinstance(command, Reserve | DeductDirect)
+                refused = await self._refuse_if_short(command)
+                if refused is not None:
+                    return refused
+                early = False
+                continue
+            return await self._answer(command, outcome)
+
+    async def _answer(self, command: Command, outcome: Outcome) -> _Answer:
+        if isinstance(outcome, Applied):
+            changes = outcome.changes
+            if isinstance(command, Expire) and not changes.reservations:
+                return _Answer("skipped")
+            self._saw_available((b.key, b.available) for b in changes.balances)
+            return _Answer("success", _result(command, changes), committed=changes)
+        if isinstance(outcome, Refused):
+            error = outcome.refusal.error
+            if isinstance(error, InsufficientStockError):
+                self._saw_available(((s.location, s.sku), s.available) for s in error.shortages)
+            return _Answer(error.code.lower(), error=error, committed=outcome.refusal.committed)
+        if isinstance(outcome, Replayed):
+            answer = await self._replayed(command)
+            answer.committed = outcome.committed
+            return answer
+        if isinstance(outcome, Busy):
+            if isinstance(command, Expire):
+                return _Answer("lock_timeout")
+            metrics.LOCK_TIMEOUTS_TOTAL.inc()
+            return await self._timed_out(command, outcome.retry_after_ms)
+        if isinstance(outcome, Unavailable):
+            return _Answer("unavailable", error=ServiceUnavailableError(outcome.retry_after_ms))
+        assert isinstance(outcome, Crashed)
+        return _Answer("error", error=outcome.error)
+
+    async def _replayed(self, command: Command) -> _Answer:
+        try:
+            result = await replay(
+                self.db,
+                self.org_id,
+                command.operation,
+                command.idempotency_key,
+                command.request_hash,
+            )
+        except StockError as error:
+            return _Answer(error.code.lower(), error=error)
+        except Exception as exc:
+            if is_connection_lost(exc):
+                return _Answer("unavailable", error=ServiceUnavailableError(100))
+            raise
+        if result is None:  # cannot happen: the batch saw the key row committed
+            raise RuntimeError(f"idempotency key {command.idempotency_key!r} vanished")
+        return _Answer("replayed", result)
+
+    async def _timed_out(self, command: Command, retry_after_ms: int) -> _Answer:
+        """A call whose keys stayed busy: its replay if done, InsufficientStockError if a read
+        finds a line short (reserve, direct deduct), else LockTimeoutError. A failure of those
+        reads still answers LockTimeoutError, which tells the caller to retry."""
+        timeout = LockTimeoutError(
+            retry_after_ms,
+            f"stock is busy: its balances were not free within {self.locker.wait:g} s; retry "
+            f"with the same idempotency key in {retry_after_ms} ms",
+        )
+        try:
+            result = await replay(
+                self.db,
+                self.org_id,
+                command.operation,
+                command.idempotency_key,
+                command.request_hash,
+            )
+            if result is not None:
+                return _Answer("replayed", result)
+            if isinstance(command, Reserve | DeductDirect):
+                refused = await self._refuse_if_short(command)
+                if refused is not None:
+                    return refused
+        except StockError as error:  # the key was used for another request
+            return _Answer(error.code.lower(), error=error)
+        except Exception:
+            _log.warning("read after a lock timeout failed", exc_info=True)
+        return _Answer("lock_timeout", error=timeout)
+
+    async def _refuse_if_short(self, command: Reserve | DeductDirect) -> _Answer | None:
+        """InsufficientStockError when a read of the committed balances finds a line short.
+
+        That answer is true of the state at the read, so it is as linearizable as the locked
+        check. None when stock looks sufficient, or when the key is done (the batch then
+        replays it).
+        """
+        keys = command.cart.keys()
+        async with self.db.read() as conn:
+            rows = await select_balances(conn, self.org_id, keys, for_update=False)
+            # The key is read after the balances: at READ COMMITTED each statement sees the
+            # latest commits, so a copy whose effect the balances show has its key seen too.
+            if await key_done(conn, self.org_id, command.idempotency_key):
+                return None
+        available = {k: balance_record(row).available for k, row in rows.items()}
+        self._saw_available((k, available.get(k, 0)) for k in keys)
+        shortages = _shortages(command.cart, available)
+        if shortages:
+            return _Answer("insufficient_stock", error=InsufficientStockError(shortages))
+        return None
+
+    # ------------------------------------------------------------------ hints
+
+    def _needs_hints(self) -> bool:
+        """Reservation-addressed calls learn their balances first when those decide which
+        Redis locks to claim or which writer takes them."""
+        return not isinstance(self.locker, NoLocks) or self.batcher.writers > 1
+
+    async def _reservation_hints(
+        self, commands: Sequence[Command]
+    ) -> dict[int | Reference, list[BalanceKey]]:
+        """The balances of the reservations ``commands`` address (a read, no lock)."""
+        ids = [i for c in commands if (i := addressed_reservation(c)) is not None]
+        refs = [r for c in commands if (r := addressed_reference(c)) is not None]
+        if not (ids or refs) or not self._needs_hints():
+            return {}
+        try:
+            return await reservation_balance_keys(self.db, self.org_id, ids, refs)
+        except Exception as exc:
+            if is_connection_lost(exc):
+                raise ServiceUnavailableError(100) from exc
+            raise
+
+    @staticmethod
+    def _keys(command: Command, hints: dict[int | Reference, list[BalanceKey]]) -> list[BalanceKey]:
+        known = known_balance_keys(command)
+        if known:
+            return known
+        rid = addressed_reservation(command)
+        if rid is not None:
+            return hints.get(rid, [])
+        reference = addressed_reference(command)
+        return hints.get(reference, []) if reference is not None else []
+
+    def _looks_short(self, cart: Cart) -> bool:
+        """True when this process last saw fewer units available than a line asks for.
+
+        A balance not seen yet counts as sufficient: in a burst on a hot SKU, reading it
+        first would only slow the batches while units remain.
+        """
+        seen = self._available_seen
+        return any(seen.get(ln.key, ln.quantity) < ln.quantity for ln in cart.lines)
+
+    def _saw_available(self, seen: Iterable[tuple[BalanceKey, int]]) -> None:
+        """Remember (key, available) pairs; forgets all past 10,000 balances."""
+        if len(self._available_seen) > _SEEN_CAP:
+            self._available_seen.clear()
+        for key, available in seen:
+            self._available_seen[key] = available
+
+    # ------------------------------------------------------------------ metrics and log
+
+    def _record(
+        self,
+        operation: str,
+        key: Any,
+        reference: Any,
+        answer: _Answer,
+        start: float,
+        command: Command | None,
+    ) -> None:
+        """Count one call in the metrics of ARCHITECTURE section 10 and write its log line:
+        operation, idempotency key, reference, outcome, duration (seconds) and, per ledger
+        entry it committed, sku, location, quantity and on hand / reserved before and after."""
+        outcome = answer.outcome
+        reason = "given" if operation == "adjust" else "none"  # free text: never a label value
+        metrics.STOCK_MOVEMENTS_TOTAL.labels(type=operation, result=outcome, reason=reason).inc()
+        if operation == "reserve":
+            metrics.RESERVE_TOTAL.labels(status=outcome).inc()
+        elif operation == "deduct":
+            metrics.DEDUCT_TOTAL.labels(status=outcome).inc()
+        if outcome == "replayed":
+            metrics.IDEMPOTENT_HIT_TOTAL.inc()
+        committed = answer.committed
+        if committed is not None:
+            expired = committed.expired()
+            if expired:
+                metrics.RESERVATIONS_EXPIRED_TOTAL.inc(len(expired))
+        fields: dict[str, Any] = {
+            "operation": operation,
+            "idempotency_key": key if isinstance(key, str) else repr(key),
+            "reference": None if reference is None else str(reference),
+            "outcome": outcome,
+            "duration_s": round(time.perf_counter() - start, 6),
+        }
+        if isinstance(command, Expire):
+            fields["reservation_id"] = command.reservation_id
+        if committed is not None:
+            fields["balances"] = [
+                {
+                    "event_type": e.event_type,
+                    "sku": e.sku,
+                    "location": e.location,
+                    "quantity": abs(e.on_hand_delta) or abs(e.reserved_delta),
+                    "on_hand_before": e.on_hand_after - e.on_hand_delta,
+                    "on_hand_after": e.on_hand_after,
+                    "reserved_before": e.reserved_after - e.reserved_delta,
+                    "reserved_after": e.reserved_after,
+                    "reservation_id": e.reservation_id,
+                }
+                for e in committed.entries
+            ]
+        if answer.error is not None:
+            fields["error"] = str(answer.error)
+        if outcome == "error":
+            _log.error("stock write failed", **fields, exc_info=answer.error)
+        else:
+            _log.info("stock write", **fields)
+
+
+def _shortages(cart: Cart, available: dict[BalanceKey, int]) -> list[Shortage]:
+    return [
+        Shortage(ln.sku, ln.location, ln.quantity, max(available.get(ln.key, 0), 0))
+        for ln in cart.lines
+        if available.get(ln.key, 0) < ln.quantity
+    ]
+
+
+def _result(command: Command, changes: Changes) -> Any:
+    """A successful command's result, from its committed changes."""
+    by_id = {r.id: r for r in changes.reservations}
+    answered = [by_id[i] for i in changes.answer]
+    balances = list(changes.balances)
+    if isinstance(command, Restock):
+        return RestockResult(balances, list(changes.entries), False)
+    if isinstance(command, Adjust):
+        return AdjustResult(balances[0], changes.entries[0], False)
+    if isinstance(command, Reserve):
+        return ReserveResult(answered[0], balances, False)
+    if isinstance(command, Release):
+        return ReleaseResult(answered, balances, False)
+    if isinstance(command, Deduct | DeductDirect):
+        own = [e for e in changes.entries if e.idempotency_key == command.idempotency_key]
+        return DeductResult(answered, balances, own, False)
+    if isinstance(command, Extend):
+        return ExtendResult(answered[0], False)
+    return answered[0]  # Expire: the expired reservation
