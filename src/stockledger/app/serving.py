@@ -32,7 +32,7 @@ def metrics_registry() -> CollectorRegistry:
     (``PROMETHEUS_MULTIPROC_DIR`` set), else this process's default registry."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
     return REGISTRY
 

@@ -121,7 +121,7 @@ def build_schema(settings: Settings) -> strawberry.Schema:
 
 def print_sdl() -> str:
     """The SDL of the schema as committed in ``schema.graphql`` (ends with a newline)."""
-    return schema.as_str().rstrip("\n") + "\n"
+    return str(schema.as_str()).rstrip("\n") + "\n"
 
 
 schema: Any = strawberry.Schema(query=Query, mutation=Mutation, config=_config())

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select
 
@@ -161,11 +161,16 @@ class InventoryService:
         Raises ValidationError (bad input, or on_hand would pass 2**31-1),
         IdempotencyKeyReusedError, LockTimeoutError, ServiceUnavailableError.
         """
-        return await self._write(
-            "restock",
-            idempotency_key,
-            reference,
-            lambda: Restock.validated(idempotency_key, lines, reference=reference, reason=reason),
+        return cast(
+            RestockResult,
+            await self._write(
+                "restock",
+                idempotency_key,
+                reference,
+                lambda: Restock.validated(
+                    idempotency_key, lines, reference=reference, reason=reason
+                ),
+            ),
         )
 
     async def adjust(
@@ -187,19 +192,22 @@ class InventoryService:
         InsufficientStockError (on_hand would fall below reserved), VersionConflictError,
         IdempotencyKeyReusedError, LockTimeoutError, ServiceUnavailableError.
         """
-        return await self._write(
-            "adjust",
-            idempotency_key,
-            reference,
-            lambda: Adjust.validated(
+        return cast(
+            AdjustResult,
+            await self._write(
+                "adjust",
                 idempotency_key,
-                sku,
-                location,
-                delta=delta,
-                set_on_hand=set_on_hand,
-                expected_version=expected_version,
-                reason=reason,
-                reference=reference,
+                reference,
+                lambda: Adjust.validated(
+                    idempotency_key,
+                    sku,
+                    location,
+                    delta=delta,
+                    set_on_hand=set_on_hand,
+                    expected_version=expected_version,
+                    reason=reason,
+                    reference=reference,
+                ),
             ),
         )
 
@@ -219,17 +227,20 @@ class InventoryService:
         ServiceUnavailableError.
         """
         s = self.settings
-        return await self._write(
-            "reserve",
-            idempotency_key,
-            reference,
-            lambda: Reserve.validated(
+        return cast(
+            ReserveResult,
+            await self._write(
+                "reserve",
                 idempotency_key,
-                lines,
-                reference=reference,
-                ttl_seconds=ttl_seconds,
-                default_ttl_seconds=s.default_reservation_ttl_seconds,
-                max_ttl_seconds=s.max_reservation_ttl_seconds,
+                reference,
+                lambda: Reserve.validated(
+                    idempotency_key,
+                    lines,
+                    reference=reference,
+                    ttl_seconds=ttl_seconds,
+                    default_ttl_seconds=s.default_reservation_ttl_seconds,
+                    max_ttl_seconds=s.max_reservation_ttl_seconds,
+                ),
             ),
         )
 
@@ -249,12 +260,15 @@ class InventoryService:
         (EXPIRED when found past expiry, which is then expired), IdempotencyKeyReusedError,
         LockTimeoutError, ServiceUnavailableError.
         """
-        return await self._write(
-            "release",
-            idempotency_key,
-            reference,
-            lambda: Release.validated(
-                idempotency_key, reservation_id=reservation_id, reference=reference, lines=lines
+        return cast(
+            ReleaseResult,
+            await self._write(
+                "release",
+                idempotency_key,
+                reference,
+                lambda: Release.validated(
+                    idempotency_key, reservation_id=reservation_id, reference=reference, lines=lines
+                ),
             ),
         )
 
@@ -273,12 +287,15 @@ class InventoryService:
         ReservationNotActiveError, IdempotencyKeyReusedError, LockTimeoutError,
         ServiceUnavailableError.
         """
-        return await self._write(
-            "deduct",
-            idempotency_key,
-            reference,
-            lambda: Deduct.validated(
-                idempotency_key, reservation_id=reservation_id, reference=reference, lines=lines
+        return cast(
+            DeductResult,
+            await self._write(
+                "deduct",
+                idempotency_key,
+                reference,
+                lambda: Deduct.validated(
+                    idempotency_key, reservation_id=reservation_id, reference=reference, lines=lines
+                ),
             ),
         )
 
@@ -292,12 +309,15 @@ class InventoryService:
         ServiceUnavailableError.
         """
         max_ttl = self.settings.max_reservation_ttl_seconds
-        return await self._write(
-            "extend",
-            idempotency_key,
-            None,
-            lambda: Extend.validated(
-                idempotency_key, reservation_id, ttl_seconds, max_ttl_seconds=max_ttl
+        return cast(
+            ExtendResult,
+            await self._write(
+                "extend",
+                idempotency_key,
+                None,
+                lambda: Extend.validated(
+                    idempotency_key, reservation_id, ttl_seconds, max_ttl_seconds=max_ttl
+                ),
             ),
         )
 
