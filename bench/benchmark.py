@@ -103,6 +103,22 @@ async def bench_b0(
         **dsn,
     )
     counter = 0
+    # Reservation ids the way the service takes them (hi/lo blocks of the id_block sequence),
+    # one block for the whole run, so B0 sends the same statements per reserve.
+    async with pool.acquire() as conn:
+        async with conn.cursor() as cur:
+            await conn.begin()
+            await cur.execute(
+                "SELECT GREATEST(next_value, (SELECT COALESCE(MAX(id), 0) + 1 FROM reservation)) "
+                "FROM id_block WHERE name = 'reservation' FOR UPDATE"
+            )
+            (first_id,) = await cur.fetchone()
+            await cur.execute(
+                "UPDATE id_block SET next_value = %s WHERE name = 'reservation'",
+                (first_id + 10_000_000,),
+            )
+            await conn.commit()
+    ids = iter(range(first_id, first_id + 10_000_000))
 
     async def one(w: int, rng: random.Random) -> bool:
         nonlocal counter
@@ -141,12 +157,12 @@ async def bench_b0(
                         "updated_at=%s WHERE org_id=%s AND location=%s AND sku=%s",
                         [(r[2], r[3] + 1, r[4] + 1, now, org, r[0], r[1]) for r in rows],
                     )
+                    rid = next(ids)
                     await cur.execute(
-                        "INSERT INTO reservation (org_id, status, expires_at, created_at, "
-                        "updated_at) VALUES (%s,'ACTIVE',%s,%s,%s)",
-                        (org, now + timedelta(seconds=1800), now, now),
+                        "INSERT INTO reservation (id, org_id, status, expires_at, created_at, "
+                        "updated_at) VALUES (%s,%s,'ACTIVE',%s,%s,%s)",
+                        (rid, org, now + timedelta(seconds=1800), now, now),
                     )
-                    rid = cur.lastrowid
                     await cur.executemany(
                         "INSERT INTO reservation_line (reservation_id, org_id, location, sku, "
                         "quantity, deducted, released) VALUES (%s,%s,%s,%s,1,0,0)",

@@ -47,6 +47,8 @@ from stockledger.domain.state import KeyRow
 K = TypeVar("K")
 V = TypeVar("V")
 
+# The tables whose ids come from id blocks (the sequence is named after its table).
+_SEQUENCES = frozenset({"reservation"})
 # Rows per multi-row statement: keeps every statement far below SQLite's 32,766 parameters
 # (SQLite docs, "Limits In SQLite", SQLITE_MAX_VARIABLE_NUMBER) and MySQL's packet size.
 MAX_ROWS_PER_STATEMENT = 500
@@ -308,20 +310,28 @@ class SqlStore:
     # ------------------------------------------------------------------ outside a batch
 
     async def allocate_ids(self, name: str, count: int) -> range:
-        """``count`` fresh ids of the sequence ``name`` (hi/lo: one short transaction per
-        block, ARCHITECTURE section 12), on a connection of the other pool, so the writers'
-        connections only ever run batches."""
+        """``count`` fresh ids of the sequence ``name`` (a table with an integer ``id``): hi/lo,
+        one short transaction per block (ARCHITECTURE section 12), on a connection of the other
+        pool, so the writers' connections only ever run batches.
+
+        The block starts above every id the table holds, so ids written by other means (an
+        AUTO_INCREMENT insert of an older release during a rolling deploy) never collide for
+        long: a batch that hit one runs again with a fresh block.
+        """
+        if name not in _SEQUENCES:
+            raise ValueError(f"no id sequence {name!r}")
         m = self.sql.mark
         lock = " FOR UPDATE" if self.sql.mysql else ""
         async with self.db.read_engine.begin() as conn:
-            row = (
-                await conn.exec_driver_sql(
-                    f"SELECT next_value FROM id_block WHERE name = {m}{lock}", (name,)
-                )
-            ).first()
+            result: Any = await conn.exec_driver_sql(
+                f"SELECT next_value, (SELECT COALESCE(MAX(id), 0) + 1 FROM {name}) "
+                f"FROM id_block WHERE name = {m}{lock}",
+                (name,),
+            )
+            row = result.first()
             if row is None:
                 raise LookupError(f"no id sequence {name!r}: run `stockledger migrate`")
-            start = int(row[0])
+            start = max(int(row[0]), int(row[1]))
             await conn.exec_driver_sql(
                 f"UPDATE id_block SET next_value = {m} WHERE name = {m}", (start + count, name)
             )

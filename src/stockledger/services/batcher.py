@@ -82,7 +82,7 @@ class Batcher:
         self.writers = 1 if db.is_sqlite else settings.write_connections
         self.max_commands = settings.batch_max_commands
         self.max_rows = settings.batch_max_rows
-        ids = IdBlocks(settings.id_block_size)
+        self.ids = ids = IdBlocks(settings.id_block_size)
         self._stores = [SqlStore(db, org_id) for _ in range(self.writers)]
         self._units = [
             UnitOfWork(s, org_id=org_id, locker=locker, index=index, clock=clock, ids=ids)
@@ -94,6 +94,7 @@ class Batcher:
         self._alone: list[list[Pending]] = [[] for _ in range(self.writers)]
         self._wake: list[asyncio.Event] = [asyncio.Event() for _ in range(self.writers)]
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     # ------------------------------------------------------------------ callers
 
@@ -141,21 +142,30 @@ class Batcher:
             self._enqueue(p)
         return list(await asyncio.gather(*(p.future for p in pendings)))
 
-    async def close(self) -> None:
-        """Stop the writers (commands still queued are cancelled) and give connections back."""
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop the writers once what is queued has run, and give their connections back.
+
+        A writer is never cancelled in the middle of a query (ARCHITECTURE section 4): it
+        finishes its batch; only past ``grace`` seconds are the stragglers cancelled.
+        """
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
+        self._closing = True
+        for wake in self._wake:
+            wake.set()
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=grace)
+        for task in stuck:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for queue in self._queues:
-            while queue:
-                queue.popleft().future.cancel()
 
     # ------------------------------------------------------------------ queues
 
     def _start(self) -> None:
+        if self._closing:
+            raise RuntimeError("the batcher is closed")
         if not self._tasks:
             self._tasks = [
                 asyncio.create_task(self._writer(i), name=f"stockledger-writer-{i}")
@@ -235,6 +245,8 @@ class Batcher:
                 # Idle: the connection goes back to the pool (cheap: no reset round trip,
                 # every batch ended its transaction) and is taken again with the next batch.
                 await self._stores[i].close()
+                if self._closing:
+                    return
                 if not (queue or alone):
                     await wake.wait()
         finally:
@@ -277,6 +289,8 @@ class Batcher:
                     p.problem = problem
                 if reason in _DATABASE_AWAY:
                     await uow.store.discard()
+                if reason == "duplicate_key":
+                    self.ids.discard()  # maybe a reservation id given out elsewhere
                 attempt += 1
                 if attempt >= self.settings.retry_max_attempts and len(batch) > 1:
                     await self._split(uow, batch, patient)

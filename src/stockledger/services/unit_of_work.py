@@ -199,12 +199,22 @@ class IdBlocks:
 
     async def take(self, store: Store, count: int) -> list[int]:
         """``count`` fresh ids, increasing; fetches blocks through ``store`` as needed."""
+        if count == 0:
+            return []
         async with self._lock:
             while len(self._ids) < count:
-                block = await store.allocate_ids("reservation", max(self.block_size, count))
+                # Shielded: a cancelled caller must not leave the sequence row locked.
+                block = await asyncio.shield(
+                    store.allocate_ids("reservation", max(self.block_size, count))
+                )
                 self._ids.extend(block)
             taken, self._ids = self._ids[:count], self._ids[count:]
         return taken
+
+    def discard(self) -> None:
+        """Drop the ids at hand (a batch found one already used): the next block starts
+        above every id in use."""
+        self._ids = []
 
 
 # ---------------------------------------------------------------------------- the unit of work
