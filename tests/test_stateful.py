@@ -303,36 +303,41 @@ class FixedClock:
 
 
 class StockMachine(RuleBasedStateMachine):
-    """Set ``new_url`` (a callable returning a migrated database URL) in a subclass."""
-
-    new_url: Callable[[], str]
+    """The service under test comes from :meth:`open`; after every step :meth:`violations`
+    and :meth:`snapshot` must agree with the model. Subclasses give the backend."""
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.url = type(self).new_url()
         self.settings = make_settings()
-        self.db = create_database(self.settings, self.url)
         self.clock = FixedClock()
         self.org_id = f"s-{uuid.uuid4().hex[:12]}"
-        self.service = InventoryService(
-            self.db, self.settings, clock=self.clock, org_id=self.org_id
-        )
+        self.service = self.open()
         self.model = Model()
         self.counter = 0
         self.done: dict[str, Done] = {}  # keys of calls that succeeded
         self.failed_keys: list[str] = []  # keys only failed calls used: still free
+
+    def open(self) -> InventoryService:
+        raise NotImplementedError
+
+    async def violations(self) -> list[str]:
+        raise NotImplementedError
+
+    async def snapshot(self) -> tuple[dict[Any, Any], ...]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        await self.service.close()
 
     def run(self, coro: Awaitable[Any]) -> Any:
         return self.loop.run_until_complete(coro)
 
     def teardown(self) -> None:
         try:
-            self.run(self.db.dispose())
+            self.run(self.close())
         finally:
             self.loop.close()
-            if self.url.startswith("sqlite"):
-                shutil.rmtree(Path(self.url.split("///", 1)[1]).parent, ignore_errors=True)
 
     # -------------------------------------------------------------- helpers
 
@@ -792,7 +797,7 @@ class StockMachine(RuleBasedStateMachine):
 
     @invariant()
     def database_agrees_with_model(self) -> None:
-        violations = self.run(find_violations(self.db, self.org_id))
+        violations = self.run(self.violations())
         assert violations == []
         balances, entries, reservations, lines = self.run(self.snapshot())
         m = self.model
@@ -807,6 +812,28 @@ class StockMachine(RuleBasedStateMachine):
             for r in m.reservations.values()
             for k, ln in r.lines.items()
         }
+
+
+class DatabaseMachine(StockMachine):
+    """The service on a real database; set ``new_url`` (returns a migrated database URL)."""
+
+    new_url: Callable[[], str]
+
+    def open(self) -> InventoryService:
+        self.url = type(self).new_url()
+        self.db = create_database(self.settings, self.url)
+        return InventoryService(self.db, self.settings, clock=self.clock, org_id=self.org_id)
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+            await self.db.dispose()
+        finally:
+            if self.url.startswith("sqlite"):
+                shutil.rmtree(Path(self.url.split("///", 1)[1]).parent, ignore_errors=True)
+
+    async def violations(self) -> list[str]:
+        return await find_violations(self.db, self.org_id)
 
     async def snapshot(self) -> tuple[dict[Any, Any], ...]:
         org = self.org_id
@@ -852,7 +879,7 @@ RUN_SETTINGS = hypothesis.settings(
 
 
 def machine_on(new_url: Callable[[], str]) -> type[StockMachine]:
-    return type("StockMachineRun", (StockMachine,), {"new_url": staticmethod(new_url)})
+    return type("StockMachineRun", (DatabaseMachine,), {"new_url": staticmethod(new_url)})
 
 
 def test_stateful_sqlite(sqlite_template: Path) -> None:

@@ -106,6 +106,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             if service is not None:
+                if service.db is None:
+                    raise ValueError("the app reads through a database: give a service with one")
                 db, svc = service.db, service
             elif runtime is not None:
                 await _migrate_embedded(settings)

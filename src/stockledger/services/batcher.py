@@ -32,12 +32,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from stockledger.config import Settings
-from stockledger.db.engine import Database, retry_reason
-from stockledger.db.store import SqlStore
+from stockledger.db.engine import retry_reason
 from stockledger.domain.commands import Command, addressed_reference, addressed_reservation
 from stockledger.domain.model import BalanceKey
 from stockledger.locks import BalanceLocker, ExpiryIndex
 from stockledger.observability import metrics
+from stockledger.services.ports import Store
 from stockledger.services.unit_of_work import (
     Busy,
     Crashed,
@@ -58,7 +58,8 @@ _DATABASE_AWAY = {"connection_lost"}
 
 
 class Batcher:
-    """Per-process queues and writer tasks over ``db`` for one org.
+    """Per-process queues and ``writers`` writer tasks for one org, each with its own store
+    from ``stores()`` (one database connection).
 
     Writers start with the first command. ``clock`` is the services' UTC clock; the lock wait
     of ``locker`` (seconds) bounds each command's total time, retries included.
@@ -66,24 +67,24 @@ class Batcher:
 
     def __init__(
         self,
-        db: Database,
         settings: Settings,
         *,
+        stores: Callable[[], Store],
+        writers: int,
         org_id: str,
         locker: BalanceLocker,
         index: ExpiryIndex,
         clock: Callable[[], datetime],
     ) -> None:
-        self.db = db
         self.settings = settings
         self.org_id = org_id
         self.locker = locker
         self.wait = locker.wait
-        self.writers = 1 if db.is_sqlite else settings.write_connections
+        self.writers = writers
         self.max_commands = settings.batch_max_commands
         self.max_rows = settings.batch_max_rows
         self.ids = ids = IdBlocks(settings.id_block_size)
-        self._stores = [SqlStore(db, org_id) for _ in range(self.writers)]
+        self._stores = [stores() for _ in range(self.writers)]
         self._units = [
             UnitOfWork(s, org_id=org_id, locker=locker, index=index, clock=clock, ids=ids)
             for s in self._stores

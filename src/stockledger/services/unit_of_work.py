@@ -27,12 +27,10 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
 
-from stockledger.db.store import Locked, StoredKey, WriteSet
+from stockledger.db.store import Locked, WriteSet
 from stockledger.domain.commands import (
     Adjust,
     Command,
@@ -48,11 +46,12 @@ from stockledger.domain.commands import (
     known_balance_keys,
 )
 from stockledger.domain.errors import IdempotencyKeyReusedError, InsufficientStockError
-from stockledger.domain.model import ACTIVE, Balance, BalanceKey, Reference, Reservation
+from stockledger.domain.model import ACTIVE, Balance, BalanceKey, Reservation
 from stockledger.domain.rules import decide
 from stockledger.domain.state import Changes, Refusal, Stock
 from stockledger.locks import BalanceLocker, ExpiryIndex, IndexChanges
 from stockledger.observability import metrics
+from stockledger.services.ports import Store, StoreTransaction
 
 log = logging.getLogger(__name__)
 
@@ -145,47 +144,6 @@ class BatchResult:
 
     outcomes: list[tuple[Pending, Outcome]] = field(default_factory=list)
     deferred: list[Pending] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------- the store port
-
-
-class StoreTransaction(Protocol):
-    """The statements of one batch transaction (``db/store.py`` has the SQL one)."""
-
-    async def find_keys(self, keys: Sequence[str]) -> dict[str, StoredKey]: ...
-
-    async def active_reservation_ids(self, references: Sequence[Reference]) -> list[int]: ...
-
-    async def lock_reservations(
-        self, ids: Sequence[int], *, wait: bool
-    ) -> Locked[int, Reservation]: ...
-
-    async def lock_balances(
-        self, keys: Sequence[BalanceKey], *, wait: bool
-    ) -> Locked[BalanceKey, Balance]: ...
-
-    async def due_holding(
-        self, keys: Sequence[BalanceKey], now: datetime, limit: int
-    ) -> list[int]: ...
-
-    async def write(self, ws: WriteSet) -> dict[int, int]: ...
-
-    async def commit(self) -> None: ...
-
-
-class Store(Protocol):
-    """One writer's store: transactions, id blocks and the unknown-commit check."""
-
-    def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]: ...
-
-    async def allocate_ids(self, name: str, count: int) -> range: ...
-
-    async def committed(self, keys: Sequence[str]) -> bool: ...
-
-    async def discard(self) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 class IdBlocks:

@@ -19,12 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import select
-
 from stockledger.config import Settings
 from stockledger.db.engine import Database, is_connection_lost
-from stockledger.db.models import reservation as R
-from stockledger.db.store import reservation_balance_keys
+from stockledger.db.store import SqlStore
 from stockledger.domain.commands import (
     Adjust,
     Command,
@@ -45,7 +42,7 @@ from stockledger.domain.errors import (
     Shortage,
     StockError,
 )
-from stockledger.domain.model import ACTIVE, BalanceKey, Line, Reference, Reservation
+from stockledger.domain.model import BalanceKey, Line, Reference, Reservation
 from stockledger.domain.state import Changes
 from stockledger.domain.validation import Cart
 from stockledger.locks import BalanceLocker, ExpiryIndex, NoExpiryIndex, NoLocks
@@ -53,7 +50,8 @@ from stockledger.observability import metrics
 from stockledger.observability.logs import get_logger
 from stockledger.services.batcher import Batcher
 from stockledger.services.errors import ServiceUnavailableError
-from stockledger.services.idempotency import key_done, replay
+from stockledger.services.lookups import SqlLookups
+from stockledger.services.ports import Lookups, Store
 from stockledger.services.records import (
     AdjustResult,
     DeductResult,
@@ -62,7 +60,7 @@ from stockledger.services.records import (
     ReserveResult,
     RestockResult,
 )
-from stockledger.services.rows import balance_record, select_balances, to_db_time, utcnow
+from stockledger.services.rows import utcnow
 from stockledger.services.unit_of_work import (
     Applied,
     Busy,
@@ -110,29 +108,42 @@ class InventoryService:
 
     ``clock`` returns the current UTC time (tests pass their own to control expiry).
     ``locker`` and ``expiry_index`` default to no-ops (database locks alone, expiry by scan).
-    Quantities are units of stock; TTLs are seconds.
+    ``stores`` and ``lookups`` default to SQL over ``db`` (``tests/unit/fakes.py`` passes
+    in-memory ones; ``db`` is then unused). Quantities are units of stock; TTLs are seconds.
     """
 
     def __init__(
         self,
-        db: Database,
+        db: Database | None,
         settings: Settings,
         *,
         clock: Clock = utcnow,
         locker: BalanceLocker | None = None,
         expiry_index: ExpiryIndex | None = None,
         org_id: str | None = None,
+        stores: Callable[[], Store] | None = None,
+        lookups: Lookups | None = None,
+        writers: int | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
         self.clock = clock
         self.locker: BalanceLocker = locker or NoLocks(settings.lock_wait_seconds)
         self.expiry_index: ExpiryIndex = expiry_index or NoExpiryIndex()
-        self.org_id = org_id or settings.org_id
+        self.org_id = org_id = org_id or settings.org_id
+        if stores is None or lookups is None:
+            if db is None:
+                raise ValueError("give a database, or both stores and lookups")
+            sql = db
+            stores = stores or (lambda: SqlStore(sql, org_id))
+            lookups = lookups or SqlLookups(db, org_id)
+            writers = writers or (1 if db.is_sqlite else settings.write_connections)
+        self.lookups: Lookups = lookups
         self.batcher = Batcher(
-            db,
             settings,
-            org_id=self.org_id,
+            stores=stores,
+            writers=writers or 1,
+            org_id=org_id,
             locker=self.locker,
             index=self.expiry_index,
             clock=clock,
@@ -357,15 +368,7 @@ class InventoryService:
 
     async def due_reservation_ids(self, limit: int = 1000) -> list[int]:
         """Ids of ACTIVE reservations whose expiry has passed, soonest first (the DB scan)."""
-        now = to_db_time(self.clock())
-        async with self.db.read() as conn:
-            rows = await conn.execute(
-                select(R.c.id)
-                .where(R.c.status == ACTIVE, R.c.expires_at <= now, R.c.org_id == self.org_id)
-                .order_by(R.c.expires_at)
-                .limit(limit)
-            )
-            return [r.id for r in rows]
+        return await self.lookups.due_reservation_ids(self.clock(), limit)
 
     async def expire_due(self, limit: int = 1000) -> list[int]:
         """Expire every due reservation found by the database scan (up to ``limit``).
@@ -444,9 +447,7 @@ class InventoryService:
 
     async def _replayed(self, command: Command) -> _Answer:
         try:
-            result = await replay(
-                self.db,
-                self.org_id,
+            result = await self.lookups.replay(
                 command.operation,
                 command.idempotency_key,
                 command.request_hash,
@@ -471,9 +472,7 @@ class InventoryService:
             f"with the same idempotency key in {retry_after_ms} ms",
         )
         try:
-            result = await replay(
-                self.db,
-                self.org_id,
+            result = await self.lookups.replay(
                 command.operation,
                 command.idempotency_key,
                 command.request_hash,
@@ -498,13 +497,10 @@ class InventoryService:
         replays it).
         """
         keys = command.cart.keys()
-        async with self.db.read() as conn:
-            rows = await select_balances(conn, self.org_id, keys, for_update=False)
-            # The key is read after the balances: at READ COMMITTED each statement sees the
-            # latest commits, so a copy whose effect the balances show has its key seen too.
-            if await key_done(conn, self.org_id, command.idempotency_key):
-                return None
-        available = {k: balance_record(row).available for k, row in rows.items()}
+        balances, done = await self.lookups.balances_and_key(keys, command.idempotency_key)
+        if done:
+            return None
+        available = {k: b.available for k, b in balances.items()}
         self._saw_available((k, available.get(k, 0)) for k in keys)
         shortages = _shortages(command.cart, available)
         if shortages:
@@ -527,7 +523,7 @@ class InventoryService:
         if not (ids or refs) or not self._needs_hints():
             return {}
         try:
-            return await reservation_balance_keys(self.db, self.org_id, ids, refs)
+            return await self.lookups.reservation_keys(ids, refs)
         except Exception as exc:
             if is_connection_lost(exc):
                 raise ServiceUnavailableError(100) from exc

@@ -1,0 +1,157 @@
+"""The reads the write path makes outside its batches, in SQL (:class:`SqlLookups`).
+
+A replay answers a key already done with the current state of what that call changed
+(ARCHITECTURE section 5): the key row stores the operation and the request hash; the result is
+found through the ledger entries that carry the key (indexed), plus ``result_ref`` for an
+extend, which writes no entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from stockledger.db.engine import Database
+from stockledger.db.models import idempotency_key as K
+from stockledger.db.models import reservation as R
+from stockledger.db.store import reservation_balance_keys
+from stockledger.domain.errors import IdempotencyKeyReusedError
+from stockledger.domain.model import (
+    ACTIVE,
+    Balance,
+    BalanceKey,
+    LedgerEntry,
+    Reference,
+    Reservation,
+)
+from stockledger.services.records import (
+    AdjustResult,
+    DeductResult,
+    ExtendResult,
+    ReleaseResult,
+    ReserveResult,
+    RestockResult,
+    WriteResult,
+)
+from stockledger.services.rows import (
+    balance_record,
+    select_balances,
+    select_ledger_by_key,
+    select_reservations,
+    to_db_time,
+)
+
+
+class SqlLookups:
+    """The write path's reads over ``db`` for one org (the protocol: ``services/ports.py``)."""
+
+    def __init__(self, db: Database, org_id: str) -> None:
+        self.db = db
+        self.org_id = org_id
+
+    async def replay(self, operation: str, key: str, request_hash: str) -> WriteResult | None:
+        """See :meth:`stockledger.services.ports.Lookups.replay`."""
+        return await replay(self.db, self.org_id, operation, key, request_hash)
+
+    async def balances_and_key(
+        self, keys: Sequence[BalanceKey], idempotency_key: str
+    ) -> tuple[dict[BalanceKey, Balance], bool]:
+        """See :meth:`stockledger.services.ports.Lookups.balances_and_key`."""
+        async with self.db.read() as conn:
+            rows = await select_balances(conn, self.org_id, keys, for_update=False)
+            # The key is read after the balances: at READ COMMITTED each statement sees the
+            # latest commits, so a copy whose effect the balances show has its key seen too.
+            done = await key_done(conn, self.org_id, idempotency_key)
+        return {k: balance_record(row) for k, row in rows.items()}, done
+
+    async def reservation_keys(
+        self, ids: Sequence[int], references: Sequence[Reference]
+    ) -> dict[int | Reference, list[BalanceKey]]:
+        """See :meth:`stockledger.services.ports.Lookups.reservation_keys`."""
+        return await reservation_balance_keys(self.db, self.org_id, ids, references)
+
+    async def due_reservation_ids(self, now: datetime, limit: int) -> list[int]:
+        """See :meth:`stockledger.services.ports.Lookups.due_reservation_ids`."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(R.c.id)
+                .where(
+                    R.c.status == ACTIVE,
+                    R.c.expires_at <= to_db_time(now),
+                    R.c.org_id == self.org_id,
+                )
+                .order_by(R.c.expires_at)
+                .limit(limit)
+            )
+            return [r.id for r in rows]
+
+
+async def replay(
+    db: Database, org_id: str, operation: str, key: str, request_hash: str
+) -> WriteResult | None:
+    """The result of the done call with ``key``, with ``replayed=True``.
+
+    Returns None when no call with ``key`` is done. Raises IdempotencyKeyReusedError when it
+    was done with another operation or payload.
+    """
+    async with db.read() as conn:
+        row = (
+            await conn.execute(
+                select(K.c.operation, K.c.request_hash, K.c.result_ref).where(
+                    K.c.org_id == org_id, K.c.idempotency_key == key
+                )
+            )
+        ).first()
+        if row is None:
+            return None
+        if row.operation != operation or row.request_hash != request_hash:
+            raise IdempotencyKeyReusedError(key, row.operation)
+        entries = await select_ledger_by_key(conn, org_id, key)
+        keys = list(dict.fromkeys(e.key for e in entries))
+        bal_rows = await select_balances(conn, org_id, keys, for_update=False)
+        balances = [balance_record(bal_rows[k]) for k in sorted(keys) if k in bal_rows]
+        ids = replayed_reservation_ids(entries, row.result_ref)
+        reservations = await select_reservations(conn, org_id, ids)
+    return replayed_result(operation, entries, balances, reservations)
+
+
+def replayed_reservation_ids(entries: Sequence[LedgerEntry], result_ref: str | None) -> list[int]:
+    """The reservations a done call's result lists: those its ledger entries name, in order,
+    or the one its key row names (an extend writes no entry)."""
+    if result_ref:
+        return [int(result_ref)]
+    return list(dict.fromkeys(e.reservation_id for e in entries if e.reservation_id))
+
+
+def replayed_result(
+    operation: str,
+    entries: list[LedgerEntry],
+    balances: list[Balance],
+    reservations: list[Reservation],
+) -> WriteResult:
+    """A done call's result from the current state of what it changed: its ``entries`` (by
+    key, in append order), those balances now (key order) and its reservations now."""
+    if operation == "restock":
+        return RestockResult(balances, entries, True)
+    if operation == "adjust":
+        return AdjustResult(balances[0], entries[0], True)
+    if operation == "reserve":
+        return ReserveResult(reservations[0], balances, True)
+    if operation == "release":
+        return ReleaseResult(reservations, balances, True)
+    if operation == "deduct":
+        return DeductResult(reservations, balances, entries, True)
+    if operation == "extend":
+        return ExtendResult(reservations[0], True)
+    raise ValueError(f"no replay for operation {operation!r}")
+
+
+async def key_done(conn: AsyncConnection, org_id: str, key: str) -> bool:
+    """True when a call with ``key`` is done (its key row committed), read on ``conn``."""
+    row = await conn.execute(
+        select(K.c.operation).where(K.c.org_id == org_id, K.c.idempotency_key == key)
+    )
+    return row.first() is not None
