@@ -1170,3 +1170,63 @@ async def test_every_change_writes_one_entry_per_balance_touched(service, clock)
 
     assert (await stock(service, "A"))[:2] == (9, 0)
     assert await stock(service, "B") == (1, 0, 5)
+
+
+# ---------------------------------------------------------------------------- storage at the bounds
+# (moved from the validation tests, which run without a database now)
+
+
+async def test_strings_of_255_characters_are_accepted_and_stored_exactly(service):
+    sku = "s" * 254 + "S"
+    location = "L" * 255
+    emoji_sku = "\U0001f4e6" * 255  # 4-byte UTF-8 characters
+    key = "k" * 255
+    ref = Reference("T" * 255, "I" * 255)
+    reason = "r" * 255
+
+    await service.restock(key, [Line(sku, 1, location), Line(emoji_sku, 2)], reference=ref)
+    await service.adjust("adj-1", emoji_sku, delta=1, reason=reason)
+
+    async with service.db.read() as conn:
+        rows = (await conn.execute(select(B).where(B.c.org_id == service.org_id))).all()
+        entries = (await conn.execute(select(L).where(L.c.org_id == service.org_id))).all()
+    assert sorted((r.location, r.sku, r.on_hand) for r in rows) == sorted(
+        [(location, sku, 1), ("default", emoji_sku, 3)]
+    )
+    assert {e.idempotency_key for e in entries} == {key, "adj-1"}
+    assert {(e.ref_type, e.ref_id) for e in entries if e.idempotency_key == key} == {
+        ("T" * 255, "I" * 255)
+    }
+    assert [e.reason for e in entries if e.event_type == "ADJUST"] == [reason]
+    replay = await service.restock(key, [Line(emoji_sku, 2), Line(sku, 1, location)], reference=ref)
+    assert replay.replayed is True
+    assert await find_violations(service.db, service.org_id) == []
+
+
+async def test_exactly_500_lines_are_accepted(service):
+    lines = [Line(f"SKU-{i:03d}", 2) for i in range(500)]
+
+    restocked = await service.restock("rs-1", lines)
+    assert len(restocked.balances) == 500
+    assert len(restocked.ledger_entries) == 500
+    reserved = await service.reserve("rv-1", lines)
+    assert len(reserved.reservation.lines) == 500
+    released = await service.release(
+        "rl-1", reservation_id=reserved.reservation.id, lines=[Line(ln.sku, 1) for ln in lines]
+    )
+    assert released.reservations[0].status == "ACTIVE"
+    deducted = await service.deduct("dd-1", lines=[Line(ln.sku, 1) for ln in lines])
+    assert len(deducted.ledger_entries) == 500
+
+    assert await count(service, B) == 500
+    assert await count(service, L) == 2000
+    async with service.db.read() as conn:
+        totals = (
+            await conn.execute(
+                select(func.sum(B.c.on_hand), func.sum(B.c.reserved)).where(
+                    B.c.org_id == service.org_id
+                )
+            )
+        ).one()
+    assert (int(totals[0]), int(totals[1])) == (500, 500)
+    assert await find_violations(service.db, service.org_id) == []
