@@ -11,10 +11,19 @@ hot SKU; 10-line carts; balance queries) it measures, in one run on the same Mar
 - G: the same work through ``stockledger serve`` over HTTP, driven by wrk with
   ``bench/wrk/graphql.lua``, which checks every response body for GraphQL errors.
 
-It prints one table (throughput, p50, p99, S/B0 and G/B0) and writes it to
-``bench/results.md``, with the server's peak resident memory during G.
+It prints one table per connection count (throughput, p50, p99, S/B0, G/B0, and the
+distribution of the write batches' sizes in S and G), then:
 
-    .venv/bin/python bench/benchmark.py --duration 10 --connections 32
+- an open-loop run of G per scenario at half the rate G reached (wrk pausing before each
+  request: ``DELAY_MS``), whose p99 is the latency at a load with room to spare;
+- one connection alone, G against a baseline release's server (``--baseline``, a git ref; the
+  server runs from a worktree of it, on a database of its own), since group commit must not add
+  latency when there is nothing to group;
+- the server's peak resident memory, and the service layer with Redis locks on and off.
+
+It writes everything to ``bench/results.md``.
+
+    .venv/bin/python bench/benchmark.py --duration 10 --connections 32,256 --baseline 545cc4e
 
 Needs wrk (Debian package ``wrk``), MariaDB and Redis.
 """
@@ -49,12 +58,50 @@ SCENARIOS = ("spread", "hot", "cart", "balance")
 
 @dataclass
 class Result:
-    """One measurement: requests per second and latency quantiles in milliseconds."""
+    """One measurement: requests per second and latency quantiles in milliseconds, and the
+    write batches' sizes (p50, p99: upper bounds of their histogram buckets, in commands)."""
 
     rps: float
     p50_ms: float
     p99_ms: float
     errors: int = 0
+    batch: tuple[float, float] | None = None
+
+
+def batch_buckets(text: str | None = None) -> dict[float, float]:
+    """Cumulative bucket counts of ``inventory_batch_size`` from a /metrics text, or from
+    this process's registry."""
+    if text is None:
+        from prometheus_client import REGISTRY
+
+        families = REGISTRY.collect()
+    else:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = text_string_to_metric_families(text)
+    out: dict[float, float] = {}
+    for metric in families:
+        if metric.name == "inventory_batch_size":
+            for sample in metric.samples:
+                if sample.name.endswith("_bucket"):
+                    out[float(sample.labels["le"])] = sample.value
+    return out
+
+
+def quantile_bound(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound of the histogram bucket holding the ``q`` quantile of what moved."""
+    delta = {le: after.get(le, 0) - before.get(le, 0) for le in after}
+    total = delta.get(float("inf"), 0)
+    if not total:
+        return 0.0
+    for le in sorted(delta):
+        if delta[le] >= q * total:
+            return le
+    return float("inf")
+
+
+def batch_sizes(before: dict[float, float], after: dict[float, float]) -> tuple[float, float]:
+    return quantile_bound(before, after, 0.5), quantile_bound(before, after, 0.99)
 
 
 def pick_lines(scenario: str, rng: random.Random) -> list[tuple[str, str]]:
@@ -94,11 +141,12 @@ async def closed_loop(
 
 
 async def bench_b0(
-    dsn: dict[str, object], org: str, scenario: str, conns: int, duration: float
+    dsn: dict[str, object], org: str, scenario: str, conns: int, duration: float, size: int
 ) -> Result:
+    """``conns`` clients sharing a pool of ``size`` connections, one transaction each call."""
     pool = await asyncmy.create_pool(
-        minsize=conns,
-        maxsize=conns,
+        minsize=min(conns, size),
+        maxsize=min(conns, size),
         init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
         **dsn,
     )
@@ -241,7 +289,11 @@ async def bench_s(settings: object, scenario: str, conns: int, duration: float) 
             except StockError:
                 return False
 
-        return await closed_loop(conns, duration, one)
+        before = batch_buckets()
+        result = await closed_loop(conns, duration, one)
+        if scenario != "balance":
+            result.batch = batch_sizes(before, batch_buckets())
+        return result
 
 
 # ---------------------------------------------------------------- G: over HTTP with wrk
@@ -272,8 +324,16 @@ def peak_rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def run_wrk(url: str, scenario: str, conns: int, duration: float, threads: int) -> Result:
-    env = dict(os.environ, SCENARIO=scenario, SKUS=str(SPREAD_SKUS), RUN=uuid.uuid4().hex[:8])
+def run_wrk(
+    url: str, scenario: str, conns: int, duration: float, threads: int, delay_ms: int = 0
+) -> Result:
+    env = dict(
+        os.environ,
+        SCENARIO=scenario,
+        SKUS=str(SPREAD_SKUS),
+        RUN=uuid.uuid4().hex[:8],
+        DELAY_MS=str(delay_ms),
+    )
     out = subprocess.run(
         [
             "wrk",
@@ -301,41 +361,63 @@ def run_wrk(url: str, scenario: str, conns: int, duration: float, threads: int) 
     )
 
 
-def bench_g(
-    env: dict[str, str], scenario: str, conns: int, duration: float, workers: int, wrk_threads: int
-) -> tuple[Result, float]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stockledger.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+class Server:
+    """``stockledger serve`` in a subprocess (from ``src``, default this checkout's), ready
+    when entered; ``measure`` runs wrk against it and reads the batch sizes off /metrics."""
+
+    def __init__(self, env: dict[str, str], workers: int, src: Path | None = None) -> None:
+        self.port = free_port()
+        self.env = dict(env)
+        if src is not None:
+            self.env["PYTHONPATH"] = str(src)
+        self.workers = workers
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.rss = 0.0
+
+    def __enter__(self) -> Server:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "stockledger.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline or proc.poll() is not None:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.__exit__()
                 raise RuntimeError("server did not become ready")
             time.sleep(0.2)
-        result = run_wrk(f"http://127.0.0.1:{port}/graphql", scenario, conns, duration, wrk_threads)
-        return result, peak_rss_mib(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def measure(
+        self, scenario: str, conns: int, duration: float, threads: int, delay_ms: int = 0
+    ) -> Result:
+        before = batch_buckets(self.metrics())
+        result = run_wrk(f"{self.url}/graphql", scenario, conns, duration, threads, delay_ms)
+        if scenario != "balance":
+            result.batch = batch_sizes(before, batch_buckets(self.metrics()))
+        self.rss = max(self.rss, peak_rss_mib(self.proc.pid))
+        return result
 
 
 # ---------------------------------------------------------------- set-up and report
@@ -356,6 +438,41 @@ async def seed(settings: object) -> None:
             )
 
 
+def baseline_tree(ref: str) -> Path:
+    """A worktree of ``ref`` (a git ref of this repository) under /tmp; its ``src`` is put on
+    the baseline server's PYTHONPATH."""
+    path = Path(f"/tmp/stockledger-baseline-{ref}")
+    if not path.exists():
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref],
+            check=True,
+            capture_output=True,
+        )
+    return path
+
+
+def seed_over_http(url: str) -> None:
+    """The seed stock through a server's restock mutation (for the baseline release)."""
+    q = "mutation($i: RestockInput!){restock(input:$i){__typename}}"
+    with httpx.Client(timeout=60) as client:
+
+        def restock(key: str, lines: list[dict[str, object]]) -> None:
+            body = {"query": q, "variables": {"i": {"idempotencyKey": key, "lines": lines}}}
+            assert "RestockSuccess" in client.post(url, json=body).text
+
+        restock("seed-hot", [{"sku": "HOT", "location": LOCATION, "quantity": 1_000_000_000}])
+        for start in range(0, SPREAD_SKUS, 500):
+            lines = [
+                {"sku": f"S{i:05d}", "location": LOCATION, "quantity": 100_000_000}
+                for i in range(start, start + 500)
+            ]
+            restock(f"seed-{start}", lines)
+
+
+def fmt_batch(r: Result) -> str:
+    return "-" if r.batch is None else f"{r.batch[0]:g} / {r.batch[1]:g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -363,12 +480,17 @@ def main() -> None:
     parser.add_argument("--mysql", default="mysql+asyncmy://root@127.0.0.1:3306/stockledger_bench")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", default="32,256", help="client connections, a list")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers for G")
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument(
+        "--baseline", default=None, help="git ref whose server G is compared with, one connection"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
     args = parser.parse_args()
+    counts = [int(c) for c in args.connections.split(",")]
+    scenarios = args.scenarios.split(",")
 
     sys.path.insert(0, str(ROOT / "src"))
     from sqlalchemy.engine import make_url
@@ -382,22 +504,25 @@ def main() -> None:
     url = make_url(args.mysql)
     org = "bench"
 
-    async def recreate() -> None:
+    async def recreate(name: str) -> None:
         conn = await asyncmy.connect(
             host=url.host, port=url.port or 3306, user=url.username, password=url.password or ""
         )
         async with conn.cursor() as cur:
-            await cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
-            await cur.execute(f"CREATE DATABASE `{url.database}` CHARACTER SET utf8mb4")
+            await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+            await cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
         conn.close()
 
-    asyncio.run(recreate())
+    asyncio.run(recreate(str(url.database)))
     upgrade(args.mysql)
+    # Reads: a pool like a deployment's; B0 too, since 256 connections each would pass
+    # MariaDB's default max_connections (151), and a hand-written service pools them as well.
+    pool = 32
     settings = Settings(
         database_url=args.mysql,
         redis_url=args.redis,
         org_id=org,
-        db_pool_size=args.connections,
+        db_pool_size=pool,
         log_level="WARNING",
     )
     asyncio.run(seed(settings))
@@ -415,63 +540,125 @@ def main() -> None:
         STOCKLEDGER_REDIS_URL=args.redis,
         STOCKLEDGER_ORG_ID=org,
         STOCKLEDGER_LOG_LEVEL="WARNING",
-        STOCKLEDGER_DB_POOL_SIZE=str(args.connections),
+        STOCKLEDGER_DB_POOL_SIZE=str(pool),
     )
 
-    # Issue 4: the service layer with the Redis locks on and off, and the p99 lock wait.
+    rows: dict[int, list[tuple[str, Result, Result, Result]]] = {}
+    peak = 0.0
+    open_loop: list[tuple[str, float, Result]] = []
+    for conns in counts:
+        rows[conns] = []
+        with Server(env, args.workers) as server:
+            for scenario in scenarios:
+                b0 = asyncio.run(bench_b0(dsn, org, scenario, conns, args.duration, pool))
+                s = asyncio.run(bench_s(settings, scenario, conns, args.duration))
+                g = server.measure(scenario, conns, args.duration, args.wrk_threads)
+                rows[conns].append((scenario, b0, s, g))
+                print(
+                    f"{conns} conns, {scenario}: B0 {b0.rps:.0f}/s  S {s.rps:.0f}/s  "
+                    f"G {g.rps:.0f}/s  (G errors {g.errors})",
+                    flush=True,
+                )
+                if conns == counts[0] and g.rps > 0:
+                    # Half of the rate G reached, offered steadily on the same connections.
+                    delay_ms = max(1, int(conns * 1000 / (g.rps / 2)))
+                    half = server.measure(
+                        scenario, conns, args.duration, args.wrk_threads, delay_ms
+                    )
+                    open_loop.append((scenario, g.rps / 2, half))
+            peak = max(peak, server.rss)
+
+    # One connection alone: this release against the baseline's server.
+    single: list[tuple[str, str, Result]] = []
+    lone = [sc for sc in ("spread", "balance") if sc in scenarios]
+    with Server(env, args.workers) as server:
+        for scenario in lone:
+            single.append(("this", scenario, server.measure(scenario, 1, args.duration, 1)))
+    if args.baseline:
+        tree = baseline_tree(args.baseline)
+        base_url = url.set(database=f"{url.database}_baseline")
+        asyncio.run(recreate(str(base_url.database)))
+        base_env = dict(
+            env,
+            STOCKLEDGER_DATABASE_URL=base_url.render_as_string(hide_password=False),
+            PYTHONPATH=str(tree / "src"),
+        )
+        subprocess.run(
+            [sys.executable, "-m", "stockledger.cli", "migrate"],
+            env=base_env,
+            check=True,
+            capture_output=True,
+        )
+        with Server(base_env, args.workers, tree / "src") as server:
+            seed_over_http(f"{server.url}/graphql")
+            for scenario in lone:
+                single.append(
+                    (args.baseline, scenario, server.measure(scenario, 1, args.duration, 1))
+                )
+
+    # The service layer with the Redis locks on and off, and the p99 lock wait.
     lock_rows = []
     for scenario in ("spread", "hot"):
-        if scenario not in args.scenarios.split(","):
+        if scenario not in scenarios:
             continue
         before = lock_wait_buckets()
-        on = asyncio.run(bench_s(settings, scenario, args.connections, args.duration))
+        on = asyncio.run(bench_s(settings, scenario, counts[0], args.duration))
         p99 = p99_from_buckets(before, lock_wait_buckets())
         off_settings = settings.model_copy(update={"locks_enabled": False})
-        off = asyncio.run(bench_s(off_settings, scenario, args.connections, args.duration))
+        off = asyncio.run(bench_s(off_settings, scenario, counts[0], args.duration))
         lock_rows.append((scenario, on, off, p99))
-        print(
-            f"{scenario}: locks on {on.rps:.0f}/s, off {off.rps:.0f}/s, p99 lock wait <= {p99}",
-            flush=True,
-        )
 
-    rows = []
-    peak = 0.0
-    for scenario in args.scenarios.split(","):
-        b0 = asyncio.run(bench_b0(dsn, org, scenario, args.connections, args.duration))
-        s = asyncio.run(bench_s(settings, scenario, args.connections, args.duration))
-        g, rss = bench_g(
-            env, scenario, args.connections, args.duration, args.workers, args.wrk_threads
-        )
-        peak = max(peak, rss)
-        rows.append((scenario, b0, s, g))
-        print(
-            f"{scenario}: B0 {b0.rps:.0f}/s  S {s.rps:.0f}/s  G {g.rps:.0f}/s  (G errors {g.errors})",
-            flush=True,
-        )
-
-    head = (
-        f"Machine: {platform.node()} ({os.cpu_count()} cores), Python {platform.python_version()}, "
-        f"MariaDB/MySQL at {url.host}, Redis locks on; {args.connections} connections, "
-        f"{args.duration:g} s per measurement, G with {args.workers} uvicorn worker(s), "
-        f"wrk -t{args.wrk_threads}. {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n"
-        f"Command: `.venv/bin/python bench/benchmark.py --duration {args.duration:g} "
-        f"--connections {args.connections} --workers {args.workers}`\n\n"
+    command = (
+        f"`.venv/bin/python bench/benchmark.py --duration {args.duration:g} "
+        f"--connections {args.connections} --workers {args.workers}"
+        + (f" --baseline {args.baseline}" if args.baseline else "")
+        + "`"
     )
-    table = [
-        "| scenario | B0 req/s | B0 p50 / p99 ms | S req/s | S p50 / p99 ms | G req/s | G p50 / p99 ms | S/B0 | G/B0 | G errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for scenario, b0, s, g in rows:
-        table.append(
-            f"| {scenario} | {b0.rps:.0f} | {b0.p50_ms:.1f} / {b0.p99_ms:.1f} | {s.rps:.0f} | "
-            f"{s.p50_ms:.1f} / {s.p99_ms:.1f} | {g.rps:.0f} | {g.p50_ms:.1f} / {g.p99_ms:.1f} | "
-            f"{s.rps / b0.rps:.2f} | {g.rps / b0.rps:.2f} | {g.errors} |"
+    text = (
+        f"Machine: {platform.node()} ({os.cpu_count()} cores), Python {platform.python_version()}, "
+        f"MariaDB/MySQL at {url.host}, Redis locks on; {args.duration:g} s per measurement, "
+        f"G with {args.workers} uvicorn worker(s), wrk -t{args.wrk_threads}; B0 and the reads "
+        f"pool {pool} database connections. {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n"
+        f"Command: {command}\n"
+    )
+    for conns, table_rows in rows.items():
+        text += (
+            f"\n{conns} connections (batch: commands per write batch, p50 / p99, upper bounds of "
+            "the histogram buckets):\n\n"
+            "| scenario | B0 req/s | B0 p50 / p99 ms | S req/s | S p50 / p99 ms | S batch | "
+            "G req/s | G p50 / p99 ms | G batch | S/B0 | G/B0 | G errors |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         )
-    text = head + "\n".join(table) + f"\n\nServer peak resident memory during G: {peak:.0f} MiB.\n"
+        for scenario, b0, s, g in table_rows:
+            text += (
+                f"| {scenario} | {b0.rps:.0f} | {b0.p50_ms:.1f} / {b0.p99_ms:.1f} | {s.rps:.0f} | "
+                f"{s.p50_ms:.1f} / {s.p99_ms:.1f} | {fmt_batch(s)} | {g.rps:.0f} | "
+                f"{g.p50_ms:.1f} / {g.p99_ms:.1f} | {fmt_batch(g)} | {s.rps / b0.rps:.2f} | "
+                f"{g.rps / b0.rps:.2f} | {g.errors} |\n"
+            )
+    text += f"\nServer peak resident memory during G: {peak:.0f} MiB.\n"
+    if open_loop:
+        text += (
+            f"\nG at half its rate, offered steadily ({counts[0]} connections, wrk pausing "
+            "before each request):\n\n| scenario | offered req/s | served req/s | p50 / p99 ms | "
+            "batch |\n|---|---|---|---|---|\n"
+        )
+        for scenario, offered, r in open_loop:
+            text += (
+                f"| {scenario} | {offered:.0f} | {r.rps:.0f} | {r.p50_ms:.1f} / {r.p99_ms:.1f} | "
+                f"{fmt_batch(r)} |\n"
+            )
+    if single:
+        text += (
+            "\nOne connection alone (G, no concurrency):\n\n| server | scenario | req/s | "
+            "p50 / p99 ms |\n|---|---|---|---|\n"
+        )
+        for who, scenario, r in single:
+            text += f"| {who} | {scenario} | {r.rps:.0f} | {r.p50_ms:.2f} / {r.p99_ms:.2f} |\n"
     if lock_rows:
         text += (
-            "\nRedis locks on and off (service layer, reserves per second; p99 lock wait is the "
-            "upper bound of its histogram bucket):\n\n"
+            f"\nRedis locks on and off (service layer, {counts[0]} connections, reserves per "
+            "second; p99 lock wait is the upper bound of its histogram bucket):\n\n"
             "| scenario | locks on req/s | p50 / p99 ms | locks off req/s | p50 / p99 ms | p99 lock wait |\n"
             "|---|---|---|---|---|---|\n"
         )

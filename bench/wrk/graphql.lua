@@ -1,11 +1,13 @@
 -- wrk script for stockledger's GraphQL endpoint.
 -- Environment: SCENARIO = spread | hot | cart | balance; SKUS = number of spread SKUs;
--- RUN = a run id that keeps idempotency keys unique across runs.
+-- RUN = a run id that keeps idempotency keys unique across runs; DELAY_MS (optional) = a pause
+-- before each request on each connection, for a rate-limited (open-loop) run.
 -- Every response body is checked: a 200 with GraphQL errors or an unexpected __typename
 -- counts as a failure, printed as JSON by done().
 local scenario = os.getenv("SCENARIO") or "spread"
 local skus = tonumber(os.getenv("SKUS") or "10000")
 local run = os.getenv("RUN") or tostring(os.time())
+local delay_ms = tonumber(os.getenv("DELAY_MS") or "0")
 local threads = {}
 local counter = 0
 bad = 0  -- globals: done() reads them per thread with thread:get()
@@ -21,6 +23,11 @@ end
 
 function init(args)
   math.randomseed(os.time() + (tid or 0) * 7919)
+end
+
+if delay_ms > 0 then
+  -- wrk calls delay() before each request of a connection: a steady offered rate.
+  function delay() return delay_ms end
 end
 
 local function sku(i) return string.format("S%05d", i) end

@@ -18,20 +18,24 @@ class GraphQLContext:
     """What resolvers see as ``info.context``.
 
     ``reservation_lines`` loads the lines of many reservations in one query (per request, so
-    its cache never outlives the request).
+    its cache never outlives the request); it is made on first use, since most requests
+    (a reserve, a balance) never load lines.
     """
 
     service: InventoryService
     queries: InventoryQueries
     request: Any = None
     response: Any = None
-    reservation_lines: DataLoader[int, list[ReservationLine]] = field(init=False)
+    _lines: DataLoader[int, list[ReservationLine]] | None = field(default=None, init=False)
 
-    def __post_init__(self) -> None:
-        queries = self.queries
+    @property
+    def reservation_lines(self) -> DataLoader[int, list[ReservationLine]]:
+        if self._lines is None:
+            queries = self.queries
 
-        async def load_lines(ids: list[int]) -> list[list[ReservationLine]]:
-            by_id = await queries.lines_for(ids)
-            return [[convert.reservation_line(ln) for ln in by_id.get(i, ())] for i in ids]
+            async def load_lines(ids: list[int]) -> list[list[ReservationLine]]:
+                by_id = await queries.lines_for(ids)
+                return [[convert.reservation_line(ln) for ln in by_id.get(i, ())] for i in ids]
 
-        self.reservation_lines = DataLoader(load_fn=load_lines)
+            self._lines = DataLoader(load_fn=load_lines)
+        return self._lines
