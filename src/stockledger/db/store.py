@@ -372,9 +372,8 @@ class SqlStore:
             if trans.is_active:
                 try:
                     await trans.rollback()
-                except Exception:
+                except Exception:  # the connection broke: what failed was raised already
                     await self.discard()
-                    raise
 
     async def consecutive_ledger_ids(self, conn: AsyncConnection) -> bool:
         """Whether a multi-row INSERT's ids are consecutive (see the module docstring)."""
@@ -570,7 +569,9 @@ class SqlTransaction:
                 params += [rid, ln.location, ln.sku]
             await self._run(sql.update_lines(len(chunk)), params)
         ids = await self._insert_ledger(ws)
-        for chunk in _chunks(ws.keys):
+        # In key order, like every row lock: two batches holding copies of the same keys then
+        # wait for each other in one order, never in a cycle.
+        for chunk in _chunks(sorted(ws.keys, key=lambda k: k.idempotency_key)):
             params = []
             for k in chunk:
                 params += [org, k.idempotency_key, k.operation, k.request_hash, k.result_ref, now]

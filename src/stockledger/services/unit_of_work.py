@@ -274,18 +274,22 @@ class UnitOfWork:
                 plan = self._plan(batch, loaded, stored, reservation_ids, now)
             ws, spans = self._write_set(plan, loaded, now)
             ids = await tx.write(ws)
+            lost: Exception | None = None
             try:
                 await tx.commit()
-            except Exception:
-                # The COMMIT may or may not have happened: settle it by the batch's keys.
-                if not await self._committed_anyway(ws):
-                    raise
+            except Exception as exc:
+                lost = exc
+        if lost is not None and not await self._committed_anyway(ws):
+            # The COMMIT failed before it happened (or cannot be told): the batch runs again.
+            raise lost
         if ids:
             _fill_ledger_ids(plan, spans, ids)
         plan.index = _index_changes(plan, ws)
         return plan
 
     async def _committed_anyway(self, ws: WriteSet) -> bool:
+        """Whether a batch whose COMMIT raised did commit: its key rows or ledger entries are
+        there (any one means all: a transaction commits whole)."""
         evidence = [k.idempotency_key for k in ws.keys] + [e.idempotency_key for e in ws.entries]
         await self.store.discard()
         if not evidence:
@@ -449,7 +453,7 @@ class UnitOfWork:
                 if line != old:
                     ws.lines.append((rid, line))
         spans: dict[Pending, int] = {}
-        for p, changes in plan.applied:
+        for p, changes in plan.applied:  # arrival order: the ledger's append order
             if changes.key_row is not None:
                 ws.keys.append(changes.key_row)
                 if isinstance(p.command, Restock | Adjust | Deduct | DeductDirect):
