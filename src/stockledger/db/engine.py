@@ -187,7 +187,7 @@ def create_database(settings: Settings, url: str | None = None) -> Database:
         # Return": safe when the application always ends its transactions).
         engine = create_async_engine(
             url,
-            pool_size=settings.write_connections,
+            pool_size=settings.write_connections + 1,  # and the patient lane
             max_overflow=2,
             pool_reset_on_return=None,
             **options,

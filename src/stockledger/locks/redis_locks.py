@@ -303,15 +303,27 @@ class RedisBalanceLocker:
     @contextlib.asynccontextmanager
     async def keep(self, claim: Claim) -> AsyncIterator[None]:
         """Extend the claim's leases every third of the TTL while the block runs, so a batch
-        still in the database never loses them (at most 20 extensions a second)."""
+        still in the database never loses them (at most 20 extensions a second).
+
+        The keeper stops on an event, not by cancellation: a cancel that lands inside a
+        redis-py call can be swallowed (Python 3.11's ``asyncio.wait_for``), and the keeper
+        would then run on and hold its writer. Leaving waits for an extension in flight
+        (bounded by the client's socket timeout).
+        """
         if not claim.names:
             yield
             return
         interval = max(self.ttl / 3, _MIN_KEEP_INTERVAL)
+        done = asyncio.Event()
 
         async def renew() -> None:
             while True:
-                await asyncio.sleep(interval)
+                try:
+                    async with asyncio.timeout(interval):
+                        await done.wait()
+                    return
+                except TimeoutError:
+                    pass
                 try:
                     await self.extend(claim.names, claim.token)
                 except (RedisError, OSError):
@@ -321,9 +333,8 @@ class RedisBalanceLocker:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done.set()
+            await task
 
     async def release_with(
         self, claim: Claim | None, index: ExpiryIndex | None, changes: IndexChanges

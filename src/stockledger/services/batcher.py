@@ -11,8 +11,9 @@ while the previous transaction is in flight, with no timer, so one request alone
 Per command (its ``deadline`` is its arrival plus the lock wait, ``STOCKLEDGER_LOCK_WAIT_SECONDS``):
 
 - keys another holder has: it waits for a later batch (jittered backoff), and past its
-  deadline it is settled :class:`Busy`; one that waited too often runs alone, waiting on the
-  row locks instead of skipping them (fair when Redis cannot arbitrate);
+  deadline it is settled :class:`Busy`; one that waited too often for rows other transactions
+  held runs alone on a lane of its own (one more connection), waiting on the row locks instead
+  of skipping them, which is fair when Redis cannot arbitrate and never holds up a writer;
 - deadlock, lock wait timeout, duplicate key (a copy committed elsewhere), a lost connection:
   the whole batch runs again (bounded, jittered), on a fresh connection after a lost one; a
   batch that keeps failing is split in halves, so one poisoned command fails alone
@@ -89,10 +90,18 @@ class Batcher:
             UnitOfWork(s, org_id=org_id, locker=locker, index=index, clock=clock, ids=ids)
             for s in self._stores
         ]
+        # The patient lane: commands that starved behind rows held elsewhere, one at a time,
+        # waiting on the row locks on a connection of their own.
+        self._patient_store = stores()
+        self._patient_unit = UnitOfWork(
+            self._patient_store, org_id=org_id, locker=locker, index=index, clock=clock, ids=ids
+        )
+        self._patient: collections.deque[Pending] = collections.deque()
+        self._patient_wake = asyncio.Event()
+        self._database_away = False  # the last batch lost its connection
         self._queues: list[collections.deque[Pending]] = [
             collections.deque() for _ in range(self.writers)
         ]
-        self._alone: list[list[Pending]] = [[] for _ in range(self.writers)]
         self._wake: list[asyncio.Event] = [asyncio.Event() for _ in range(self.writers)]
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -151,7 +160,7 @@ class Batcher:
         """
         tasks, self._tasks = self._tasks, []
         self._closing = True
-        for wake in self._wake:
+        for wake in [*self._wake, self._patient_wake]:
             wake.set()
         if not tasks:
             return
@@ -172,6 +181,9 @@ class Batcher:
                 asyncio.create_task(self._writer(i), name=f"stockledger-writer-{i}")
                 for i in range(self.writers)
             ]
+            self._tasks.append(
+                asyncio.create_task(self._patient_lane(), name="stockledger-patient")
+            )
 
     def _writer_of(self, p: Pending) -> int:
         if self.writers == 1:
@@ -202,9 +214,8 @@ class Batcher:
             self._settle(p, Busy(self.locker.retry_after_ms(), early=True))
             return
         if p.waits >= PATIENT_AFTER_WAITS and p.problem == "row":
-            i = self._writer_of(p)
-            self._alone[i].append(p)
-            self._wake[i].set()
+            self._patient.append(p)
+            self._patient_wake.set()
             return
         delay = random.uniform(0, min(0.02, 0.001 * 2 ** min(p.waits, 5)))
         asyncio.get_running_loop().call_later(delay, self._enqueue_first, p)
@@ -232,13 +243,10 @@ class Batcher:
     # ------------------------------------------------------------------ writers
 
     async def _writer(self, i: int) -> None:
-        queue, alone, wake, uow = self._queues[i], self._alone[i], self._wake[i], self._units[i]
+        queue, wake, uow = self._queues[i], self._wake[i], self._units[i]
         try:
             while True:
                 wake.clear()  # before looking, so a command queued meanwhile wakes us
-                if alone:
-                    await self._guarded(uow, [alone.pop(0)], patient=True)
-                    continue
                 batch = self._take(queue)
                 if batch:
                     await self._guarded(uow, batch)
@@ -248,10 +256,25 @@ class Batcher:
                 await self._stores[i].close()
                 if self._closing:
                     return
-                if not (queue or alone):
+                if not queue:
                     await wake.wait()
         finally:
             await self._stores[i].discard()
+
+    async def _patient_lane(self) -> None:
+        queue, wake = self._patient, self._patient_wake
+        try:
+            while True:
+                wake.clear()
+                if queue:
+                    await self._guarded(self._patient_unit, [queue.popleft()], patient=True)
+                    continue
+                await self._patient_store.close()
+                if self._closing:
+                    return
+                await wake.wait()
+        finally:
+            await self._patient_store.discard()
 
     async def _guarded(
         self, uow: UnitOfWork, batch: list[Pending], *, patient: bool = False
@@ -289,6 +312,7 @@ class Batcher:
                 for p in batch:
                     p.problem = problem
                 if reason in _DATABASE_AWAY:
+                    self._database_away = True
                     await uow.store.discard()
                 if reason == "duplicate_key":
                     self.ids.discard()  # maybe a reservation id given out elsewhere
@@ -298,6 +322,7 @@ class Batcher:
                     return
                 await asyncio.sleep(self._backoff(attempt))
                 continue
+            self._database_away = False
             metrics.BATCH_SIZE.observe(len(batch))
             metrics.BATCH_SECONDS.observe(time.monotonic() - started)
             for p, outcome in result.outcomes:
@@ -312,8 +337,9 @@ class Batcher:
         await self._run(uow, batch[half:], patient=patient)
 
     def _drop_late(self, batch: list[Pending]) -> list[Pending]:
-        """Settle the commands whose wait ran out (Busy, or Unavailable when the database
-        was away); the rest run."""
+        """Settle the commands whose wait ran out (Busy, or Unavailable while the database
+        does not answer: whatever a command waited for, it could not have committed); the
+        rest run."""
         now = time.monotonic()
         keep = []
         for p in batch:
@@ -321,7 +347,7 @@ class Batcher:
                 continue
             if now < p.deadline:
                 keep.append(p)
-            elif p.problem == "database":
+            elif p.problem == "database" or self._database_away:
                 self._settle(p, Unavailable(self.locker.retry_after_ms(), "database unavailable"))
             else:
                 self._settle(p, Busy(self.locker.retry_after_ms()))
