@@ -131,10 +131,9 @@ class MemoryStore:
         self.db.next_reservation_id += count
         return range(start, start + count)
 
-    async def committed(self, keys: Sequence[str]) -> bool:
-        wanted = set(keys)
-        return bool(wanted & set(self.db.keys)) or any(
-            e.idempotency_key in wanted for e in self.db.ledger
+    async def committed(self, ws: WriteSet) -> bool:
+        return all(r.id in self.db.reservations for r in ws.new_reservations) and all(
+            k.idempotency_key in self.db.keys for k in ws.keys
         )
 
     async def discard(self) -> None:
@@ -173,6 +172,15 @@ class MemoryLookups:
         self, ids: Sequence[int], references: Sequence[Reference]
     ) -> dict[int | Reference, list[BalanceKey]]:
         return {}  # one writer, no Redis locks: nothing to route or claim
+
+    async def any_due_holding(self, keys: Sequence[BalanceKey], now: datetime) -> bool:
+        wanted = set(keys)
+        return any(
+            r.status == ACTIVE
+            and r.expires_at <= now
+            and any(ln.remaining > 0 and ln.key in wanted for ln in r.lines or ())
+            for r in self.db.reservations.values()
+        )
 
     async def due_reservation_ids(self, now: datetime, limit: int) -> list[int]:
         due = [

@@ -9,8 +9,8 @@ SQLite (aiosqlite): WAL, ``busy_timeout``, and ``BEGIN IMMEDIATE`` for writes be
 Savepoints / Transactional DDL" for pysqlite/aiosqlite).
 
 Writes and reads use separate engines (pools): the batcher's writers hold one connection each
-of the write engine, so a burst of reads never queues a writer behind them. The other pool also
-runs the rare short transactions beside the batches (id blocks).
+of the write engine, so a burst of reads never queues a writer behind them; id blocks have a
+one-connection engine of their own.
 """
 
 from __future__ import annotations
@@ -37,11 +37,16 @@ MYSQL_DEADLOCK = 1213
 MYSQL_LOCK_WAIT_TIMEOUT = 1205
 MARIADB_RECORD_CHANGED = 1020
 MYSQL_DUPLICATE_KEY = 1062
+# A statement that ran past its bound: MariaDB max_statement_time, MySQL max_execution_time.
+MARIADB_STATEMENT_TIMEOUT = 1969
+MYSQL_STATEMENT_TIMEOUT = 3024
 RETRYABLE_MYSQL_ERRORS = {
     MYSQL_DEADLOCK: "deadlock",
     MYSQL_LOCK_WAIT_TIMEOUT: "lock_wait_timeout",
     MARIADB_RECORD_CHANGED: "record_changed",
     MYSQL_DUPLICATE_KEY: "duplicate_key",
+    MARIADB_STATEMENT_TIMEOUT: "statement_timeout",
+    MYSQL_STATEMENT_TIMEOUT: "statement_timeout",
 }
 # Client errors for a server that is away or a connection that broke (MySQL reference manual,
 # "Client Error Message Reference": 2002/2003 cannot connect, 2006 gone away, 2013 lost during
@@ -83,7 +88,8 @@ def is_connection_lost(exc: BaseException) -> bool:
 def retry_reason(exc: BaseException) -> str | None:
     """A label (for ``inventory_transaction_retries_total``) when ``exc`` means "run the
     whole transaction again", else None: deadlock, lock wait timeout, MariaDB's 1020, a
-    duplicate key (a concurrent transaction wrote it first), SQLite busy, a lost connection."""
+    duplicate key (a concurrent transaction wrote it first), a statement past its time bound,
+    SQLite busy, a lost connection."""
     code = mysql_error_code(exc)
     if code in RETRYABLE_MYSQL_ERRORS:
         return RETRYABLE_MYSQL_ERRORS[code]
@@ -103,10 +109,15 @@ class Database:
     """
 
     def __init__(
-        self, engine: AsyncEngine, settings: Settings, read_engine: AsyncEngine | None = None
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        read_engine: AsyncEngine | None = None,
+        sequence_engine: AsyncEngine | None = None,
     ) -> None:
         self.engine = engine
         self.read_engine = read_engine or engine
+        self.sequence_engine = sequence_engine or self.read_engine
         self.settings = settings
         self.dialect = engine.dialect.name
         self.is_sqlite = self.dialect == "sqlite"
@@ -122,9 +133,8 @@ class Database:
 
     async def dispose(self) -> None:
         """Close every pooled connection."""
-        await self.engine.dispose()
-        if self.read_engine is not self.engine:
-            await self.read_engine.dispose()
+        for engine in {self.engine, self.read_engine, self.sequence_engine}:
+            await engine.dispose()
 
 
 def _setup_sqlite(engine: AsyncEngine, settings: Settings) -> None:
@@ -149,13 +159,28 @@ def _setup_sqlite(engine: AsyncEngine, settings: Settings) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _setup_mysql(engine: AsyncEngine, settings: Settings) -> None:
+def _setup_mysql(engine: AsyncEngine, settings: Settings, *, writes: bool) -> None:
+    """Per session: row-lock and metadata-lock waits of one statement bounded by the setting
+    (``innodb_lock_wait_timeout``, ``lock_wait_timeout``: a DDL or a backup cannot hold a
+    write for a day); on the write engines also each statement's run time, by the write's
+    whole wait (MariaDB ``max_statement_time`` in seconds; MySQL 8 ``max_execution_time`` in
+    ms, which bounds SELECTs only). The asyncmy read timeout is the last resort."""
     wait = int(settings.db_lock_wait_timeout_seconds)
+    # Above one lock wait, so a waiting statement times out as a lock wait (and retries).
+    statement = max(settings.lock_wait_seconds, wait + 1.0)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"SET SESSION innodb_lock_wait_timeout = {wait}")
+        cursor.execute(f"SET SESSION lock_wait_timeout = {wait}")
+        if writes:
+            cursor.execute("SELECT VERSION()")
+            version = str(cursor.fetchone()[0])
+            if "MariaDB" in version:
+                cursor.execute(f"SET SESSION max_statement_time = {statement:g}")
+            else:
+                cursor.execute(f"SET SESSION max_execution_time = {int(statement * 1000)}")
         cursor.close()
 
 
@@ -170,18 +195,22 @@ def create_database(settings: Settings, url: str | None = None) -> Database:
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        # One writer (BEGIN IMMEDIATE is the database lock), plus migrations and id blocks.
+        # One writer (BEGIN IMMEDIATE is the database lock), the patient lane and migrations.
         engine = create_async_engine(url, pool_size=2, max_overflow=2)
         _setup_sqlite(engine, settings)
         read_engine = create_async_engine(url, pool_size=5, max_overflow=5)
         _setup_sqlite(read_engine, settings)
-        return Database(engine, settings, read_engine)
+        sequence_engine = create_async_engine(url, pool_size=1, max_overflow=1)
+        _setup_sqlite(sequence_engine, settings)
+        return Database(engine, settings, read_engine, sequence_engine)
     if backend in ("mysql", "mariadb"):
         options: dict[str, Any] = {
             "isolation_level": "READ COMMITTED",
             "pool_recycle": 3600,
             "pool_pre_ping": False,
         }
+        # A statement that runs past every server-side bound fails as a lost connection.
+        writes = {"connect_args": {"read_timeout": settings.lock_wait_seconds + 5}}
         # The writers hold one connection each while they have work. No reset round trip when
         # one goes back: every batch ends its transaction itself (SQLAlchemy docs, "Reset On
         # Return": safe when the application always ends its transactions).
@@ -190,14 +219,18 @@ def create_database(settings: Settings, url: str | None = None) -> Database:
             pool_size=settings.write_connections + 1,  # and the patient lane
             max_overflow=2,
             pool_reset_on_return=None,
+            **writes,
             **options,
         )
-        _setup_mysql(engine, settings)
+        _setup_mysql(engine, settings, writes=True)
         read_engine = create_async_engine(
             url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, **options
         )
-        _setup_mysql(read_engine, settings)
-        return Database(engine, settings, read_engine)
+        _setup_mysql(read_engine, settings, writes=False)
+        # Id blocks: short transactions of their own, never behind a burst of reads.
+        sequence_engine = create_async_engine(url, pool_size=1, max_overflow=1, **writes, **options)
+        _setup_mysql(sequence_engine, settings, writes=True)
+        return Database(engine, settings, read_engine, sequence_engine)
     raise ValueError(
         f"unsupported database {backend!r}: use mysql+asyncmy:// or sqlite+aiosqlite://"
     )

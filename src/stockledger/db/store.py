@@ -263,6 +263,7 @@ class SqlStore:
         self.sql = _sql(db.dialect)
         self._conn: AsyncConnection | None = None
         self._consecutive_ids: bool | None = None
+        self._last_time: tuple[datetime | None, Any] = (None, None)
 
     # ------------------------------------------------------------------ connection
 
@@ -294,10 +295,16 @@ class SqlStore:
 
     def time(self, value: datetime) -> Any:
         """A timestamp as a parameter: naive UTC (MySQL DATETIME(6)) or SQLAlchemy's SQLite
-        text format ``YYYY-MM-DD HH:MM:SS.ffffff``, so Core reads of the same rows agree."""
-        if value.tzinfo is not None:
-            value = value.astimezone(UTC).replace(tzinfo=None)
-        return value if self.sql.mysql else value.strftime("%Y-%m-%d %H:%M:%S.%f")
+        text format ``YYYY-MM-DD HH:MM:SS.ffffff``, so Core reads of the same rows agree.
+
+        A batch stamps most rows with one time: the last conversion is kept.
+        """
+        if value is self._last_time[0]:
+            return self._last_time[1]
+        naive = value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
+        param = naive if self.sql.mysql else naive.strftime("%Y-%m-%d %H:%M:%S.%f")
+        self._last_time = (value, param)
+        return param
 
     @staticmethod
     def from_db_time(value: Any) -> datetime:
@@ -311,8 +318,9 @@ class SqlStore:
 
     async def allocate_ids(self, name: str, count: int) -> range:
         """``count`` fresh ids of the sequence ``name`` (a table with an integer ``id``): hi/lo,
-        one short transaction per block (ARCHITECTURE section 12), on a connection of the other
-        pool, so the writers' connections only ever run batches.
+        one short transaction per block (ARCHITECTURE section 12), on the database's sequence
+        engine, so the writers' connections only ever run batches and a burst of reads cannot
+        hold a block up.
 
         The block starts above every id the table holds, so ids written by other means (an
         AUTO_INCREMENT insert of an older release during a rolling deploy) never collide for
@@ -322,7 +330,7 @@ class SqlStore:
             raise ValueError(f"no id sequence {name!r}")
         m = self.sql.mark
         lock = " FOR UPDATE" if self.sql.mysql else ""
-        async with self.db.read_engine.begin() as conn:
+        async with self.db.sequence_engine.begin() as conn:
             result: Any = await conn.exec_driver_sql(
                 f"SELECT next_value, (SELECT COALESCE(MAX(id), 0) + 1 FROM {name}) "
                 f"FROM id_block WHERE name = {m}{lock}",
@@ -337,23 +345,35 @@ class SqlStore:
             )
         return range(start, start + count)
 
-    async def committed(self, keys: Sequence[str]) -> bool:
-        """Whether a transaction that wrote the key rows or ledger entries of ``keys`` (its
-        commit's outcome unknown) did commit: any of them found means all did."""
+    async def committed(self, ws: WriteSet) -> bool:
+        """Whether the transaction that wrote ``ws`` (its COMMIT's outcome unknown) did
+        commit, by evidence no other transaction can have written: the reservations it created
+        (their ids come from this process's id block), else its key rows, else its ledger
+        entries, with its own timestamp. Any one found means all were (a transaction commits
+        whole); a transaction that wrote nothing committed nothing that matters."""
         conn = await self._connection()
         m = self.sql.mark
         async with conn.begin():
-            for chunk in _chunks(list(keys)):
-                marks = self.sql.marks(len(chunk))
-                found = await conn.exec_driver_sql(
-                    f"SELECT 1 FROM idempotency_key WHERE org_id = {m} AND idempotency_key "
-                    f"IN ({marks}) UNION ALL SELECT 1 FROM inventory_ledger WHERE org_id = {m} "
-                    f"AND idempotency_key IN ({marks}) LIMIT 1",
-                    (self.org_id, *chunk, self.org_id, *chunk),
+            if ws.new_reservations:
+                ids = [r.id for r in ws.new_reservations][:MAX_ROWS_PER_STATEMENT]
+                result: Any = await conn.exec_driver_sql(
+                    f"SELECT 1 FROM reservation WHERE id IN ({self.sql.marks(len(ids))}) LIMIT 1",
+                    tuple(ids),
                 )
-                if found.first() is not None:
-                    return True
-        return False
+                return result.first() is not None
+            if ws.keys:
+                table, keys = "idempotency_key", [k.idempotency_key for k in ws.keys]
+            elif ws.entries:
+                table, keys = "inventory_ledger", [e.idempotency_key for e in ws.entries]
+            else:
+                return True
+            keys = sorted(set(keys))[:MAX_ROWS_PER_STATEMENT]
+            result = await conn.exec_driver_sql(
+                f"SELECT 1 FROM {table} WHERE org_id = {m} AND created_at = {m} AND "
+                f"idempotency_key IN ({self.sql.marks(len(keys))}) LIMIT 1",
+                (self.org_id, self.time(ws.now), *keys),
+            )
+            return result.first() is not None
 
     # ------------------------------------------------------------------ one batch
 
@@ -668,3 +688,22 @@ async def reservation_balance_keys(
                 if (location, sku) not in keys:
                     keys.append((location, sku))
     return {k: sorted(v) for k, v in out.items()}
+
+
+async def any_due_holding(
+    db: Database, org_id: str, keys: Sequence[BalanceKey], now: datetime
+) -> bool:
+    """Whether an ACTIVE reservation due at ``now`` still holds units of one of ``keys`` (a
+    read, no lock): then a short reserve would expire it first, and must not be refused by
+    a read alone."""
+    wanted = sorted(set(keys))[:MAX_ROWS_PER_STATEMENT]
+    if not wanted:
+        return False
+    sql = _sql(db.dialect)
+    store_time = SqlStore(db, org_id).time(now)
+    async with db.read() as conn:
+        result: Any = await conn.exec_driver_sql(
+            sql.select_due_holding(len(wanted)),
+            (store_time, org_id, *(x for k in wanted for x in k), 1),
+        )
+        return result.first() is not None

@@ -9,7 +9,6 @@ a command that fails simply drops its draft, so it leaves no trace.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -186,12 +185,13 @@ class Draft:
         ``Balance.version``).
         """
         before = self.balance(key)
-        after = dataclasses.replace(
-            before,
-            on_hand=before.on_hand + on_hand_delta,
-            reserved=before.reserved + reserved_delta,
-            version=before.version + 1,
-            updated_at=self.now,
+        after = Balance(
+            before.sku,
+            before.location,
+            before.on_hand + on_hand_delta,
+            before.reserved + reserved_delta,
+            before.version + 1,
+            self.now,
         )
         self._balances[key] = after
         self._entries.append(

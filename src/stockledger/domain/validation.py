@@ -19,6 +19,8 @@ from stockledger.domain.model import EXPIRE_KEY_PREFIX, BalanceKey, Line, Refere
 MAX_STRING_LENGTH = 255
 MAX_QUANTITY = 1_000_000_000  # per line (section 11)
 MAX_LINES = 500  # per input (section 11)
+MAX_BATCH_ITEMS = 500  # items of one reserveMany / deductMany / releaseMany (part BATCH)
+MAX_BATCH_LINES = 5000  # lines of all its items together
 # GraphQL Int is a signed 32-bit integer (GraphQL spec, "Int"); a balance above it could not
 # be returned, so a change that would push on_hand past it is refused.
 MAX_BALANCE = 2**31 - 1
@@ -122,6 +124,17 @@ def check_lines(lines: Any, field: str = "lines") -> Cart:
         first_index,
         field,
     )
+
+
+def check_batch(items: int, lines: int, field: str) -> None:
+    """A batch call's size: at most 500 items and 5,000 lines in all (schema-v2, part BATCH).
+    Raises ValidationError naming ``field`` (the list) before any item is looked at."""
+    if items > MAX_BATCH_ITEMS:
+        raise ValidationError(f"must have at most {MAX_BATCH_ITEMS} items, got {items}", field)
+    if lines > MAX_BATCH_LINES:
+        raise ValidationError(
+            f"must have at most {MAX_BATCH_LINES} lines in all, got {lines}", field
+        )
 
 
 def check_ttl(value: Any, maximum: int, field: str = "ttlSeconds") -> int:

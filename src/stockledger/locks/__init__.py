@@ -115,6 +115,11 @@ class ExpiryIndex(Protocol):
         """Move ids still in the index to a new due time (expiry busy: try again later)."""
         ...
 
+    def missed(self, changes: IndexChanges) -> None:
+        """Changes that may not have reached the index: scan the database until the latest
+        expiry among them has passed (moves ``unindexed_until``)."""
+        ...
+
 
 class NoLocks:
     """A locker that holds nothing: database row locks alone (the Redis-less mode)."""
@@ -156,4 +161,7 @@ class NoExpiryIndex:
         return []
 
     async def reschedule(self, due: Mapping[int, datetime]) -> None:
+        return None
+
+    def missed(self, changes: IndexChanges) -> None:
         return None

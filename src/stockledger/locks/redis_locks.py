@@ -279,6 +279,11 @@ class RedisBalanceLocker:
             self._orphans.append((names, token))
             self.health.failed(exc)
             return self._degraded(token, len(groups))
+        except RedisError as exc:
+            # Out of memory, no permission, cluster down, busy script ...: Redis cannot lock
+            # for us now, and a write must not fail for it (ARCHITECTURE section 4).
+            self.health.failed(exc)
+            return self._degraded(token, len(groups))
         self.health.succeeded()
         result = [bool(int(g)) for g in granted]
         held = {k for group, ok in zip(groups, result, strict=True) if ok for k in group}
@@ -372,13 +377,21 @@ class RedisBalanceLocker:
                 index.health.failed(exc)
                 index.missed(changes)
             return
-        self.health.succeeded()
-        if names:
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if names and claim is not None:
             freed = results[0]
             if isinstance(freed, BaseException):
-                log.warning("redis lock release failed: %r", freed)
+                self._orphans.append((names, claim.token))
             else:
                 self._count_lost(len(names) - int(freed))
+        if together and any(isinstance(r, BaseException) for r in results[1 if names else 0 :]):
+            assert isinstance(index, RedisExpiryIndex)
+            index.missed(changes)
+        if failed:
+            log.warning("redis refused part of a batch's release: %r", failed[0])
+            self.health.failed(failed[0])
+        else:
+            self.health.succeeded()
 
     def retry_after_ms(self) -> int:
         """A jittered hint for when a busy balance may be free again (5-20 % of the wait)."""
@@ -496,7 +509,7 @@ class RedisBalanceLocker:
         for i, (names, token) in enumerate(batch):
             try:
                 await self._release(keys=names, args=[token])
-            except REDIS_UNAVAILABLE as exc:
+            except RedisError as exc:
                 self._orphans.extend(batch[i:])
                 self.health.failed(exc)
                 return False

@@ -27,9 +27,11 @@ from stockledger.domain.model import (
 from stockledger.services.errors import ServiceUnavailableError
 from stockledger.services.records import (
     AdjustResult,
+    ConsumeRequest,
     DeductResult,
     ExtendResult,
     ReleaseResult,
+    ReserveRequest,
     ReserveResult,
     RestockResult,
 )
@@ -38,6 +40,7 @@ from stockledger.services.writes import InventoryService
 __all__ = [
     "AdjustResult",
     "Balance",
+    "ConsumeRequest",
     "DeductResult",
     "ExtendResult",
     "IdempotencyKeyReusedError",
@@ -52,6 +55,7 @@ __all__ = [
     "ReservationLine",
     "Reservation",
     "ReservationNotActiveError",
+    "ReserveRequest",
     "ReserveResult",
     "RestockResult",
     "ServiceUnavailableError",

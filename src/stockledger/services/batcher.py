@@ -105,6 +105,7 @@ class Batcher:
         self._wake: list[asyncio.Event] = [asyncio.Event() for _ in range(self.writers)]
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._outstanding: set[Pending] = set()  # submitted and not settled
 
     # ------------------------------------------------------------------ callers
 
@@ -131,13 +132,19 @@ class Batcher:
         *,
         patience: float | None = None,
         early: bool = False,
+        together: bool = False,
     ) -> list[Outcome]:
-        """Queue every command at once (in order) and return their outcomes in that order."""
+        """Queue every command at once (in order) and return their outcomes in that order.
+
+        ``together``: all go to one writer, whose batches run one after another, so the
+        commands apply in input order (an earlier one wins the last units), unless one waits
+        for a balance busy elsewhere.
+        """
         self._start()
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         deadline = now + (self.wait if patience is None else patience)
-        pendings = []
+        pendings: list[Pending] = []
         for command, keys in items:
             p = Pending(
                 command,
@@ -148,9 +155,23 @@ class Batcher:
                 loop.create_future(),
                 early,
             )
+            if together and pendings:
+                p.writer = pendings[0].writer
+            elif together:
+                p.writer = self._writer_of(p)
             pendings.append(p)
+            self._outstanding.add(p)
             self._enqueue(p)
+            # The caller's answer is bounded even if a writer is stuck in the database: past
+            # its deadline by another wait, it is UNAVAILABLE (the batch may still commit
+            # later; a retry with the same key then replays it).
+            loop.call_at(loop.time() + (deadline - now) + self.wait, self._give_up, p)
         return list(await asyncio.gather(*(p.future for p in pendings)))
+
+    def _give_up(self, p: Pending) -> None:
+        if not p.future.done():
+            log.warning("a write outlived its wait in the database: answering UNAVAILABLE")
+            self._settle(p, Unavailable(self.locker.retry_after_ms(), "database too slow"))
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop the writers once what is queued has run, and give their connections back.
@@ -170,6 +191,9 @@ class Batcher:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # Commands waiting in a backoff timer when the writers stopped get an answer too.
+        for p in list(self._outstanding):
+            self._settle(p, Unavailable(self.locker.retry_after_ms(), "shutting down"))
 
     # ------------------------------------------------------------------ queues
 
@@ -188,6 +212,8 @@ class Batcher:
     def _writer_of(self, p: Pending) -> int:
         if self.writers == 1:
             return 0
+        if p.writer is not None:
+            return p.writer
         if p.keys:
             return hash(p.keys[0]) % self.writers
         rid = addressed_reservation(p.command)
@@ -205,6 +231,9 @@ class Batcher:
 
     def _enqueue_first(self, p: Pending) -> None:
         """Queue a command that waited ahead of newer ones (it arrived before them)."""
+        if self._closing:
+            self._settle(p, Unavailable(self.locker.retry_after_ms(), "shutting down"))
+            return
         self._enqueue(p, front=True)
 
     def _retry_later(self, p: Pending) -> None:
@@ -227,7 +256,7 @@ class Batcher:
         while queue and len(batch) < self.max_commands:
             p = queue[0]
             if p.future.done():  # its caller went away before it ran
-                queue.popleft()
+                self._outstanding.discard(queue.popleft())
                 continue
             if batch and rows + p.weight > self.max_rows:
                 break
@@ -235,8 +264,8 @@ class Batcher:
             rows += p.weight
         return batch
 
-    @staticmethod
-    def _settle(p: Pending, outcome: Outcome) -> None:
+    def _settle(self, p: Pending, outcome: Outcome) -> None:
+        self._outstanding.discard(p)
         if not p.future.done():
             p.future.set_result(outcome)
 
@@ -344,6 +373,7 @@ class Batcher:
         keep = []
         for p in batch:
             if p.future.done():
+                self._outstanding.discard(p)
                 continue
             if now < p.deadline:
                 keep.append(p)

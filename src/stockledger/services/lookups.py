@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from stockledger.db.engine import Database
 from stockledger.db.models import idempotency_key as K
 from stockledger.db.models import reservation as R
-from stockledger.db.store import reservation_balance_keys
+from stockledger.db.store import any_due_holding, reservation_balance_keys
 from stockledger.domain.errors import IdempotencyKeyReusedError
 from stockledger.domain.model import (
     ACTIVE,
@@ -72,6 +72,10 @@ class SqlLookups:
     ) -> dict[int | Reference, list[BalanceKey]]:
         """See :meth:`stockledger.services.ports.Lookups.reservation_keys`."""
         return await reservation_balance_keys(self.db, self.org_id, ids, references)
+
+    async def any_due_holding(self, keys: Sequence[BalanceKey], now: datetime) -> bool:
+        """See :meth:`stockledger.services.ports.Lookups.any_due_holding`."""
+        return await any_due_holding(self.db, self.org_id, keys, now)
 
     async def due_reservation_ids(self, now: datetime, limit: int) -> list[int]:
         """See :meth:`stockledger.services.ports.Lookups.due_reservation_ids`."""

@@ -7,9 +7,10 @@ the result is then the current state of what that call changed, and nothing chan
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from stockledger.domain.model import Balance, LedgerEntry, Reservation
+from stockledger.domain.model import Balance, LedgerEntry, Line, Reference, Reservation
 
 
 @dataclass(frozen=True)
@@ -57,3 +58,24 @@ class ExtendResult:
 WriteResult = (
     RestockResult | AdjustResult | ReserveResult | ReleaseResult | DeductResult | ExtendResult
 )
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    """One cart of a :meth:`InventoryService.reserve_many` call (the arguments of a reserve)."""
+
+    idempotency_key: str
+    lines: Sequence[Line]
+    reference: Reference | None = None
+    ttl_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class ConsumeRequest:
+    """One item of a ``deduct_many`` or ``release_many`` call (the arguments of one deduct or
+    release: a reservation id or a reference, or, for a deduct, neither: direct)."""
+
+    idempotency_key: str
+    reservation_id: str | int | None = None
+    reference: Reference | None = None
+    lines: Sequence[Line] | None = None

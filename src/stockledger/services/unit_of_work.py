@@ -136,6 +136,7 @@ class Pending:
     early: bool = False
     problem: str | None = None
     waits: int = 0
+    writer: int | None = None  # set: the writer it must go to (else by its first key)
 
 
 @dataclass
@@ -148,18 +149,23 @@ class BatchResult:
 
 class IdBlocks:
     """Reservation ids from hi/lo blocks of the ``id_block`` sequence, shared by a process's
-    writers; a block costs one short transaction (ARCHITECTURE section 12)."""
+    writers; a block costs one short transaction (ARCHITECTURE section 12). The next block is
+    fetched in the background when half of the one at hand is used, so a batch rarely waits.
+    """
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self._ids: list[int] = []
         self._lock = asyncio.Lock()
+        self._refill: asyncio.Task[None] | None = None
 
     async def take(self, store: Store, count: int) -> list[int]:
         """``count`` fresh ids, increasing; fetches blocks through ``store`` as needed."""
         if count == 0:
             return []
         async with self._lock:
+            if len(self._ids) < count and self._refill is not None:
+                await asyncio.shield(self._refill)
             while len(self._ids) < count:
                 # Shielded: a cancelled caller must not leave the sequence row locked.
                 block = await asyncio.shield(
@@ -167,7 +173,19 @@ class IdBlocks:
                 )
                 self._ids.extend(block)
             taken, self._ids = self._ids[:count], self._ids[count:]
+            if len(self._ids) < self.block_size // 2 and self._refill is None:
+                self._refill = asyncio.create_task(self._fetch(store))
         return taken
+
+    async def _fetch(self, store: Store) -> None:
+        try:
+            block = await store.allocate_ids("reservation", self.block_size)
+        except Exception:  # the next take() fetches one itself
+            log.warning("fetching the next block of reservation ids failed", exc_info=True)
+        else:
+            self._ids.extend(block)
+        finally:
+            self._refill = None
 
     def discard(self) -> None:
         """Drop the ids at hand (a batch found one already used): the next block starts
@@ -232,6 +250,10 @@ class UnitOfWork:
         command that waited too often). Raises the database's errors (nothing committed, or,
         for a lost COMMIT, nothing known to have committed).
         """
+        # Ids first: a claim's leases are kept alive only while the batch is in the database.
+        reservation_ids = await self.ids.take(
+            self.store, sum(isinstance(p.command, Reserve) for p in batch)
+        )
         claim = await self.locker.claim(self.org_id, [p.keys for p in batch])
         result = BatchResult()
         runnable = []
@@ -247,9 +269,6 @@ class UnitOfWork:
         changes = IndexChanges()
         try:
             if runnable:
-                reservation_ids = await self.ids.take(
-                    self.store, sum(isinstance(p.command, Reserve) for p in runnable)
-                )
                 async with self.locker.keep(claim):
                     plan = await self._transaction(runnable, reservation_ids, patient)
                 result.outcomes += plan.outcomes
@@ -281,6 +300,9 @@ class UnitOfWork:
                 lost = exc
         if lost is not None and not await self._committed_anyway(ws):
             # The COMMIT failed before it happened (or cannot be told): the batch runs again.
+            # If it did commit after all, the rerun only replays, and these expiries would
+            # never reach the index: have the sweeper scan for them.
+            self.index.missed(_index_changes(plan, ws))
             raise lost
         if ids:
             _fill_ledger_ids(plan, spans, ids)
@@ -288,14 +310,10 @@ class UnitOfWork:
         return plan
 
     async def _committed_anyway(self, ws: WriteSet) -> bool:
-        """Whether a batch whose COMMIT raised did commit: its key rows or ledger entries are
-        there (any one means all: a transaction commits whole)."""
-        evidence = [k.idempotency_key for k in ws.keys] + [e.idempotency_key for e in ws.entries]
+        """Whether a batch whose COMMIT raised did commit (see ``Store.committed``)."""
         await self.store.discard()
-        if not evidence:
-            return False
         try:
-            return await self.store.committed(evidence[:500])
+            return await self.store.committed(ws)
         except Exception:
             log.warning("could not tell whether a batch committed; it runs again", exc_info=True)
             return False
@@ -355,13 +373,21 @@ class UnitOfWork:
         now: datetime,
     ) -> _Plan:
         """Apply the commands in arrival order to the loaded state (in memory only)."""
-        plan = _Plan(Stock(loaded.balances.values(), loaded.reservations.values()))
+        # A reservation with a balance held elsewhere stays out of the state the rules see:
+        # the commands addressing it wait (below), and no rule may expire it without that
+        # balance's row.
+        usable = [
+            r
+            for r in loaded.reservations.values()
+            if not any(ln.key in loaded.busy_balances for ln in r.lines or ())
+        ]
+        plan = _Plan(Stock(loaded.balances.values(), usable))
         new_ids = iter(reservation_ids)
         # Keys that succeeded earlier in this batch: (operation, request hash), as stored.
         done: dict[str, tuple[str, str]] = {}
         for p in batch:
             command = p.command
-            if self._touches_busy(command, loaded, plan.stock):
+            if self._touches_busy(command, loaded):
                 p.problem = "row"
                 plan.deferred.append(p)
                 continue
@@ -405,7 +431,7 @@ class UnitOfWork:
         return plan
 
     @staticmethod
-    def _touches_busy(command: Command, loaded: _Loaded, stock: Stock) -> bool:
+    def _touches_busy(command: Command, loaded: _Loaded) -> bool:
         """Whether a command needs a row another transaction holds (it waits for a later
         batch). By reference it touches every ACTIVE reservation with it."""
         if not loaded.busy_reservations and not loaded.busy_balances:
@@ -414,16 +440,20 @@ class UnitOfWork:
         ids = [rid] if rid is not None else []
         reference = addressed_reference(command)
         if reference is not None:
-            ids += [r.id for r in stock.by_reference(reference)]
             if loaded.busy_reservations:
                 return True  # a busy row may be one of this reference's (its status unknown)
+            ids += [
+                r.id
+                for r in loaded.reservations.values()
+                if r.reference == reference and r.status == ACTIVE
+            ]
         if any(i in loaded.busy_reservations for i in ids):
             return True
         keys = set(known_balance_keys(command))
         for i in ids:
-            r = stock.reservation(i)
-            if r is not None:
-                keys.update(ln.key for ln in r.lines or ())
+            held = loaded.reservations.get(i)
+            if held is not None:
+                keys.update(ln.key for ln in held.lines or ())
         return any(k in loaded.busy_balances for k in keys)
 
     def _write_set(

@@ -13,6 +13,7 @@ line short (reserve, direct deduct), else LockTimeoutError.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from stockledger.domain.errors import (
 )
 from stockledger.domain.model import BalanceKey, Line, Reference, Reservation
 from stockledger.domain.state import Changes
-from stockledger.domain.validation import Cart
+from stockledger.domain.validation import Cart, check_batch
 from stockledger.locks import BalanceLocker, ExpiryIndex, NoExpiryIndex, NoLocks
 from stockledger.observability import metrics
 from stockledger.observability.logs import get_logger
@@ -54,9 +55,11 @@ from stockledger.services.lookups import SqlLookups
 from stockledger.services.ports import Lookups, Store
 from stockledger.services.records import (
     AdjustResult,
+    ConsumeRequest,
     DeductResult,
     ExtendResult,
     ReleaseResult,
+    ReserveRequest,
     ReserveResult,
     RestockResult,
 )
@@ -332,6 +335,113 @@ class InventoryService:
             ),
         )
 
+    # ------------------------------------------------------------------ many at once
+
+    async def reserve_many(
+        self, carts: Sequence[ReserveRequest]
+    ) -> list[ReserveResult | StockError]:
+        """Reserve many carts at once (part BATCH): each is its own reserve, with its own key,
+        all-or-nothing rule and result (or error, returned, not raised), in input order.
+        All reach the batcher together, in input order: an earlier cart wins the last units.
+
+        Raises ValidationError (field ``carts``) for more than 500 carts or 5,000 lines in
+        all, before any work; ServiceUnavailableError when the database did not answer for
+        some cart (others may have committed: a retry with the same keys replays them).
+        """
+        s = self.settings
+        return await self._write_many(
+            "reserve",
+            "carts",
+            carts,
+            lambda c: Reserve.validated(
+                c.idempotency_key,
+                c.lines,
+                reference=c.reference,
+                ttl_seconds=c.ttl_seconds,
+                default_ttl_seconds=s.default_reservation_ttl_seconds,
+                max_ttl_seconds=s.max_reservation_ttl_seconds,
+            ),
+        )
+
+    async def deduct_many(self, items: Sequence[ConsumeRequest]) -> list[DeductResult | StockError]:
+        """Deduct many at once, each item as :meth:`deduct` (see :meth:`reserve_many`)."""
+        return await self._write_many(
+            "deduct",
+            "items",
+            items,
+            lambda i: Deduct.validated(
+                i.idempotency_key,
+                reservation_id=i.reservation_id,
+                reference=i.reference,
+                lines=i.lines,
+            ),
+        )
+
+    async def release_many(
+        self, items: Sequence[ConsumeRequest]
+    ) -> list[ReleaseResult | StockError]:
+        """Release many at once, each item as :meth:`release` (see :meth:`reserve_many`)."""
+        return await self._write_many(
+            "release",
+            "items",
+            items,
+            lambda i: Release.validated(
+                i.idempotency_key,
+                reservation_id=i.reservation_id,
+                reference=i.reference,
+                lines=i.lines,
+            ),
+        )
+
+    async def _write_many(
+        self,
+        operation: str,
+        field: str,
+        requests: Sequence[Any],
+        build: Callable[[Any], Command],
+    ) -> list[Any]:
+        """Build each request's command (an invalid one fails alone), submit the valid ones
+        together, and answer and record each as its single call would."""
+        start = time.perf_counter()
+        check_batch(len(requests), sum(len(r.lines or ()) for r in requests), field)
+        built: list[Command | StockError] = []
+        for request in requests:
+            try:
+                built.append(build(request))
+            except StockError as error:
+                built.append(error)
+        commands = [c for c in built if not isinstance(c, StockError)]
+        try:
+            hints = await self._reservation_hints(commands)
+            outcomes = iter(
+                await self.batcher.submit_many(
+                    [(c, self._keys(c, hints)) for c in commands], together=True
+                )
+            )
+        except ServiceUnavailableError as error:
+            outcomes = iter([Unavailable(error.retry_after_ms, str(error))] * len(commands))
+        # Answered concurrently: a replayed item's answer is a read of its own.
+        answers = iter(await asyncio.gather(*(self._answer(c, next(outcomes)) for c in commands)))
+        out: list[Any] = []
+        unavailable: ServiceUnavailableError | None = None
+        for request, item in zip(requests, built, strict=True):
+            reference = getattr(request, "reference", None)
+            if isinstance(item, StockError):
+                answer = _Answer(item.code.lower(), error=item)
+                self._record(operation, request.idempotency_key, reference, answer, start, None)
+                out.append(item)
+                continue
+            answer = next(answers)
+            self._record(operation, item.idempotency_key, reference, answer, start, item)
+            if isinstance(answer.error, ServiceUnavailableError):
+                unavailable = answer.error
+            elif answer.error is not None and not isinstance(answer.error, StockError):
+                raise answer.error  # unexpected: the whole call fails, masked
+            out.append(answer.error if answer.error is not None else answer.result)
+        if unavailable is not None:
+            raise unavailable
+        return out
+
     # ------------------------------------------------------------------ expiry
 
     async def expire_reservation(self, reservation_id: int) -> Reservation | None:
@@ -407,10 +517,12 @@ class InventoryService:
         hints = await self._reservation_hints([command])
         keys = self._keys(command, hints)
         early = isinstance(command, Reserve | DeductDirect) and self._looks_short(command.cart)
+        deadline = time.monotonic() + self.locker.wait
         while True:
-            outcome = await self.batcher.submit(command, keys, early=early)
+            patience = max(0.0, deadline - time.monotonic())
+            outcome = await self.batcher.submit(command, keys, early=early, patience=patience)
             if isinstance(outcome, Busy) and outcome.early:
-                # Busy elsewhere, and last seen short here: read before queueing again.
+                # Busy in this process, and last seen short here: read before waiting on.
                 assert isinstance(command, Reserve | DeductDirect)
                 refused = await self._refuse_if_short(command)
                 if refused is not None:
@@ -503,9 +615,14 @@ class InventoryService:
         available = {k: b.available for k, b in balances.items()}
         self._saw_available((k, available.get(k, 0)) for k in keys)
         shortages = _shortages(command.cart, available)
-        if shortages:
-            return _Answer("insufficient_stock", error=InsufficientStockError(shortages))
-        return None
+        if not shortages:
+            return None
+        # Expired holds never refuse a cart: with due ones on a short balance, the batch
+        # (which expires them first) decides.
+        short = [(s.location, s.sku) for s in shortages]
+        if await self.lookups.any_due_holding(short, self.clock()):
+            return None
+        return _Answer("insufficient_stock", error=InsufficientStockError(shortages))
 
     # ------------------------------------------------------------------ hints
 
@@ -633,6 +750,9 @@ def _result(command: Command, changes: Changes) -> Any:
         return RestockResult(balances, list(changes.entries), False)
     if isinstance(command, Adjust):
         return AdjustResult(balances[0], changes.entries[0], False)
+    if isinstance(command, Reserve | DeductDirect):
+        # The cart's own balances (a replay shows the same), not those of holds it expired.
+        balances = [b for b in balances if b.key in command.cart.first_index]
     if isinstance(command, Reserve):
         return ReserveResult(answered[0], balances, False)
     if isinstance(command, Release):
