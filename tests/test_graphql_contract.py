@@ -39,12 +39,25 @@ from stockledger.resolvers import print_sdl
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CONTRACT = Path(__file__).resolve().parents[2] / "shared" / "design" / "schema.graphql"
 VENDORED_CONTRACT = Path(__file__).resolve().parent / "contract" / "schema.graphql"
+SHARED_V2 = SHARED_CONTRACT.with_name("schema-v2.graphql")
+VENDORED_V2 = VENDORED_CONTRACT.with_name("schema-v2.graphql")
+# The parts of schema-v2.graphql this release serves.
+BUILT_PARTS = ("BATCH",)
 
 
 def contract_text() -> str:
     """The contract: shared/ beside the clone when present, else the vendored copy."""
     path = SHARED_CONTRACT if SHARED_CONTRACT.exists() else VENDORED_CONTRACT
     return path.read_text()
+
+
+def v2_part(name: str) -> str:
+    """One named part of schema-v2.graphql (from its "part NAME" banner to the next part)."""
+    text = (SHARED_V2 if SHARED_V2.exists() else VENDORED_V2).read_text()
+    parts = text.split("# ─────────────────────────────")
+    found = [p for p in parts if p.lstrip().startswith(f"part {name}")]
+    assert found, f"schema-v2.graphql has no part {name}"
+    return "\n".join(p.split("\n", 1)[1] for p in found)
 
 
 def default_of(arg: Any) -> Any:
@@ -148,11 +161,22 @@ def test_export_contains_the_contract() -> None:
     assert changed_defaults == []
 
 
+@pytest.mark.parametrize("part", BUILT_PARTS)
+def test_export_contains_the_built_parts_of_the_v2_contract(part: str) -> None:
+    contract = build_schema(contract_text() + "\n" + v2_part(part))
+    served = build_schema(print_sdl())
+    assert containment_problems(contract, served) == []
+    assert find_breaking_changes(contract, served) == []
+
+
 def test_vendored_contract_matches_shared() -> None:
     if not SHARED_CONTRACT.exists():
         pytest.skip(f"{SHARED_CONTRACT} is absent: the vendored copy is the contract")
     assert VENDORED_CONTRACT.read_text() == SHARED_CONTRACT.read_text(), (
         "tests/contract/schema.graphql differs from shared/design/schema.graphql: copy it over"
+    )
+    assert VENDORED_V2.read_text() == SHARED_V2.read_text(), (
+        "tests/contract/schema-v2.graphql differs from shared/design/schema-v2.graphql"
     )
 
 

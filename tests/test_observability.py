@@ -104,18 +104,22 @@ EXPECTED: dict[SampleKey, float] = {
         "stock_movements_total", {"type": "reserve", "result": "lock_timeout", "reason": "none"}
     ): 1,
     _key("stock_movements_total", {"type": "expire", "result": "success", "reason": "none"}): 1,
-    # restock, reserve, its replay, the ttl reserve / insufficient stock, lock timeout
+    # restock; reserve, its replay, the ttl reserve / insufficient stock, lock timeout
     _key(
         "inventory_graphql_request_seconds_count",
-        {"operation_type": "mutation", "outcome": "ok"},
-    ): 4,
+        {"operation_type": "mutation", "field": "restock", "outcome": "ok"},
+    ): 1,
     _key(
         "inventory_graphql_request_seconds_count",
-        {"operation_type": "mutation", "outcome": "domain_error"},
+        {"operation_type": "mutation", "field": "reserve", "outcome": "ok"},
+    ): 3,
+    _key(
+        "inventory_graphql_request_seconds_count",
+        {"operation_type": "mutation", "field": "reserve", "outcome": "domain_error"},
     ): 2,
     _key(
         "inventory_graphql_request_seconds_count",
-        {"operation_type": "mutation", "outcome": "error"},
+        {"operation_type": "mutation", "field": "reserve", "outcome": "error"},
     ): 0,
 }
 # Families whose every moved series must be listed above (nothing else may move).

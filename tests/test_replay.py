@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 ORDERS = 300
 
 
-async def _replay(url: str) -> Replay:
-    replay = Replay(url, load_orders(limit=ORDERS), clients=8, abandon_ttl=1)
+async def _replay(url: str, batch: int | None) -> Replay:
+    replay = Replay(url, load_orders(limit=ORDERS), clients=8, abandon_ttl=1, batch=batch)
     elapsed = await replay.run()
     problems = await replay.check(expire_wait=15)
     print("\n" + replay.report(elapsed))
@@ -35,18 +35,26 @@ def _assert_counts(replay: Replay) -> None:
     assert c["deducted"] == c["reserved"] - c["abandoned"]
 
 
-async def test_replay_on_the_embedded_default(tmp_path: Path) -> None:
+# None: one reserve (deduct) per order; 50: reserveMany (deductMany) calls of up to 50.
+BATCHES = pytest.mark.parametrize("batch", [None, 50], ids=["single", "batch-50"])
+
+
+@BATCHES
+async def test_replay_on_the_embedded_default(tmp_path: Path, batch: int | None) -> None:
     with running(tmp_path, base_env(tmp_path, log_level="WARNING")) as server:
         server.wait_ready()
-        _assert_counts(await _replay(f"{server.url}/graphql"))
+        replay = await _replay(f"{server.url}/graphql", batch)
+        _assert_counts(replay)
+        assert bool(replay.out.latencies.get("reserveMany")) == (batch is not None)
 
 
+@BATCHES
 async def test_replay_on_mariadb_and_redis(
-    mysql_url: str, redis_url: str, org_id: str, tmp_path: Path
+    mysql_url: str, redis_url: str, org_id: str, tmp_path: Path, batch: int | None
 ) -> None:
     env = base_env(
         tmp_path, database_url=mysql_url, redis_url=redis_url, org_id=org_id, log_level="WARNING"
     )
     with running(tmp_path, env) as server:
         server.wait_ready()
-        _assert_counts(await _replay(f"{server.url}/graphql"))
+        _assert_counts(await _replay(f"{server.url}/graphql", batch))

@@ -164,6 +164,12 @@ def sweep(once: bool) -> None:
 @click.option("--abandon-ttl", type=int, default=2, show_default=True, help="Seconds.")
 @click.option("--expire-wait", type=float, default=15.0, show_default=True, help="Seconds.")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 500),
+    default=None,
+    help="Send each day's carts in reserveMany calls of up to N (shipments: deductMany).",
+)
 def replay(
     url: str,
     orders: int | None,
@@ -174,6 +180,7 @@ def replay(
     abandon_ttl: int,
     expire_wait: float,
     data: str | None,
+    batch: int | None,
 ) -> None:
     """Replay the Superstore orders through a running server and check the result."""
     import asyncio
@@ -192,6 +199,7 @@ def replay(
             abandon_share=abandon_share,
             abandon_ttl=abandon_ttl,
             expire_wait=expire_wait,
+            batch=batch,
         )
     )
     click.echo(report)

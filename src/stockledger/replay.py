@@ -15,6 +15,8 @@ never deducted: the server's sweeper expires them.
 
 Concurrency: the days are replayed in order; within a day, restocks, then reserves, then
 deducts run on ``clients`` concurrent connections (so each order keeps reserve -> deduct).
+With ``batch`` N, a day's carts go in ``reserveMany`` calls of up to N carts and its
+shipments in ``deductMany`` calls (part BATCH), on the same connections.
 
 At the end it checks through the API alone: no negative balance, no reserved above on hand,
 the ledger's deltas sum to every balance, and the cart counts add up; it prints carts per
@@ -51,6 +53,14 @@ DEDUCT = """mutation($input: DeductInput!) { deduct(input: $input) {
   __typename
   ... on DeductSuccess { replayed }
   ... on Error { code message } } }"""
+RESERVE_MANY = """mutation($input: ReserveManyInput!) { reserveMany(input: $input) { results {
+  __typename
+  ... on ReserveSuccess { reservation { id } replayed }
+  ... on Error { code message } } } }"""
+DEDUCT_MANY = """mutation($input: DeductManyInput!) { deductMany(input: $input) { results {
+  __typename
+  ... on DeductSuccess { replayed }
+  ... on Error { code message } } } }"""
 RESTOCK = """mutation($input: RestockInput!) { restock(input: $input) {
   __typename
   ... on RestockSuccess { replayed }
@@ -127,8 +137,10 @@ class Replay:
         abandon_share: float = 0.2,
         abandon_ttl: int = 2,
         run_id: str | None = None,
+        batch: int | None = None,
     ) -> None:
         self.url = url
+        self.batch = batch
         self.orders = orders
         self.clients = clients
         self.fraction = fraction
@@ -194,25 +206,24 @@ class Replay:
                 raise RuntimeError(f"restock failed: {data['restock']}")
             self.out.counts["restocks"] += 1
 
-    async def reserve(self, order: Order) -> None:
-        gone = abandoned(order.order_id, self.abandon_share)
-        variables: dict[str, Any] = {
-            "input": {
-                "idempotencyKey": f"{self.run_id}:reserve:{order.order_id}",
-                "lines": [
-                    {"location": loc, "sku": sku, "quantity": q}
-                    for (loc, sku), q in order.lines.items()
-                ],
-                "reference": {"type": "ORDER", "id": f"{self.run_id}:{order.order_id}"},
-            }
+    def _reserve_input(self, order: Order) -> dict[str, Any]:
+        cart: dict[str, Any] = {
+            "idempotencyKey": f"{self.run_id}:reserve:{order.order_id}",
+            "lines": [
+                {"location": loc, "sku": sku, "quantity": q}
+                for (loc, sku), q in order.lines.items()
+            ],
+            "reference": {"type": "ORDER", "id": f"{self.run_id}:{order.order_id}"},
         }
-        if gone:
-            variables["input"]["ttlSeconds"] = self.abandon_ttl
-        result = (await self.call("reserve", RESERVE, variables))["reserve"]
+        if abandoned(order.order_id, self.abandon_share):
+            cart["ttlSeconds"] = self.abandon_ttl
+        return cart
+
+    def _reserved(self, order: Order, result: dict[str, Any]) -> None:
         kind = result["__typename"]
         if kind == "ReserveSuccess":
             self.out.counts["reserved"] += 1
-            if gone:
+            if abandoned(order.order_id, self.abandon_share):
                 self.out.counts["abandoned"] += 1
             else:
                 self.out.reservation_ids[order.order_id] = result["reservation"]["id"]
@@ -222,27 +233,48 @@ class Replay:
             self.out.counts[f"failed_{kind}"] += 1
             self.out.failures.append(f"reserve {order.order_id}: {result}")
 
-    async def deduct(self, order: Order) -> None:
-        rid = self.out.reservation_ids.get(order.order_id)
-        if rid is None:
-            return
-        result = (
-            await self.call(
-                "deduct",
-                DEDUCT,
-                {
-                    "input": {
-                        "idempotencyKey": f"{self.run_id}:deduct:{order.order_id}",
-                        "reservationId": rid,
-                    }
-                },
-            )
-        )["deduct"]
+    def _deduct_input(self, order: Order, rid: str) -> dict[str, Any]:
+        return {"idempotencyKey": f"{self.run_id}:deduct:{order.order_id}", "reservationId": rid}
+
+    def _deducted(self, order: Order, result: dict[str, Any]) -> None:
         if result["__typename"] == "DeductSuccess":
             self.out.counts["deducted"] += 1
         else:
             self.out.counts[f"deduct_{result['__typename']}"] += 1
             self.out.failures.append(f"deduct {order.order_id}: {result}")
+
+    async def reserve(self, order: Order) -> None:
+        data = await self.call("reserve", RESERVE, {"input": self._reserve_input(order)})
+        self._reserved(order, data["reserve"])
+
+    async def deduct(self, order: Order) -> None:
+        rid = self.out.reservation_ids.get(order.order_id)
+        if rid is None:
+            return
+        data = await self.call("deduct", DEDUCT, {"input": self._deduct_input(order, rid)})
+        self._deducted(order, data["deduct"])
+
+    async def reserve_many(self, orders: list[Order]) -> None:
+        carts = [self._reserve_input(o) for o in orders]
+        data = await self.call("reserveMany", RESERVE_MANY, {"input": {"carts": carts}})
+        for order, result in zip(orders, data["reserveMany"]["results"], strict=True):
+            self._reserved(order, result)
+
+    async def deduct_many(self, orders: list[Order]) -> None:
+        shipped = [(o, rid) for o in orders if (rid := self.out.reservation_ids.get(o.order_id))]
+        if not shipped:
+            return
+        items = [self._deduct_input(o, rid) for o, rid in shipped]
+        data = await self.call("deductMany", DEDUCT_MANY, {"input": {"items": items}})
+        for (order, _), result in zip(shipped, data["deductMany"]["results"], strict=True):
+            self._deducted(order, result)
+
+    def _jobs(self, orders: list[Order], one: Any, many: Any) -> list[Any]:
+        """A day's calls: one per order, or (with ``batch``) one per ``batch`` orders."""
+        if not self.batch:
+            return [lambda o=o: one(o) for o in orders]
+        chunks = [orders[i : i + self.batch] for i in range(0, len(orders), self.batch)]
+        return [lambda c=c: many(c) for c in chunks]
 
     async def run(self) -> float:
         """Replay every order; returns the elapsed wall time in seconds."""
@@ -274,8 +306,10 @@ class Replay:
                     }
                     await self.restock(ended, f"{self.run_id}:restock:{period}")
                     last_period = period
-                await self._pool([lambda o=o: self.reserve(o) for o in by_order_day.get(day, [])])
-                await self._pool([lambda o=o: self.deduct(o) for o in by_ship_day.get(day, [])])
+                today = by_order_day.get(day, [])
+                await self._pool(self._jobs(today, self.reserve, self.reserve_many))
+                shipped = by_ship_day.get(day, [])
+                await self._pool(self._jobs(shipped, self.deduct, self.deduct_many))
                 day += timedelta(days=1)
             elapsed = time.perf_counter() - t0
         return elapsed
@@ -352,10 +386,11 @@ class Replay:
     def report(self, elapsed: float) -> str:
         """Carts per second, p50/p95/p99 per mutation (ms) and the outcome counts."""
         lines = [
-            f"orders: {len(self.orders)}  clients: {self.clients}  elapsed: {elapsed:.2f} s  "
-            f"carts/s: {len(self.orders) / elapsed:.1f}"
+            f"orders: {len(self.orders)}  clients: {self.clients}  "
+            + (f"batch: {self.batch}  " if self.batch else "")
+            + f"elapsed: {elapsed:.2f} s  carts/s: {len(self.orders) / elapsed:.1f}"
         ]
-        for name in ("reserve", "deduct", "restock"):
+        for name in ("reserve", "deduct", "reserveMany", "deductMany", "restock"):
             lat = sorted(self.out.latencies.get(name, []))
             if lat:
                 q = (
@@ -384,8 +419,10 @@ async def run_replay(
     abandon_share: float = 0.2,
     abandon_ttl: int = 2,
     expire_wait: float = 15.0,
+    batch: int | None = None,
 ) -> tuple[str, list[str]]:
-    """Run a replay and its checks; returns (report text, failures)."""
+    """Run a replay and its checks; returns (report text, failures). ``batch``: carts (and
+    shipments) per reserveMany (deductMany) call; None: one reserve (deduct) per order."""
     replay = Replay(
         url,
         load_orders(data, orders),
@@ -394,6 +431,7 @@ async def run_replay(
         restock_days=restock_days,
         abandon_share=abandon_share,
         abandon_ttl=abandon_ttl,
+        batch=batch,
     )
     elapsed = await replay.run()
     problems = await replay.check(expire_wait=expire_wait)

@@ -68,9 +68,10 @@ EXPIRY_BACKLOG_SECONDS = Histogram(
 )
 GRAPHQL_REQUEST_SECONDS = Histogram(
     "inventory_graphql_request_seconds",
-    "GraphQL request latency (seconds) by operation type (query, mutation) and outcome "
+    "GraphQL request latency (seconds) by operation type (query, mutation), root field "
+    "(reserve, reserveMany, balance, ...; multiple, introspection, unknown) and outcome "
     "(ok, domain_error, error).",
-    ["operation_type", "outcome"],
+    ["operation_type", "field", "outcome"],
 )
 BATCH_SIZE = Histogram(
     "inventory_batch_size",

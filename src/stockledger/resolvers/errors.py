@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import typing
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -103,6 +103,35 @@ async def mutation_result(
     except ServiceUnavailableError as exc:
         raise unavailable(info, exc.retry_after_ms, exc.message) from exc
     return success(result)
+
+
+async def mutation_results(
+    info: Any, call: Awaitable[Sequence[Any]], success: Callable[[Any], R], result_type: Any
+) -> list[Any]:
+    """Await one batch call (part BATCH): each item's result through ``success``, or its
+    domain failure as its union member, in input order. A request over the bounds is a
+    top-level ``BAD_USER_INPUT`` (nothing was done); a database that is away for an item makes
+    the whole call a top-level ``UNAVAILABLE`` (a retry with the same keys replays the items
+    that did commit)."""
+    try:
+        results = await call
+    except e.ValidationError as exc:
+        raise GraphQLError(exc.message, extensions={"code": "BAD_USER_INPUT"}) from exc
+    except ServiceUnavailableError as exc:
+        raise unavailable(info, exc.retry_after_ms, exc.message) from exc
+    members = union_members(result_type)
+    out = []
+    seen = DOMAIN_ERRORS.get()
+    for item in results:
+        if not isinstance(item, e.StockError):
+            out.append(success(item))
+            continue
+        if type(item).__name__ not in members:
+            raise item
+        if seen is not None:
+            seen.append(item.code)
+        out.append(_error_type(item))
+    return out
 
 
 def unavailable(info: Any, retry_after_ms: int, message: str) -> GraphQLError:

@@ -11,21 +11,27 @@ import strawberry
 from stockledger.resolvers import convert
 from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.convert import opt
-from stockledger.resolvers.errors import mutation_result
+from stockledger.resolvers.errors import mutation_result, mutation_results
 from stockledger.schema import (
     AdjustInput,
     AdjustResult,
     AdjustSuccess,
     DeductInput,
+    DeductManyInput,
+    DeductManyResult,
     DeductResult,
     DeductSuccess,
     ExtendReservationInput,
     ExtendReservationResult,
     ExtendReservationSuccess,
     ReleaseInput,
+    ReleaseManyInput,
+    ReleaseManyResult,
     ReleaseResult,
     ReleaseSuccess,
     ReserveInput,
+    ReserveManyInput,
+    ReserveManyResult,
     ReserveResult,
     ReserveSuccess,
     RestockInput,
@@ -33,6 +39,7 @@ from stockledger.schema import (
     RestockSuccess,
 )
 from stockledger.services import records as r
+from stockledger.services.records import ConsumeRequest, ReserveRequest
 
 Info = strawberry.Info[GraphQLContext, None]
 
@@ -148,3 +155,46 @@ class Mutation:
             input.idempotency_key, input.reservation_id, input.ttl_seconds
         )
         return await mutation_result(info, call, _extend, ExtendReservationResult)
+
+    # -------------------------------------------------------------- part BATCH
+
+    @strawberry.mutation(
+        description="RESERVE many carts, each its own reserve (key, all-or-nothing, result), "
+        "in input order."
+    )
+    async def reserve_many(self, info: Info, input: ReserveManyInput) -> ReserveManyResult:
+        call = info.context.service.reserve_many(
+            [
+                ReserveRequest(
+                    c.idempotency_key,
+                    convert.lines_in(c.lines) or [],
+                    convert.reference_in(c.reference),
+                    opt(c.ttl_seconds),
+                )
+                for c in input.carts
+            ]
+        )
+        return ReserveManyResult(
+            results=await mutation_results(info, call, _reserve, ReserveResult)
+        )
+
+    @strawberry.mutation(description="DEDUCT many items, each its own deduct, in input order.")
+    async def deduct_many(self, info: Info, input: DeductManyInput) -> DeductManyResult:
+        call = info.context.service.deduct_many([_consume(i) for i in input.items])
+        return DeductManyResult(results=await mutation_results(info, call, _deduct, DeductResult))
+
+    @strawberry.mutation(description="RELEASE many items, each its own release, in input order.")
+    async def release_many(self, info: Info, input: ReleaseManyInput) -> ReleaseManyResult:
+        call = info.context.service.release_many([_consume(i) for i in input.items])
+        return ReleaseManyResult(
+            results=await mutation_results(info, call, _release, ReleaseResult)
+        )
+
+
+def _consume(item: DeductInput | ReleaseInput) -> ConsumeRequest:
+    return ConsumeRequest(
+        item.idempotency_key,
+        reservation_id=opt(item.reservation_id),
+        reference=convert.reference_in(item.reference),
+        lines=convert.lines_in(item.lines),
+    )

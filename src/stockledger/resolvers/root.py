@@ -12,7 +12,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import strawberry
-from graphql import GraphQLError, NoSchemaIntrospectionCustomRule
+from graphql import (
+    FieldNode,
+    GraphQLError,
+    NoSchemaIntrospectionCustomRule,
+    OperationDefinitionNode,
+)
 from strawberry.extensions import (
     AddValidationRules,
     MaskErrors,
@@ -54,10 +59,12 @@ class StockledgerSchema(strawberry.Schema):
 
 
 class RequestMetrics(SchemaExtension):
-    """Times each operation into ``inventory_graphql_request_seconds{operation_type,outcome}``.
+    """Times each operation into
+    ``inventory_graphql_request_seconds{operation_type,field,outcome}``.
 
     Outcome: ``ok``, ``domain_error`` (a union error member was returned) or ``error``
-    (top-level errors: refused or unexpected). One operation-level hook, no per-field work.
+    (top-level errors: refused or unexpected). ``field``: the operation's root field
+    (:func:`root_field`). One operation-level hook, no per-field work.
     """
 
     def on_operation(self) -> Iterator[None]:
@@ -78,9 +85,36 @@ class RequestMetrics(SchemaExtension):
                 op_type = ctx.operation_type.value
             except Exception:  # unparsable document: no operation type
                 op_type = "unknown"
-            metrics.GRAPHQL_REQUEST_SECONDS.labels(operation_type=op_type, outcome=outcome).observe(
-                time.perf_counter() - start
-            )
+            metrics.GRAPHQL_REQUEST_SECONDS.labels(
+                operation_type=op_type, field=root_field(ctx), outcome=outcome
+            ).observe(time.perf_counter() - start)
+
+
+# The root fields a label may name: the schema's own, so the label's values stay few.
+_ROOT_FIELDS: frozenset[str] = frozenset()
+
+
+def root_field(ctx: ExecutionContext) -> str:
+    """The operation's name for the metrics: its one root field (``reserve``, ``reserveMany``,
+    ``balance`` ...), ``multiple`` when it selects several, ``introspection`` for ``__schema``
+    and the like, else ``unknown``. Never the client's operation name, which is unbounded."""
+    document = ctx.graphql_document
+    if document is None:
+        return "unknown"
+    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+    if ctx.operation_name is not None:
+        operations = [o for o in operations if o.name and o.name.value == ctx.operation_name]
+    if len(operations) != 1:
+        return "unknown"
+    fields = {
+        s.name.value for s in operations[0].selection_set.selections if isinstance(s, FieldNode)
+    }
+    if len(fields) > 1:
+        return "multiple"
+    name = next(iter(fields), "")
+    if name.startswith("__"):
+        return "introspection"
+    return name if name in _ROOT_FIELDS else "unknown"
 
 
 def _config() -> StrawberryConfig:
@@ -125,3 +159,8 @@ def print_sdl() -> str:
 
 
 schema: Any = strawberry.Schema(query=Query, mutation=Mutation, config=_config())
+_ROOT_FIELDS = frozenset(
+    name
+    for root in (schema._schema.query_type, schema._schema.mutation_type)
+    for name in root.fields
+)

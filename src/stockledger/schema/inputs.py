@@ -114,3 +114,21 @@ class ExtendReservationInput:
     idempotency_key: str
     reservation_id: strawberry.ID
     ttl_seconds: int = strawberry.field(description="The new expiry is now + ttlSeconds.")
+
+
+# Part BATCH (schema-v2.graphql): many carts in one request, each its own call.
+
+
+@strawberry.input(description="At most 500 carts and 5,000 lines in all; each cart is one reserve.")
+class ReserveManyInput:
+    carts: list[ReserveInput]
+
+
+@strawberry.input(description="At most 500 items and 5,000 lines in all; each item is one deduct.")
+class DeductManyInput:
+    items: list[DeductInput]
+
+
+@strawberry.input(description="At most 500 items and 5,000 lines in all; each item is one release.")
+class ReleaseManyInput:
+    items: list[ReleaseInput]

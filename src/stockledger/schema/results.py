@@ -113,3 +113,21 @@ ExtendReservationResult = Annotated[
     | LockTimeoutError,
     strawberry.union("ExtendReservationResult"),
 ]
+
+
+# Part BATCH (schema-v2.graphql): one result per item, in input order.
+
+
+@strawberry.type
+class ReserveManyResult:
+    results: list[ReserveResult]
+
+
+@strawberry.type
+class DeductManyResult:
+    results: list[DeductResult]
+
+
+@strawberry.type
+class ReleaseManyResult:
+    results: list[ReleaseResult]
