@@ -78,9 +78,12 @@ async def _sweeper_and_redis_check(app: Starlette) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        runtime.sweeper.stop()
+        _, late = await asyncio.wait([task], timeout=10)
+        for stuck in late:  # a pass stuck on an unanswered call: cancel as a last resort
+            stuck.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stuck
 
 
 def create_served_app(settings: Settings) -> Starlette:

@@ -50,6 +50,7 @@ class Sweeper:
         self._last_scan: float | None = None  # time.monotonic() of the last database scan
         self._last_scan_clock = datetime.min.replace(tzinfo=UTC)  # service clock, same scan
         self._scan_again = False  # a scanned expiry was busy: scan on the next pass too
+        self._stopping = asyncio.Event()
 
     async def run_once(self, *, scan: bool | None = None) -> int:
         """One pass: the due ids of the index, then (if due or ``scan``) the database scan.
@@ -117,12 +118,20 @@ class Sweeper:
         return count
 
     async def run_forever(self) -> None:
-        """Sweep every ``interval`` seconds until cancelled; errors are logged, not fatal."""
-        while True:
+        """Sweep every ``interval`` seconds until :meth:`stop`; errors are logged, not fatal."""
+        while not self._stopping.is_set():
             try:
                 await self.run_once()
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 log.exception("expiry sweep failed")
-            await asyncio.sleep(self.interval)
+            try:
+                async with asyncio.timeout(self.interval):
+                    await self._stopping.wait()
+            except TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        """End :meth:`run_forever` after the pass under way. An event, not a cancel: a cancel
+        that lands inside a redis-py call can be swallowed (Python 3.11's
+        ``asyncio.wait_for``), and the loop would run on."""
+        self._stopping.set()
