@@ -15,6 +15,8 @@ built once per shape (dialect and row count). MySQL / MariaDB and SQLite differ 
   holds is reported as busy instead of waited for; SQLite has no row locks (its write
   transaction is the database lock, ``BEGIN IMMEDIATE``);
 - ``FORCE INDEX (PRIMARY)`` on MySQL, so InnoDB locks balance rows in (location, sku) order;
+- updating many rows: ``ON DUPLICATE KEY UPDATE`` on MySQL, ``ON CONFLICT ... DO UPDATE`` on
+  SQLite (only ever an update: the rows are locked by the transaction);
 - timestamps: DATETIME(6) values on MySQL, SQLAlchemy's text format on SQLite;
 - ledger ids: consecutive from the first id of a multi-row INSERT where InnoDB guarantees it
   (``innodb_autoinc_lock_mode`` 0 or 1 with ``auto_increment_increment`` 1: MySQL manual,
@@ -111,8 +113,23 @@ class _Sql:
         return ", ".join([one] * rows)
 
     def pairs(self, n: int, a: str = "location", b: str = "sku") -> str:
+        """``(a, b) IN ((?, ?), ...)``: a row-value IN, which MariaDB's range optimizer reads
+        three times faster than the same pairs OR-ed (296 keys: 2.3 ms against 6.7 ms)."""
         m = self.mark
-        return " OR ".join([f"({a} = {m} AND {b} = {m})"] * n)
+        return f"({a}, {b}) IN ({', '.join([f'({m}, {m})'] * n)})"
+
+    def upsert(self, key: str, columns: Sequence[str]) -> str:
+        """The tail of an INSERT that updates ``columns`` of an existing row (primary key
+        ``key``): one statement per table for rows of any number, linear in them where a CASE
+        per column is quadratic (296 balances: 3.8 ms against 30 ms on MariaDB). Used for rows
+        this transaction locked, so the update branch is always the one taken."""
+        if self.mysql:
+            # VALUES() is deprecated on MySQL 8.0.20+ in favour of a row alias, which MariaDB
+            # lacks; both accept VALUES().
+            sets = ", ".join(f"{c} = VALUES({c})" for c in columns)
+            return f" ON DUPLICATE KEY UPDATE {sets}"
+        sets = ", ".join(f"{c} = excluded.{c}" for c in columns)
+        return f" ON CONFLICT ({key}) DO UPDATE SET {sets}"
 
     @functools.cache  # noqa: B019 (one instance per dialect: see _sql)
     def select_keys(self, n: int) -> str:
@@ -175,13 +192,9 @@ class _Sql:
 
     @functools.cache  # noqa: B019
     def update_balances(self, n: int) -> str:
-        """One UPDATE for ``n`` balances: each column a CASE over the (location, sku) pairs."""
-        m = self.mark
-        when = " ".join([f"WHEN location = {m} AND sku = {m} THEN {m}"] * n)
-        return (
-            f"UPDATE inventory_balance SET on_hand = CASE {when} END, "
-            f"reserved = CASE {when} END, version = CASE {when} END, updated_at = {m} "
-            f"WHERE org_id = {m} AND ({self.pairs(n)})"
+        """One statement for ``n`` locked balances (see :meth:`upsert`)."""
+        return self.insert_balances(n) + self.upsert(
+            "org_id, location, sku", ["on_hand", "reserved", "version", "updated_at"]
         )
 
     @functools.cache  # noqa: B019
@@ -192,11 +205,9 @@ class _Sql:
 
     @functools.cache  # noqa: B019
     def update_reservations(self, n: int) -> str:
-        m = self.mark
-        when = " ".join([f"WHEN id = {m} THEN {m}"] * n)
-        return (
-            f"UPDATE reservation SET status = CASE {when} END, expires_at = CASE {when} END, "
-            f"updated_at = {m} WHERE org_id = {m} AND id IN ({self.marks(n)})"
+        """One statement for ``n`` locked reservations (see :meth:`upsert`)."""
+        return self.insert_reservations(n) + self.upsert(
+            "id", ["status", "expires_at", "updated_at"]
         )
 
     @functools.cache  # noqa: B019
@@ -205,14 +216,9 @@ class _Sql:
 
     @functools.cache  # noqa: B019
     def update_lines(self, n: int) -> str:
-        m = self.mark
-        when = " ".join(
-            [f"WHEN reservation_id = {m} AND location = {m} AND sku = {m} THEN {m}"] * n
-        )
-        where = " OR ".join([f"(reservation_id = {m} AND location = {m} AND sku = {m})"] * n)
-        return (
-            f"UPDATE reservation_line SET deducted = CASE {when} END, "
-            f"released = CASE {when} END WHERE {where}"
+        """One statement for ``n`` lines of locked reservations (see :meth:`upsert`)."""
+        return self.insert_lines(n) + self.upsert(
+            "reservation_id, location, sku", ["deducted", "released"]
         )
 
     @functools.cache  # noqa: B019
@@ -535,59 +541,26 @@ class SqlTransaction:
         or balance (a concurrent transaction wrote it first).
         """
         sql, org, now = self.sql, self.org_id, self.store.time(ws.now)
-        for chunk in _chunks(ws.new_balances):
-            params = []
-            for b in chunk:
-                params += [org, b.location, b.sku, b.on_hand, b.reserved, b.version, now]
-            await self._run(sql.insert_balances(len(chunk)), params)
-        for chunk in _chunks(ws.balances):
-            params = []
-            for column in ("on_hand", "reserved", "version"):
+        for statement, rows in (
+            (sql.insert_balances, ws.new_balances),
+            (sql.update_balances, ws.balances),
+        ):
+            for chunk in _chunks(rows):
+                params: list[Any] = []
                 for b in chunk:
-                    params += [b.location, b.sku, getattr(b, column)]
-            params += [now, org]
-            for b in chunk:
-                params += [b.location, b.sku]
-            await self._run(sql.update_balances(len(chunk)), params)
+                    params += [org, b.location, b.sku, b.on_hand, b.reserved, b.version, now]
+                await self._run(statement(len(chunk)), params)
         for chunk in _chunks(ws.new_reservations):
-            params = []
-            for r in chunk:
-                ref_type, ref_id = (
-                    (r.reference.type, r.reference.id) if r.reference else (None, None)
-                )
-                params += [
-                    org,
-                    r.id,
-                    r.status,
-                    ref_type,
-                    ref_id,
-                    self.store.time(r.expires_at),
-                    self.store.time(r.created_at),
-                    now,
-                ]
-            await self._run(sql.insert_reservations(len(chunk)), params)
+            await self._run(sql.insert_reservations(len(chunk)), self._reservation_rows(chunk))
         new_lines = [(r.id, ln) for r in ws.new_reservations for ln in r.lines or ()]
-        for chunk in _chunks(new_lines):
-            params = []
-            for rid, ln in chunk:
-                params += [org, rid, ln.location, ln.sku, ln.quantity, ln.deducted, ln.released]
-            await self._run(sql.insert_lines(len(chunk)), params)
-        for chunk in _chunks(ws.reservations):
-            params = []
-            for r in chunk:
-                params += [r.id, r.status]
-            for r in chunk:
-                params += [r.id, self.store.time(r.expires_at)]
-            params += [now, org, *(r.id for r in chunk)]
-            await self._run(sql.update_reservations(len(chunk)), params)
-        for chunk in _chunks(ws.lines):
-            params = []
-            for column in ("deducted", "released"):
+        for statement, lines in ((sql.insert_lines, new_lines), (sql.update_lines, ws.lines)):
+            for chunk in _chunks(lines):
+                params = []
                 for rid, ln in chunk:
-                    params += [rid, ln.location, ln.sku, getattr(ln, column)]
-            for rid, ln in chunk:
-                params += [rid, ln.location, ln.sku]
-            await self._run(sql.update_lines(len(chunk)), params)
+                    params += [org, rid, ln.location, ln.sku, ln.quantity, ln.deducted, ln.released]
+                await self._run(statement(len(chunk)), params)
+        for chunk in _chunks(ws.reservations):
+            await self._run(sql.update_reservations(len(chunk)), self._reservation_rows(chunk))
         ids = await self._insert_ledger(ws)
         # In key order, like every row lock: two batches holding copies of the same keys then
         # wait for each other in one order, never in a cycle.
@@ -597,6 +570,23 @@ class SqlTransaction:
                 params += [org, k.idempotency_key, k.operation, k.request_hash, k.result_ref, now]
             await self._run(sql.insert_keys(len(chunk)), params)
         return ids
+
+    def _reservation_rows(self, chunk: Sequence[Reservation]) -> list[Any]:
+        params: list[Any] = []
+        t = self.store.time
+        for r in chunk:
+            ref_type, ref_id = (r.reference.type, r.reference.id) if r.reference else (None, None)
+            params += [
+                self.org_id,
+                r.id,
+                r.status,
+                ref_type,
+                ref_id,
+                t(r.expires_at),
+                t(r.created_at),
+                t(r.updated_at),
+            ]
+        return params
 
     async def _insert_ledger(self, ws: WriteSet) -> dict[int, int]:
         sql, org = self.sql, self.org_id
