@@ -165,7 +165,7 @@ class Batcher:
             # The caller's answer is bounded even if a writer is stuck in the database: past
             # its deadline by another wait, it is UNAVAILABLE (the batch may still commit
             # later; a retry with the same key then replays it).
-            loop.call_at(loop.time() + (deadline - now) + self.wait, self._give_up, p)
+            p.timer = loop.call_at(loop.time() + (deadline - now) + self.wait, self._give_up, p)
         return list(await asyncio.gather(*(p.future for p in pendings)))
 
     def _give_up(self, p: Pending) -> None:
@@ -266,6 +266,8 @@ class Batcher:
 
     def _settle(self, p: Pending, outcome: Outcome) -> None:
         self._outstanding.discard(p)
+        if p.timer is not None:
+            p.timer.cancel()  # and the command is not kept alive until it would have fired
         if not p.future.done():
             p.future.set_result(outcome)
 

@@ -137,6 +137,7 @@ class Pending:
     problem: str | None = None
     waits: int = 0
     writer: int | None = None  # set: the writer it must go to (else by its first key)
+    timer: asyncio.TimerHandle | None = None  # the caller's hard bound (see Batcher)
 
 
 @dataclass
