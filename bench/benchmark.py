@@ -340,6 +340,8 @@ def run_wrk(
             f"-t{threads}",
             f"-c{conns}",
             f"-d{int(duration)}s",
+            "--timeout",
+            "10s",  # latency, not a socket error, up to 10 s (256 connections queue)
             "--latency",
             "-s",
             str(ROOT / "bench" / "wrk" / "graphql.lua"),
