@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import os
 import random
 import shutil
@@ -33,9 +32,9 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-import structlog
 from conftest import REQUIRE_SERVERS, Clock, make_settings
 from graphql_helpers import line, mutation_document
+from log_helpers import json_logging
 from server_process import free_port
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -55,7 +54,6 @@ from stockledger.locks.redis_locks import (
     lock_key,
     turn_key,
 )
-from stockledger.observability.logs import configure_logging
 from stockledger.services import (
     InventoryService,
     Line,
@@ -133,29 +131,10 @@ async def _close(service: InventoryService) -> None:
         await asyncio.wait_for(service.close(), 5)
 
 
-@contextlib.contextmanager
-def production_logging() -> Iterator[None]:
-    """The served process's logging (``configure_logging("INFO", "json")``) for the block,
-    then the previous set-up back (as in test_observability). Without it, structlog's
-    development renderer draws every logged traceback with its locals, which takes seconds
-    a line and stalls the event loop during an outage's burst of logged failures."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    configure_logging("INFO", "json")
-    structlog.configure(cache_logger_on_first_use=False)
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**config)
-
-
 @pytest.fixture
 def json_logs() -> Iterator[None]:
-    """:func:`production_logging` for the test."""
-    with production_logging():
+    """:func:`json_logging` for the test (JSON lines, no slow tracebacks)."""
+    with json_logging():
         yield
 
 

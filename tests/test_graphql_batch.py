@@ -7,16 +7,11 @@ like its single mutation."""
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import structlog
 from graphql_helpers import (
     ERROR_FIELDS,
     MUTATIONS,
@@ -24,6 +19,7 @@ from graphql_helpers import (
     gql_fixture,  # noqa: F401
     line,
 )
+from log_helpers import json_logging, write_lines
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
@@ -31,7 +27,6 @@ from stockledger.db.models import idempotency_key as K
 from stockledger.db.models import inventory_ledger as L
 from stockledger.db.models import reservation as R
 from stockledger.db.models import reservation_line as RL
-from stockledger.observability.logs import configure_logging
 from stockledger.services.reconcile import find_violations
 
 # batch field -> (input type, list field, the single mutation each item is)
@@ -732,35 +727,6 @@ async def test_same_key_twice_in_one_request(gql: GraphQLClient, org_id: str) ->
 
 
 # ------------------------------------------------------------------ metrics and logs
-
-
-@contextmanager
-def json_logging() -> Iterator[None]:
-    """``configure_logging("INFO", "json")`` for the block (to the current, captured
-    ``sys.stderr``), then the previous logging and structlog set-up back (as in
-    tests/test_observability.py)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    configure_logging("INFO", "json")
-    structlog.configure(cache_logger_on_first_use=False)
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**config)
-
-
-def write_lines(stderr: str) -> list[dict[str, Any]]:
-    out = []
-    for raw in stderr.splitlines():
-        if not raw.strip():
-            continue
-        entry = json.loads(raw)
-        if entry.get("logger") == "stockledger.writes":
-            out.append(entry)
-    return out
 
 
 def sample(name: str, labels: dict[str, str]) -> float:

@@ -5,26 +5,23 @@ and one JSON log line per write carrying the client's ``X-Request-ID``."""
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
-import structlog
 from graphql_helpers import GraphQLClient, app_settings, line, mutation_document
+from log_helpers import json_logging, write_lines
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from stockledger.app.serving import create_served_app
 from stockledger.config import Settings
 from stockledger.locks.redis_locks import lock_key
-from stockledger.observability.logs import configure_logging
 
 pytestmark = pytest.mark.redis
 
@@ -240,36 +237,6 @@ async def test_metrics_move_by_exact_amounts(
         assert not [v for v in label_values if secret in v], secret
         assert secret not in text_after, f"{secret!r} appears in /metrics"
     assert tag not in text_after
-
-
-@contextmanager
-def json_logging() -> Iterator[None]:
-    """``configure_logging("INFO", "json")`` for the block (to the current, captured
-    ``sys.stderr``), then the previous logging and structlog set-up back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    configure_logging("INFO", "json")
-    # Same output; but keep module-level loggers from caching this set-up past the test.
-    structlog.configure(cache_logger_on_first_use=False)
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**config)
-
-
-def write_lines(stderr: str) -> list[dict[str, Any]]:
-    """The ``stockledger.writes`` lines of captured stderr (every line must be JSON)."""
-    out = []
-    for raw in stderr.splitlines():
-        if not raw.strip():
-            continue
-        entry = json.loads(raw)  # JSON format: no line may be anything else
-        if entry.get("logger") == "stockledger.writes":
-            out.append(entry)
-    return out
 
 
 async def post(
