@@ -21,6 +21,7 @@ open are section 11's; where a rule takes one from elsewhere, its docstring says
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from stockledger.domain.commands import (
@@ -293,20 +294,26 @@ def _short_lines(stock: Stock, draft: Draft, cart: Cart) -> list[Shortage]:
     """The lines whose available is below their quantity, after expiring the due
     reservations that hold those balances (a reserve or direct deduct that finds a line short
     first expires them, in the same transaction, so expired holds never refuse a cart)."""
-    shortages = _shortages(draft, cart)
-    if shortages:
-        for reservation in stock.due_holding([(s.location, s.sku) for s in shortages], draft.now):
+
+    def available(key: BalanceKey) -> int:
+        return draft.balance(key).available
+
+    short = shortages(cart, available)
+    if short:
+        for reservation in stock.due_holding([(s.location, s.sku) for s in short], draft.now):
             _expire(draft, reservation)
-        shortages = _shortages(draft, cart)
-    return shortages
+        short = shortages(cart, available)
+    return short
 
 
-def _shortages(draft: Draft, cart: Cart) -> list[Shortage]:
+def shortages(cart: Cart, available: Callable[[BalanceKey], int]) -> list[Shortage]:
+    """The lines of ``cart`` asking more than ``available(key)`` (units of stock), in cart
+    order; a Shortage shows a negative available (on hand adjusted below reserved) as 0."""
     out = []
     for line in cart.lines:
-        available = draft.balance(line.key).available
-        if available < line.quantity:
-            out.append(Shortage(line.sku, line.location, line.quantity, max(available, 0)))
+        units = available(line.key)
+        if units < line.quantity:
+            out.append(Shortage(line.sku, line.location, line.quantity, max(units, 0)))
     return out
 
 

@@ -40,10 +40,10 @@ from stockledger.domain.commands import (
 from stockledger.domain.errors import (
     InsufficientStockError,
     LockTimeoutError,
-    Shortage,
     StockError,
 )
 from stockledger.domain.model import BalanceKey, Line, Reference, Reservation
+from stockledger.domain.rules import shortages
 from stockledger.domain.state import Changes
 from stockledger.domain.validation import Cart, check_batch
 from stockledger.locks import BalanceLocker, ExpiryIndex, NoExpiryIndex, NoLocks
@@ -614,15 +614,15 @@ class InventoryService:
             return None
         available = {k: b.available for k, b in balances.items()}
         self._saw_available((k, available.get(k, 0)) for k in keys)
-        shortages = _shortages(command.cart, available)
-        if not shortages:
+        short = shortages(command.cart, lambda k: available.get(k, 0))
+        if not short:
             return None
         # Expired holds never refuse a cart: with due ones on a short balance, the batch
         # (which expires them first) decides.
-        short = [(s.location, s.sku) for s in shortages]
-        if await self.lookups.any_due_holding(short, self.clock()):
+        keys_short = [(s.location, s.sku) for s in short]
+        if await self.lookups.any_due_holding(keys_short, self.clock()):
             return None
-        return _Answer("insufficient_stock", error=InsufficientStockError(shortages))
+        return _Answer("insufficient_stock", error=InsufficientStockError(short))
 
     # ------------------------------------------------------------------ hints
 
@@ -731,14 +731,6 @@ class InventoryService:
             _log.error("stock write failed", **fields, exc_info=answer.error)
         else:
             _log.info("stock write", **fields)
-
-
-def _shortages(cart: Cart, available: dict[BalanceKey, int]) -> list[Shortage]:
-    return [
-        Shortage(ln.sku, ln.location, ln.quantity, max(available.get(ln.key, 0), 0))
-        for ln in cart.lines
-        if available.get(ln.key, 0) < ln.quantity
-    ]
 
 
 def _result(command: Command, changes: Changes) -> Any:
