@@ -33,7 +33,7 @@ from stockledger.db.engine import Database
 from stockledger.db.models import idempotency_key as K
 from stockledger.db.models import inventory_ledger as L
 from stockledger.db.models import reservation as R
-from stockledger.locks import LocksBusy
+from stockledger.locks import IndexChanges, LocksBusy
 from stockledger.locks.redis_locks import (
     RedisBalanceLocker,
     RedisExpiryIndex,
@@ -783,6 +783,41 @@ async def test_locks_left_by_a_redis_failure_do_not_block_writes_once_redis_is_b
         if proxy.server is not None and proxy.server.is_serving():
             await proxy.stop()
         await client.aclose()
+
+
+async def test_a_release_is_one_round_trip_and_survives_a_lost_script_cache(
+    any_redis: Any, org_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release pipeline sends no SCRIPT EXISTS first (redis-py does, for a Script object
+    on a pipeline), and still frees the keys when Redis lost its scripts (a restart)."""
+    from redis.asyncio.client import Pipeline
+
+    immediate: list[object] = []
+    send = Pipeline.immediate_execute_command
+
+    async def recorded(self: Pipeline, *args: Any, **options: Any) -> Any:
+        immediate.append(args[0])
+        return await send(self, *args, **options)
+
+    monkeypatch.setattr(Pipeline, "immediate_execute_command", recorded)
+    locker = RedisBalanceLocker(any_redis, ttl=5.0, wait=0.5)
+    keys = (("east", "A"), ("west", "B"))
+    names = [lock_key(org_id, loc, sku) for loc, sku in keys]
+    lost_before = metric("inventory_lock_lost_total")
+
+    claim = await locker.claim(org_id, [keys])
+    assert claim.granted == [True]
+    await locker.release_with(claim, None, IndexChanges())
+    assert immediate == []
+    assert await any_redis.exists(*names) == 0
+
+    claim = await locker.claim(org_id, [keys])
+    assert claim.granted == [True]
+    if isinstance(any_redis, FakeAsyncRedis):  # server-wide on a real Redis: not on a shared one
+        await any_redis.script_flush()
+    await locker.release_with(claim, None, IndexChanges())
+    assert await any_redis.exists(*names) == 0
+    assert metric("inventory_lock_lost_total") == lost_before
 
 
 # ------------------------------------------------------------------------------- hash tag

@@ -46,7 +46,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import (
+    MaxConnectionsError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stockledger.domain.model import BalanceKey
@@ -143,6 +149,13 @@ class _Script:
 
     def __init__(self, redis: Redis, source: str) -> None:
         self._script = redis.register_script(source)
+
+    def queue(self, pipe: Any, *, keys: list[str], args: list[Any]) -> None:
+        """Queue an EVALSHA on ``pipe``. Not through the Script object: on a pipeline that
+        costs a SCRIPT EXISTS round trip before every execute (redis-py issue #1470). A
+        NoScriptError result (Redis lost its script cache) means it did not run: call the
+        script again directly (:meth:`__call__` loads it)."""
+        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
 
     async def __call__(self, *, keys: list[str], args: list[Any], client: Any = None) -> Any:
         try:
@@ -363,7 +376,7 @@ class RedisBalanceLocker:
             async with self.redis.pipeline(transaction=False) as pipe:
                 if names:
                     assert claim is not None
-                    await self._release(keys=names, args=[claim.token], client=pipe)
+                    self._release.queue(pipe, keys=names, args=[claim.token])
                 if together:
                     assert isinstance(index, RedisExpiryIndex)
                     index.add_to(pipe, changes)
@@ -377,6 +390,8 @@ class RedisBalanceLocker:
                 index.health.failed(exc)
                 index.missed(changes)
             return
+        if names and claim is not None and isinstance(results[0], NoScriptError):
+            results[0] = await self._release_again(names, claim.token)
         failed = [r for r in results if isinstance(r, BaseException)]
         if names and claim is not None:
             freed = results[0]
@@ -392,6 +407,14 @@ class RedisBalanceLocker:
             self.health.failed(failed[0])
         else:
             self.health.succeeded()
+
+    async def _release_again(self, names: list[str], token: str) -> Any:
+        """The release of a pipeline that found the script gone, run directly: the freed
+        count, or the error (as a pipeline result is)."""
+        try:
+            return await self._release(keys=names, args=[token])
+        except RedisError as exc:
+            return exc
 
     def retry_after_ms(self) -> int:
         """A jittered hint for when a busy balance may be free again (5-20 % of the wait)."""
