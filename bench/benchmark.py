@@ -17,8 +17,8 @@ distribution of the write batches' sizes in S and G), then:
 - an open-loop run of G per scenario at half the rate G reached (wrk pausing before each
   request: ``DELAY_MS``), whose p99 is the latency at a load with room to spare;
 - one connection alone, G against a baseline release's server (``--baseline``, a git ref; the
-  server runs from a worktree of it, on a database of its own), since group commit must not add
-  latency when there is nothing to group;
+  server runs from a worktree of it), each on a fresh database of its own, in turns, since
+  group commit must not add latency when there is nothing to group;
 - the server's peak resident memory, and the service layer with Redis locks on and off.
 
 It writes everything to ``bench/results.md``.
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import random
@@ -454,7 +455,7 @@ def baseline_tree(ref: str) -> Path:
 
 
 def seed_over_http(url: str) -> None:
-    """The seed stock through a server's restock mutation (for the baseline release)."""
+    """The seed stock through a server's restock mutation (works with any release)."""
     q = "mutation($i: RestockInput!){restock(input:$i){__typename}}"
     with httpx.Client(timeout=60) as client:
 
@@ -570,33 +571,34 @@ def main() -> None:
                     open_loop.append((scenario, g.rps / 2, half))
             peak = max(peak, server.rss)
 
-    # One connection alone: this release against the baseline's server.
+    # One connection alone: this release against the baseline's server, each on a fresh
+    # database seeded the same way (the main database is large by now, and InnoDB is still
+    # purging what the runs above wrote), measured in turns so drift hits both alike.
     single: list[tuple[str, str, Result]] = []
     lone = [sc for sc in ("spread", "balance") if sc in scenarios]
-    with Server(env, args.workers) as server:
-        for scenario in lone:
-            single.append(("this", scenario, server.measure(scenario, 1, args.duration, 1)))
+    servers: list[tuple[str, dict[str, str], Path | None]] = [("this", dict(env), None)]
     if args.baseline:
         tree = baseline_tree(args.baseline)
-        base_url = url.set(database=f"{url.database}_baseline")
-        asyncio.run(recreate(str(base_url.database)))
-        base_env = dict(
-            env,
-            STOCKLEDGER_DATABASE_URL=base_url.render_as_string(hide_password=False),
-            PYTHONPATH=str(tree / "src"),
-        )
+        servers.append((args.baseline, dict(env, PYTHONPATH=str(tree / "src")), tree / "src"))
+    for n, (_, server_env, _src) in enumerate(servers):
+        fresh = url.set(database=f"{url.database}_single{n}")
+        asyncio.run(recreate(str(fresh.database)))
+        server_env["STOCKLEDGER_DATABASE_URL"] = fresh.render_as_string(hide_password=False)
         subprocess.run(
             [sys.executable, "-m", "stockledger.cli", "migrate"],
-            env=base_env,
+            env=server_env,
             check=True,
             capture_output=True,
         )
-        with Server(base_env, args.workers, tree / "src") as server:
+    with contextlib.ExitStack() as stack:
+        running = []
+        for name, server_env, src in servers:
+            server = stack.enter_context(Server(server_env, args.workers, src))
             seed_over_http(f"{server.url}/graphql")
-            for scenario in lone:
-                single.append(
-                    (args.baseline, scenario, server.measure(scenario, 1, args.duration, 1))
-                )
+            running.append((name, server))
+        for scenario in lone:
+            for name, server in running:
+                single.append((name, scenario, server.measure(scenario, 1, args.duration, 1)))
 
     # The service layer with the Redis locks on and off, and the p99 lock wait.
     lock_rows = []
