@@ -366,14 +366,14 @@ def run_wrk(
 
 
 class Server:
-    """``stockledger serve`` in a subprocess (from ``src``, default this checkout's), ready
-    when entered; ``measure`` runs wrk against it and reads the batch sizes off /metrics."""
+    """``stockledger serve`` in a subprocess, run by ``python`` (default this interpreter, so
+    this checkout), ready when entered; ``measure`` runs wrk against it and reads the batch
+    sizes off /metrics."""
 
-    def __init__(self, env: dict[str, str], workers: int, src: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str], workers: int, python: str = sys.executable) -> None:
         self.port = free_port()
         self.env = dict(env)
-        if src is not None:
-            self.env["PYTHONPATH"] = str(src)
+        self.python = python
         self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.rss = 0.0
@@ -381,7 +381,7 @@ class Server:
     def __enter__(self) -> Server:
         self.proc = subprocess.Popen(
             [
-                sys.executable,
+                self.python,
                 "-m",
                 "stockledger.cli",
                 "serve",
@@ -442,9 +442,10 @@ async def seed(settings: object) -> None:
             )
 
 
-def baseline_tree(ref: str) -> Path:
-    """A worktree of ``ref`` (a git ref of this repository) under /tmp; its ``src`` is put on
-    the baseline server's PYTHONPATH."""
+def baseline_python(ref: str) -> str:
+    """The interpreter of a virtual environment with ``ref`` (a git ref of this repository)
+    installed, from a worktree under /tmp: the baseline runs with the dependencies it declared
+    (v1 needed tenacity, which this release dropped)."""
     path = Path(f"/tmp/stockledger-baseline-{ref}")
     if not path.exists():
         subprocess.run(
@@ -452,7 +453,13 @@ def baseline_tree(ref: str) -> Path:
             check=True,
             capture_output=True,
         )
-    return path
+    python = path / ".venv" / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path / ".venv")], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", str(path)], check=True, capture_output=True
+        )
+    return str(python)
 
 
 def seed_over_http(url: str) -> None:
@@ -581,24 +588,23 @@ def main() -> None:
     # purging what the runs above wrote), measured in turns so drift hits both alike.
     single: list[tuple[str, str, Result]] = []
     lone = [sc for sc in ("spread", "balance") if sc in scenarios]
-    servers: list[tuple[str, dict[str, str], Path | None]] = [("this", dict(env), None)]
+    servers: list[tuple[str, dict[str, str], str]] = [("this", dict(env), sys.executable)]
     if args.baseline:
-        tree = baseline_tree(args.baseline)
-        servers.append((args.baseline, dict(env, PYTHONPATH=str(tree / "src")), tree / "src"))
-    for n, (_, server_env, _src) in enumerate(servers):
+        servers.append((args.baseline, dict(env), baseline_python(args.baseline)))
+    for n, (_, server_env, python) in enumerate(servers):
         fresh = url.set(database=f"{url.database}_single{n}")
         asyncio.run(recreate(str(fresh.database)))
         server_env["STOCKLEDGER_DATABASE_URL"] = fresh.render_as_string(hide_password=False)
         subprocess.run(
-            [sys.executable, "-m", "stockledger.cli", "migrate"],
+            [python, "-m", "stockledger.cli", "migrate"],
             env=server_env,
             check=True,
             capture_output=True,
         )
     with contextlib.ExitStack() as stack:
         running = []
-        for name, server_env, src in servers:
-            server = stack.enter_context(Server(server_env, args.workers, src))
+        for name, server_env, python in servers:
+            server = stack.enter_context(Server(server_env, args.workers, python))
             seed_over_http(f"{server.url}/graphql")
             running.append((name, server))
         for scenario in lone:
