@@ -2,8 +2,8 @@
 
 Starts one server (one worker) on a fresh MariaDB database with Redis, seeds it as
 ``bench/benchmark.py`` does, then for each scenario runs wrk (``bench/wrk/graphql.lua``, 32
-connections) while ``py-spy record -r 200 -f raw`` samples the server. It prints, per
-scenario, the share of samples by the package whose code was on top of the stack (self time:
+connections; for ``reserveMany``, ``bench/wrk/carts.lua`` with calls of 100 carts from 5)
+while ``py-spy record -r 200 -f raw`` samples the server. It prints, per scenario, the share of samples by the package whose code was on top of the stack (self time:
 ``site-packages/<package>``, ``stockledger``, or the standard library module), and the five
 costliest functions.
 
@@ -71,7 +71,7 @@ def aggregate(raw: str) -> tuple[int, collections.Counter[str], collections.Coun
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per scenario")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--scenarios", default=",".join([*SCENARIOS, "reserveMany"]))
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
 
@@ -92,34 +92,28 @@ def main() -> None:
             seed_over_http(f"{server.url}/graphql")
             for scenario in args.scenarios.split(","):
                 out = Path(tmp) / f"{scenario}.txt"
+                spy_command = [str(Path(sys.executable).with_name("py-spy")), "record"]
+                spy_command += ["--pid", str(server.proc.pid), "-r", "200", "-f", "raw"]
+                spy_command += ["-d", str(args.duration), "-o", str(out)]
+                spy_command += ["--nonblocking", "--full-filenames"]
                 spy = subprocess.Popen(
-                    [
-                        str(Path(sys.executable).with_name("py-spy")),
-                        "record",
-                        "--pid",
-                        str(server.proc.pid),
-                        "-r",
-                        "200",
-                        "-f",
-                        "raw",
-                    ]
-                    + [
-                        "-d",
-                        str(args.duration),
-                        "-o",
-                        str(out),
-                        "--nonblocking",
-                        "--full-filenames",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    spy_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                 )
+                # reserveMany: calls of 100 carts of 1-5 lines from 5 connections, as in
+                # bench/batch_benchmark.py; the rest: bench/benchmark.py's scenarios.
+                many = scenario == "reserveMany"
+                script = "carts.lua" if many else "graphql.lua"
                 wrk_env = dict(
-                    os.environ, SCENARIO=scenario, SKUS=str(SPREAD_SKUS), RUN=uuid.uuid4().hex
+                    os.environ,
+                    SCENARIO=scenario,
+                    CARTS="100",
+                    SKUS=str(SPREAD_SKUS),
+                    RUN=uuid.uuid4().hex,
                 )
+                conns = 5 if many else args.connections
                 subprocess.run(
-                    ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s"]
-                    + ["-s", str(ROOT / "bench" / "wrk" / "graphql.lua"), f"{server.url}/graphql"],
+                    ["wrk", "-t1", f"-c{conns}", f"-d{args.duration}s"]
+                    + ["-s", str(ROOT / "bench" / "wrk" / script), f"{server.url}/graphql"],
                     env=wrk_env,
                     check=True,
                     capture_output=True,
@@ -133,6 +127,10 @@ def main() -> None:
                     print(f"  {package:<24} {n / max(total, 1):6.1%}")
                 print("  costliest functions (self):")
                 for func, n in by_function.most_common(5):
+                    print(f"    {n / max(total, 1):6.1%}  {func}")
+                print("  costliest of stockledger's own:")
+                own = [(f, n) for f, n in by_function.most_common() if f.endswith("(stockledger)")]
+                for func, n in own[:5]:
                     print(f"    {n / max(total, 1):6.1%}  {func}")
     finally:
         subprocess.run([*mysql, "-e", f"DROP DATABASE IF EXISTS {database}"], check=False)
