@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,10 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from conftest import REQUIRE_SERVERS, Clock, make_settings
+from conftest import Clock, make_settings
 from graphql_helpers import line, mutation_document
 from log_helpers import json_logging
+from own_servers import OwnMariaDB, mariadb_binaries, no_server_binary, wait_for_port
 from server_process import free_port
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -149,109 +149,6 @@ def _kind(result: object) -> str:
     return "ok"
 
 
-def _no_server_binary(reason: str) -> None:
-    """Skip, or fail where the servers are required (STOCKLEDGER_TEST_REQUIRE_SERVERS=1)."""
-    if REQUIRE_SERVERS:
-        pytest.fail(f"{reason} and STOCKLEDGER_TEST_REQUIRE_SERVERS=1", pytrace=False)
-    pytest.skip(reason)
-
-
-def _wait_for_port(
-    port: int, proc: subprocess.Popen[bytes], what: str, timeout: float, log: Path | None = None
-) -> None:
-    """Wait (bounded) until ``proc`` accepts connections on ``port`` and sends a greeting
-    (MariaDB's handshake, protocol 10; any reply for Redis's PING)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
-            pytest.fail(f"{what} exited with {proc.returncode}\n{tail}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.5) as s:
-                s.settimeout(1.0)
-                if what == "redis":
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-                else:
-                    greeting = s.recv(64)
-                    if len(greeting) > 4 and greeting[4] == 10:
-                        return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"{what} did not answer on port {port} within {timeout} s")
-
-
-# ------------------------------------------------------------------------ own servers
-
-
-class OwnMariaDB:
-    """A MariaDB server of this test's own (root, no password) that it may kill and restart
-    on the same port and data directory."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.datadir = base / "data"
-        self.port = free_port()
-        self.url = f"mysql+asyncmy://root@127.0.0.1:{self.port}/stockledger"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def install(self, binary: str) -> None:
-        subprocess.run(
-            [
-                binary,
-                "--no-defaults",
-                f"--datadir={self.datadir}",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=120,
-        )
-
-    def start(self, binary: str) -> None:
-        """Start the server and wait (bounded) until it accepts connections."""
-        self.starts += 1
-        user = ["--user=root"] if os.geteuid() == 0 else []
-        log_path = self.base / f"server-{self.starts}.log"
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    binary,
-                    "--no-defaults",
-                    f"--datadir={self.datadir}",
-                    f"--port={self.port}",
-                    f"--socket={self.base / 's.sock'}",
-                    f"--pid-file={self.base / 'server.pid'}",
-                    "--bind-address=127.0.0.1",
-                    "--skip-name-resolve",
-                    "--innodb-buffer-pool-size=64M",
-                    *user,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        _wait_for_port(self.port, self.proc, "mariadbd", 60, log_path)
-
-    def kill(self) -> None:
-        """SIGKILL the server (a crash) and reap it."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 def _server_admin(url: str, statements: list[str]) -> None:
     async def run() -> None:
         engine = create_async_engine(make_url(url).set(database=""), poolclass=NullPool)
@@ -266,10 +163,7 @@ def _server_admin(url: str, statements: list[str]) -> None:
 @pytest.fixture
 def own_mariadb() -> Iterator[tuple[OwnMariaDB, Callable[[], None]]]:
     """A migrated MariaDB of this test's own and a function that starts it again."""
-    server_binary = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
-    install_binary = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
-    if not (os.access(server_binary, os.X_OK) and os.access(install_binary, os.X_OK)):
-        _no_server_binary("mariadbd / mariadb-install-db are not installed: no MariaDB of its own")
+    server_binary, install_binary = mariadb_binaries()
     base = Path(tempfile.mkdtemp(prefix="sl-mdb-"))  # short: the socket path has a limit
     server = OwnMariaDB(base)
     try:
@@ -288,7 +182,7 @@ def own_redis(tmp_path: Path) -> Iterator[str]:
     """A redis-server of this test's own (it may FLUSHALL it); its URL."""
     binary = shutil.which("redis-server")
     if binary is None:
-        _no_server_binary("redis-server is not installed: cannot start a Redis of its own")
+        no_server_binary("redis-server is not installed: cannot start a Redis of its own")
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -308,7 +202,7 @@ def own_redis(tmp_path: Path) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for_port(port, proc, "redis", 30)
+        wait_for_port(port, proc, "redis", 30)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()

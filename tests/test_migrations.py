@@ -4,7 +4,10 @@ downgrade to nothing, and the round trip back."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +39,7 @@ def empty_url(backend: str, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite+aiosqlite:///{tmp_path / 'empty.sqlite3'}"
         return
     require_server("MariaDB/MySQL", MYSQL_URL, 3306)
-    name = f"stockledger_migrations_test_{uuid.uuid4().hex[:8]}"
+    name = f"{make_url(MYSQL_URL).database}_migrations_{uuid.uuid4().hex[:8]}"
     server = make_url(MYSQL_URL).set(database="")
 
     async def run(sql: str) -> None:
@@ -226,3 +229,42 @@ def test_downgrade_to_base_and_round_trip(empty_url: str) -> None:
             await db.dispose()
 
     assert asyncio.run(use_it()) == []
+
+
+def _migrate_process(url: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKLEDGER_")}
+    env["STOCKLEDGER_DATABASE_URL"] = url
+    return subprocess.Popen(
+        [sys.executable, "-m", "stockledger.cli", "migrate"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_migration_that_failed_half_way_runs_again(empty_url: str) -> None:
+    """The state a failed first run left (issue 13): the tables there, no version row. The
+    next run must complete instead of failing on "table already exists"."""
+    upgrade(empty_url, "head")
+    inspect_sync(
+        empty_url, lambda conn: (conn.execute(text("DELETE FROM alembic_version")), conn.commit())
+    )
+    assert revision_of(empty_url) is None
+
+    upgrade(empty_url, "head")
+    assert revision_of(empty_url) == head_revision()
+    assert inspect_sync(empty_url, drift) == []
+    assert inspect_sync(empty_url, trigger_names) == set(
+        LEDGER_TRIGGER_NAMES[dialect_of(empty_url)]
+    )
+
+
+def test_replicas_that_migrate_at_once_all_succeed(empty_url: str) -> None:
+    """Four `stockledger migrate` processes started together on an empty database: one
+    migrates, the others wait for its lock and find the schema at head."""
+    procs = [_migrate_process(empty_url) for _ in range(4)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outputs]
+    assert revision_of(empty_url) == head_revision()
+    assert inspect_sync(empty_url, drift) == []

@@ -55,16 +55,34 @@ def main() -> None:
 
 @main.command()
 @click.option("--revision", default="head", show_default=True, help="Alembic revision to reach.")
-def migrate(revision: str) -> None:
-    """Upgrade the database in STOCKLEDGER_DATABASE_URL (or the embedded SQLite file)."""
-    from stockledger.db.migrate import upgrade
+@click.option(
+    "--triggers",
+    is_flag=True,
+    help="Also create the ledger's append-only triggers that the server refused before "
+    "(run it as a user allowed to create triggers); fails if they are still refused.",
+)
+def migrate(revision: str, triggers: bool) -> None:
+    """Upgrade the database in STOCKLEDGER_DATABASE_URL (or the embedded SQLite file).
+
+    Safe to run from many replicas at once: each waits for the one before it. Where the server
+    refuses the ledger's triggers (binary logging on and no SUPER: error 1419), it completes
+    without them and says once what to set or grant.
+    """
+    from stockledger.db.migrate import add_ledger_triggers, upgrade
 
     settings = get_settings()
     url = settings.resolved_database_url()
     if settings.embedded_database:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(url, revision)
+    outcome = upgrade(url, revision)
     click.echo(f"migrated {_redact(url)} to {revision}")
+    if triggers and outcome.missing:
+        outcome = add_ledger_triggers(url)
+        if outcome.missing:
+            raise click.ClickException(f"ledger triggers still refused: {outcome.refused}")
+        click.echo(f"created the ledger triggers: {', '.join(outcome.created)}")
+    elif outcome.advice:
+        click.echo(f"warning: {outcome.advice}", err=True)
 
 
 @main.command()

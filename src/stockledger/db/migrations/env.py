@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from stockledger.config import get_settings
+from stockledger.db.migrate import migration_lock, record_triggers
 from stockledger.db.models import metadata
 
 config = context.config
@@ -43,9 +44,13 @@ def run_migrations_offline() -> None:
 
 
 def _run_sync(connection: Connection) -> None:
-    _configure(connection=connection)
-    with context.begin_transaction():
-        context.run_migrations()
+    # One migrate at a time per database: replicas that start together queue here, and each
+    # later one finds the schema at head.
+    with migration_lock(connection):
+        _configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+        record_triggers(connection, config)
 
 
 async def run_migrations_online() -> None:

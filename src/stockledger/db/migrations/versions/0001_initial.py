@@ -1,5 +1,10 @@
 """Initial schema: balances, append-only ledger, reservations, idempotency keys.
 
+Idempotent, so that a run that failed half-way (MySQL commits each DDL statement on its own)
+can be run again: a table or index that exists is left alone. The ledger's triggers, which a
+server may refuse (error 1419), are revision 0003's; databases migrated before that split got
+them here, and 0003 then finds them in place.
+
 Revision ID: 0001
 Revises:
 Create Date: 2026-11-21
@@ -12,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from stockledger.db.models import LEDGER_TRIGGER_NAMES, LEDGER_TRIGGERS
+from stockledger.db.models import LEDGER_TRIGGER_NAMES
 from stockledger.db.types import BigId, ExactString, Timestamp
 
 revision = "0001"
@@ -29,8 +34,18 @@ def _name() -> ExactString:
     return ExactString(255)
 
 
+def _create_table(name: str, *elements: Any, **kw: Any) -> None:
+    if not sa.inspect(op.get_bind()).has_table(name):
+        op.create_table(name, *elements, **kw)
+
+
+def _create_index(name: str, table: str, columns: list[str]) -> None:
+    if name not in {ix["name"] for ix in sa.inspect(op.get_bind()).get_indexes(table)}:
+        op.create_index(name, table, columns)
+
+
 def upgrade() -> None:
-    op.create_table(
+    _create_table(
         "inventory_balance",
         sa.Column("org_id", sa.String(64), nullable=False),
         sa.Column("location", _name(), nullable=False),
@@ -47,9 +62,9 @@ def upgrade() -> None:
         ),
         **MYSQL,
     )
-    op.create_index("ix_inventory_balance_org_sku", "inventory_balance", ["org_id", "sku"])
+    _create_index("ix_inventory_balance_org_sku", "inventory_balance", ["org_id", "sku"])
 
-    op.create_table(
+    _create_table(
         "inventory_ledger",
         sa.Column("id", BigId, autoincrement=True, nullable=False),
         sa.Column("org_id", sa.String(64), nullable=False),
@@ -79,9 +94,9 @@ def upgrade() -> None:
         ("ix_inventory_ledger_reference", ["org_id", "ref_type", "ref_id", "id"]),
         ("ix_inventory_ledger_key", ["org_id", "idempotency_key", "id"]),
     ]:
-        op.create_index(name, "inventory_ledger", cols)
+        _create_index(name, "inventory_ledger", cols)
 
-    op.create_table(
+    _create_table(
         "reservation",
         sa.Column("id", BigId, autoincrement=True, nullable=False),
         sa.Column("org_id", sa.String(64), nullable=False),
@@ -96,12 +111,12 @@ def upgrade() -> None:
         sqlite_autoincrement=True,
         **MYSQL,
     )
-    op.create_index("ix_reservation_status_expires", "reservation", ["status", "expires_at"])
-    op.create_index(
+    _create_index("ix_reservation_status_expires", "reservation", ["status", "expires_at"])
+    _create_index(
         "ix_reservation_reference", "reservation", ["org_id", "ref_type", "ref_id", "status"]
     )
 
-    op.create_table(
+    _create_table(
         "reservation_line",
         sa.Column("reservation_id", sa.BigInteger(), nullable=False),
         sa.Column("org_id", sa.String(64), nullable=False),
@@ -127,7 +142,7 @@ def upgrade() -> None:
         **MYSQL,
     )
 
-    op.create_table(
+    _create_table(
         "idempotency_key",
         sa.Column("org_id", sa.String(64), nullable=False),
         sa.Column("idempotency_key", _name(), nullable=False),
@@ -138,10 +153,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("org_id", "idempotency_key"),
         **MYSQL,
     )
-
-    dialect = op.get_bind().dialect.name
-    for statement in LEDGER_TRIGGERS[dialect]:
-        op.execute(statement)
 
 
 def downgrade() -> None:

@@ -26,16 +26,21 @@ MYSQL: dict[str, Any] = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
 
 
 def upgrade() -> None:
-    op.create_table(
-        "id_block",
-        sa.Column("name", sa.String(32), nullable=False),
-        sa.Column("next_value", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("name"),
-        **MYSQL,
-    )
+    # Idempotent, like 0001: a run that failed after the CREATE TABLE can be run again.
+    if not sa.inspect(op.get_bind()).has_table("id_block"):
+        op.create_table(
+            "id_block",
+            sa.Column("name", sa.String(32), nullable=False),
+            sa.Column("next_value", sa.BigInteger(), nullable=False),
+            sa.PrimaryKeyConstraint("name"),
+            **MYSQL,
+        )
     op.execute(
+        # An aggregate answers one row even when WHERE drops them all: filter outside it.
         "INSERT INTO id_block (name, next_value) "
-        "SELECT 'reservation', COALESCE(MAX(id), 0) + 1 FROM reservation"
+        "SELECT 'reservation', m.next_value FROM "
+        "(SELECT COALESCE(MAX(id), 0) + 1 AS next_value FROM reservation) AS m "
+        "WHERE NOT EXISTS (SELECT 1 FROM id_block WHERE name = 'reservation')"
     )
 
 
