@@ -166,6 +166,21 @@ async def service(db: Database, settings: Settings, clock: Clock, org_id: str) -
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    """The test Redis (database 15)."""
+    """The test Redis: ``STOCKLEDGER_TEST_REDIS_URL`` (default database 15 of 127.0.0.1)."""
     require_server("Redis", REDIS_URL, 6379)
     yield REDIS_URL
+
+
+@pytest.fixture
+def tenant(org_id: str, redis_url: str) -> Iterator[str]:
+    """This test's org id; its Redis keys (locks, expiry index) are deleted afterwards."""
+    yield org_id
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"stockledger:{{{org_id}}}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -3,6 +3,7 @@ database behind head), /healthz, /readyz, GraphiQL, introspection, and speed ext
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,7 +43,7 @@ async def unmigrated_url(backend: str, database_url: str, tmp_path: Path) -> Any
         yield f"sqlite+aiosqlite:///{tmp_path / 'empty.sqlite3'}"
         return
     url = make_url(database_url)
-    name = f"stockledger_unmigrated_{uuid.uuid4().hex[:8]}"
+    name = f"{url.database}_unmigrated_{uuid.uuid4().hex[:8]}"
     server = create_async_engine(url.set(database=""))
     async with server.connect() as conn:
         await conn.execute(text(f"CREATE DATABASE `{name}`"))
@@ -68,6 +69,34 @@ class BrokenDatabase:
     async def read(self) -> AsyncIterator[Any]:
         raise OSError("connection refused")
         yield  # pragma: no cover
+
+
+async def test_a_failing_readiness_check_is_logged_once_per_change(
+    database_url: str, org_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Probes come every few seconds: a check that fails logs once when it starts failing and
+    once when it passes again, not per probe (issue 13)."""
+    failing = True
+
+    async def redis_check() -> None:
+        if failing:
+            raise ConnectionError("redis does not answer")
+
+    caplog.set_level(logging.INFO, logger="stockledger.app.factory")
+    async with serve(
+        app_settings(database_url, org_id), degradable_checks={"redis": redis_check}
+    ) as gql:
+        for _ in range(5):
+            assert (await gql.http.get("/readyz")).json()["status"] == "degraded"
+        failing = False
+        for _ in range(3):
+            assert (await gql.http.get("/readyz")).json()["status"] == "ready"
+    said = [r.getMessage() for r in caplog.records if "readiness" in r.getMessage()]
+    assert said == [
+        "readiness: redis check failed: ConnectionError: redis does not answer",
+        "readiness: redis check passes again",
+    ]
+    assert all(r.exc_info is None for r in caplog.records if "readiness" in r.getMessage())
 
 
 async def test_health_and_readiness(database_url: str, org_id: str) -> None:

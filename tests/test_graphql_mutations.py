@@ -21,6 +21,7 @@ from graphql_helpers import (
     serve,
     serve_service,
 )
+from prometheus_client import REGISTRY
 from sqlalchemy import event
 
 from stockledger.db.engine import Database
@@ -536,6 +537,7 @@ async def test_unexpected_errors_are_masked_and_logged(
     secret = RuntimeError("password=hunter2 at db-primary-7")
     # A domain failure the union cannot carry is unexpected too (restock has no NotFoundError).
     for error in (secret, e.NotFoundError("Reservation", "hunter2")):
+        counted = REGISTRY.get_sample_value("inventory_unexpected_errors_total") or 0.0
         async with serve(settings, service=RaisingService(db, org_id, error)) as gql:
             with caplog.at_level(logging.ERROR, logger="stockledger.resolvers.errors"):
                 query = "mutation($i: RestockInput!) { restock(input: $i) { __typename } }"
@@ -551,6 +553,7 @@ async def test_unexpected_errors_are_masked_and_logged(
         assert body["errors"][0]["path"] == ["restock"]
         assert "hunter2" in caplog.text  # the log keeps the details
         caplog.clear()
+        assert REGISTRY.get_sample_value("inventory_unexpected_errors_total") == counted + 1
 
 
 async def test_mutation_reads_nothing_after_its_transaction(gql: GraphQLClient) -> None:

@@ -156,21 +156,6 @@ def test_embedded_default_refuses_several_workers(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def tenant(org_id: str, redis_url: str) -> Iterator[str]:
-    """This test's org id; its Redis keys (locks, expiry index) are deleted afterwards."""
-    yield org_id
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"stockledger:{{{org_id}}}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
-@pytest.fixture
 def scratch_mysql_url() -> Iterator[str]:
     """An empty, never migrated MySQL database of this test's own, dropped afterwards."""
     require_server("MariaDB/MySQL", MYSQL_URL, 3306)

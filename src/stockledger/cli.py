@@ -101,9 +101,11 @@ def serve(host: str, port: int, workers: int, metrics_port: int | None) -> None:
     With no settings: the embedded default (a SQLite file it migrates itself, in-process
     fakeredis), one worker only. With a MySQL URL, run ``stockledger migrate`` first.
     """
-    import uvicorn
+    from stockledger.app import server
+    from stockledger.observability.logs import configure_logging
 
     settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
     if workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--workers")
     if workers > 1 and (settings.embedded_database or settings.redis_url is None):
@@ -127,18 +129,7 @@ def serve(host: str, port: int, workers: int, metrics_port: int | None) -> None:
         start_http_server(metrics_port, addr=host, registry=metrics_registry())
         click.echo(f"stockledger metrics on http://{host}:{metrics_port}/metrics")
     sys.stdout.flush()
-    uvicorn.run(
-        "stockledger.cli:app_factory",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        lifespan="on",
-    )
+    server.run(settings, host=host, port=port, workers=workers)
 
 
 @main.command()

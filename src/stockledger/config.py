@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     max_tokens: int = Field(default=5000, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
 
+    # SIGTERM ends `serve` within this bound (seconds): in-flight requests get half of it,
+    # the sweeper and the write batches a quarter; past it the process exits anyway.
+    shutdown_timeout_seconds: float = Field(default=30.0, gt=0)
+
     log_level: str = "INFO"
     log_format: str = Field(
         default="auto", description="json, console, or auto (json unless a TTY)."

@@ -189,6 +189,24 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+def _log_changes(state: Any, checks: dict[str, str]) -> None:
+    """Log a readiness check when it starts failing (with its message, no traceback) and when
+    it passes again, not per probe: probes come every few seconds. Per process, in
+    ``state.readiness_seen``."""
+    seen: dict[str, str] | None = getattr(state, "readiness_seen", None)
+    if seen is None:
+        seen = state.readiness_seen = {}
+    for name, answer in checks.items():
+        before = seen.get(name, "ok")
+        if answer == before:
+            continue
+        seen[name] = answer
+        if answer == "ok":
+            log.info("readiness: %s check passes again", name)
+        elif before == "ok":
+            log.warning("readiness: %s check failed: %s", name, answer)
+
+
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: ``SELECT 1`` on the database, then ``app.state.readiness_checks`` and
     ``app.state.degradable_checks``.
@@ -210,13 +228,13 @@ async def readyz(request: Request) -> JSONResponse:
         try:
             await check()
             checks[name] = "ok"
-        except Exception as exc:  # the log has the details
-            log.warning("readiness: %s check failed", name, exc_info=True)
+        except Exception as exc:
             checks[name] = f"{type(exc).__name__}: {exc}"[:300]
             if name in required:
                 status = "unavailable"
             elif status == "ready":
                 status = "degraded"
+    _log_changes(state, checks)
     return JSONResponse(
         {"status": status, "checks": checks},
         status_code=503 if status == "unavailable" else 200,

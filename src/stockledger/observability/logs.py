@@ -1,13 +1,15 @@
 """Structured logs with structlog: JSON lines when not on a terminal, readable when on one.
 
 ``configure_logging(level, fmt)`` sets up structlog and routes the standard library's logging
-(uvicorn, SQLAlchemy, ours) through the same renderer. ``request_id`` is a context variable the
-HTTP layer binds per request (``X-Request-ID``) and every line carries.
+(uvicorn, SQLAlchemy, ours) through the same renderer. Every line carries the process id
+(``pid``: which worker wrote it). ``request_id`` is a context variable the HTTP layer binds per
+request (``X-Request-ID``) and every line carries.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextvars import ContextVar
 from typing import Any
@@ -24,6 +26,11 @@ def _add_request_id(_logger: Any, _method: str, event: dict[str, Any]) -> dict[s
     return event
 
 
+def _add_pid(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event["pid"] = os.getpid()
+    return event
+
+
 def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     """Configure structlog and stdlib logging once per process.
 
@@ -33,6 +40,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         _add_request_id,
+        _add_pid,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -83,3 +83,8 @@ BATCH_SECONDS = Histogram(
     "Time of one committed write batch (seconds): Redis claim, transaction, lock release.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+UNEXPECTED_ERRORS_TOTAL = Counter(
+    "inventory_unexpected_errors_total",
+    "GraphQL errors answered as 'Unexpected error.' (masked: a bug or a failure with no typed "
+    "answer), reads and writes alike; the log has each traceback.",
+)

@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from stockledger import schema as s
 from stockledger.db.engine import is_connection_lost
 from stockledger.domain import errors as e
+from stockledger.observability import metrics
 from stockledger.services.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -175,9 +176,11 @@ def should_mask_error(error: GraphQLError) -> bool:
 
 
 def log_errors(errors: list[GraphQLError]) -> None:
-    """Log each error of a request: unexpected ones with their traceback, others briefly."""
+    """Log each error of a request: unexpected ones with their traceback (and counted in
+    ``inventory_unexpected_errors_total``), others briefly."""
     for error in errors:
         if should_mask_error(error):
+            metrics.UNEXPECTED_ERRORS_TOTAL.inc()
             original = error.original_error
             log.error(
                 "unexpected error in %s: %r",

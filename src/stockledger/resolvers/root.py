@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import strawberry
@@ -58,13 +59,26 @@ class StockledgerSchema(strawberry.Schema):
         log_errors(errors)
 
 
+@dataclass(frozen=True, slots=True)
+class GraphQLOperation:
+    """What the access log says of a request's operation: the client's ``name`` (or None),
+    ``type`` (query / mutation), the root ``field`` (:func:`root_field`) and the metrics'
+    ``outcome``."""
+
+    name: str | None
+    type: str
+    field: str
+    outcome: str
+
+
 class RequestMetrics(SchemaExtension):
     """Times each operation into
     ``inventory_graphql_request_seconds{operation_type,field,outcome}``.
 
     Outcome: ``ok``, ``domain_error`` (a union error member was returned) or ``error``
     (top-level errors: refused or unexpected). ``field``: the operation's root field
-    (:func:`root_field`). One operation-level hook, no per-field work.
+    (:func:`root_field`). One operation-level hook, no per-field work. Leaves a
+    :class:`GraphQLOperation` in ``request.state.graphql`` for the access log.
     """
 
     def on_operation(self) -> Iterator[None]:
@@ -85,9 +99,16 @@ class RequestMetrics(SchemaExtension):
                 op_type = ctx.operation_type.value
             except Exception:  # unparsable document: no operation type
                 op_type = "unknown"
+            field = root_field(ctx)
             metrics.GRAPHQL_REQUEST_SECONDS.labels(
-                operation_type=op_type, field=root_field(ctx), outcome=outcome
+                operation_type=op_type, field=field, outcome=outcome
             ).observe(time.perf_counter() - start)
+            # For the HTTP layer's access line (the request's ASGI state outlives this).
+            request = getattr(ctx.context, "request", None)
+            if request is not None:
+                request.state.graphql = GraphQLOperation(
+                    ctx.operation_name, op_type, field, outcome
+                )
 
 
 # The root fields a label may name: the schema's own, so the label's values stay few.

@@ -157,8 +157,9 @@ class InventoryService:
         self._available_seen: dict[BalanceKey, int] = {}
 
     async def close(self) -> None:
-        """Stop the batcher's writers and give their connections back."""
-        await self.batcher.close()
+        """Stop the batcher's writers once the queued batches ran (for at most a quarter of
+        ``shutdown_timeout_seconds``) and give their connections back."""
+        await self.batcher.close(grace=self.settings.shutdown_timeout_seconds / 4)
 
     # ------------------------------------------------------------------ public writes
 
