@@ -162,7 +162,15 @@ def sweep(once: bool) -> None:
 
 
 @main.command()
-@click.option("--url", default="http://127.0.0.1:8000/graphql", show_default=True)
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    default=["http://127.0.0.1:8000/graphql"],
+    show_default=True,
+    help="A server's GraphQL URL; repeat it for several instances (each call goes to one at "
+    "random, and is sent again on another after a transport error or UNAVAILABLE).",
+)
 @click.option("--orders", type=int, default=None, help="Replay only the first N orders (by date).")
 @click.option("--clients", type=int, default=8, show_default=True, help="Concurrent connections.")
 @click.option(
@@ -172,7 +180,12 @@ def sweep(once: bool) -> None:
 @click.option("--abandon-share", type=float, default=0.2, show_default=True)
 @click.option("--abandon-ttl", type=int, default=2, show_default=True, help="Seconds.")
 @click.option("--expire-wait", type=float, default=15.0, show_default=True, help="Seconds.")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The orders (gzip CSV); default: the Superstore data shipped in the package.",
+)
 @click.option(
     "--batch",
     type=click.IntRange(1, 500),
@@ -180,7 +193,7 @@ def sweep(once: bool) -> None:
     help="Send each day's carts in reserveMany calls of up to N (shipments: deductMany).",
 )
 def replay(
-    url: str,
+    urls: tuple[str, ...],
     orders: int | None,
     clients: int,
     fraction: float,
@@ -199,7 +212,7 @@ def replay(
 
     report, problems = asyncio.run(
         run_replay(
-            url,
+            list(urls),
             orders=orders,
             data=Path(data) if data else DEFAULT_DATA,
             clients=clients,

@@ -1,9 +1,9 @@
 """Replay the Superstore orders through a running server's GraphQL API (``stockledger replay``).
 
-Data: ``bench/data/superstore/superstore.csv.gz`` (MIT, copyright 2020 Andrew Stein; license
-beside the file). Locations are the four regions, SKUs are Product IDs, each Order ID is one
-cart reserved at its Order Date with reference ``{type: "ORDER", id}`` and deducted at its Ship
-Date, in date order.
+Data: ``stockledger/data/superstore/superstore.csv.gz``, shipped inside the package (MIT,
+copyright 2020 Andrew Stein; license beside the file). Locations are the four regions, SKUs
+are Product IDs, each Order ID is one cart reserved at its Order Date with reference
+``{type: "ORDER", id}`` and deducted at its Ship Date, in date order.
 
 Stock: opening stock per (location, SKU) is ``ceil(fraction * total demand)`` (most balances
 see only a few units of demand, so rounding down would open many of them short of their one
@@ -18,10 +18,23 @@ deducts run on ``clients`` concurrent connections (so each order keeps reserve -
 With ``batch`` N, a day's carts go in ``reserveMany`` calls of up to N carts and its
 shipments in ``deductMany`` calls (part BATCH), on the same connections.
 
+Instances (issue 13, part 6): given several GraphQL URLs (``stockledger serve`` instances on
+one database and one Redis), every call goes to one picked at random. A call is sent again,
+with the same body and so the same idempotency keys, on another instance (at most
+``retries`` attempts in all, with a bounded backoff) when it meets a transport error (refused
+or reset connection, a server gone mid-request, a timeout) or a top-level ``UNAVAILABLE``
+(HTTP 503); a typed ``LockTimeoutError`` (``LOCK_TIMEOUT``) is sent again likewise (for a
+batch, its timed-out items). No other error is retried. :func:`interrupt` SIGKILLs (through a
+callback) one instance mid-run and restarts it.
+
 At the end it checks through the API alone: no negative balance, no reserved above on hand,
-the ledger's deltas sum to every balance, and the cart counts add up; it prints carts per
-second, p50/p95/p99 latency per mutation and the outcome counts, and exits non-zero when a
-check fails. HTTP client: httpx (HTTP/1.1 keep-alive pool).
+the ledger's deltas sum to every balance, and the cart counts add up. Then exactly once: every
+retried call and a sample of the others, sent again with the same keys, answer ``replayed``
+(with the same reservation); the run's ledger entries are exactly the effects the client was
+told of, each once (by idempotency key, and by reservation for the sweeper's expiries); each
+reserved cart has exactly one reservation, each refused cart none. It prints carts per
+second, p50/p95/p99 latency per mutation, the outcome and retry counts, and exits non-zero
+when a check fails. HTTP client: httpx (HTTP/1.1 keep-alive pool).
 """
 
 from __future__ import annotations
@@ -31,9 +44,11 @@ import csv
 import gzip
 import hashlib
 import math
+import random
 import statistics
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -41,40 +56,49 @@ from typing import Any
 
 import httpx
 
-DEFAULT_DATA = (
-    Path(__file__).resolve().parents[2] / "bench" / "data" / "superstore" / "superstore.csv.gz"
-)
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "superstore" / "superstore.csv.gz"
 
 RESERVE = """mutation($input: ReserveInput!) { reserve(input: $input) {
   __typename
   ... on ReserveSuccess { reservation { id } replayed }
+  ... on LockTimeoutError { retryAfterMs }
   ... on Error { code message } } }"""
 DEDUCT = """mutation($input: DeductInput!) { deduct(input: $input) {
   __typename
   ... on DeductSuccess { replayed }
+  ... on LockTimeoutError { retryAfterMs }
   ... on Error { code message } } }"""
 RESERVE_MANY = """mutation($input: ReserveManyInput!) { reserveMany(input: $input) { results {
   __typename
   ... on ReserveSuccess { reservation { id } replayed }
+  ... on LockTimeoutError { retryAfterMs }
   ... on Error { code message } } } }"""
 DEDUCT_MANY = """mutation($input: DeductManyInput!) { deductMany(input: $input) { results {
   __typename
   ... on DeductSuccess { replayed }
+  ... on LockTimeoutError { retryAfterMs }
   ... on Error { code message } } } }"""
 RESTOCK = """mutation($input: RestockInput!) { restock(input: $input) {
   __typename
   ... on RestockSuccess { replayed }
+  ... on LockTimeoutError { retryAfterMs }
   ... on Error { code message } } }"""
 BALANCES = """query($after: String) { balances(first: 500, after: $after) {
   edges { node { sku location onHand reserved available } }
   pageInfo { hasNextPage endCursor } } }"""
 LEDGER = """query($after: String) { ledger(first: 500, after: $after, direction: ASC) {
-  edges { node { sku location onHandDelta reservedDelta eventType } }
+  edges { node { sku location onHandDelta reservedDelta eventType idempotencyKey reservationId } }
   pageInfo { hasNextPage endCursor } } }"""
 RESERVATIONS = """query($after: String, $status: ReservationStatus) {
   reservations(first: 500, after: $after, filter: {status: $status}) {
   edges { node { id status reference { type id } } }
   pageInfo { hasNextPage endCursor } } }"""
+
+# Transport errors a call is sent again for (on another instance): a refused, reset or
+# dropped connection, a server gone mid-request, a timeout. Not LocalProtocolError (our bug).
+RETRIED_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+RETRY_BACKOFF = 0.05  # seconds before the first resend after a transport error; doubles
+RETRY_MAX_DELAY = 2.0  # seconds, the cap on any wait between two attempts
 
 
 @dataclass
@@ -89,12 +113,37 @@ class Order:
 
 @dataclass
 class Outcome:
-    """What the replay saw, and the per-mutation latencies in seconds."""
+    """What the replay saw, and the per-mutation latencies in seconds.
+
+    ``reservation_ids``: order id -> reservation id of the carts to deduct; ``reserved``: of
+    every reserved cart (abandoned ones too); ``deducted``: the orders deducted; ``restocks``:
+    idempotency key -> lines of every restock that succeeded; ``retries``: resends by reason
+    (the transport error's class name, ``UNAVAILABLE`` or ``LOCK_TIMEOUT``); ``retried_keys``:
+    the idempotency keys of the calls sent more than once; ``sent``: requests per instance
+    URL (every attempt).
+    """
 
     counts: Counter[str] = field(default_factory=Counter)
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     reservation_ids: dict[str, str] = field(default_factory=dict)
+    reserved: dict[str, str] = field(default_factory=dict)
+    deducted: set[str] = field(default_factory=set)
+    restocks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    retries: Counter[str] = field(default_factory=Counter)
+    retried_keys: set[str] = field(default_factory=set)
+    sent: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Resend:
+    """An attempt's answer that asks to send again (on another instance) after ``delay``
+    seconds: ``reason`` (the transport error's class name, or ``UNAVAILABLE``) and the
+    transport ``error``, if that was it."""
+
+    reason: str
+    delay: float
+    error: httpx.TransportError | None = None
 
 
 def load_orders(path: Path = DEFAULT_DATA, limit: int | None = None) -> list[Order]:
@@ -123,12 +172,37 @@ def abandoned(order_id: str, share: float) -> bool:
     return digest / 2**64 < share
 
 
+def _unavailable_ms(body: Any) -> int | None:
+    """``retryAfterMs`` of a top-level ``UNAVAILABLE`` error in a GraphQL body, else None."""
+    if not isinstance(body, dict):
+        return None
+    for error in body.get("errors") or []:
+        extensions = (error.get("extensions") or {}) if isinstance(error, dict) else {}
+        if extensions.get("code") == "UNAVAILABLE":
+            return int(extensions.get("retryAfterMs") or 100)
+    return None
+
+
+def _keys(variables: dict[str, Any]) -> list[str]:
+    """The idempotency keys in a mutation's variables (one call, or a batch's items)."""
+    payload = variables.get("input") or {}
+    if "idempotencyKey" in payload:
+        return [payload["idempotencyKey"]]
+    return [i["idempotencyKey"] for i in payload.get("carts", payload.get("items", []))]
+
+
 class Replay:
-    """One replay run against ``url`` (the server's ``/graphql``)."""
+    """One replay run against ``url``: one server's ``/graphql``, or several instances' (a
+    call goes to one at random).
+
+    ``retries``: attempts per call in all (>= 1) for transport errors, ``UNAVAILABLE`` and
+    ``LOCK_TIMEOUT``; ``probe``: how many calls that were not retried the idempotency check
+    sends again (every retried one is). Raises ValueError for no URL or ``retries`` < 1.
+    """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         orders: list[Order],
         *,
         clients: int = 8,
@@ -138,8 +212,15 @@ class Replay:
         abandon_ttl: int = 2,
         run_id: str | None = None,
         batch: int | None = None,
+        retries: int = 8,
+        probe: int = 20,
     ) -> None:
-        self.url = url
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("no GraphQL URL")
+        if retries < 1:
+            raise ValueError(f"retries must be at least 1, not {retries}")
+        self.url = self.urls[0]
         self.batch = batch
         self.orders = orders
         self.clients = clients
@@ -147,21 +228,129 @@ class Replay:
         self.restock_days = restock_days
         self.abandon_share = abandon_share
         self.abandon_ttl = abandon_ttl
+        self.retries = retries
+        self.probe = probe
         self.run_id = run_id or hashlib.sha256(str(time.time()).encode()).hexdigest()[:8]
         self.out = Outcome()
+        self.in_flight: Counter[str] = Counter()  # url -> requests sent, not answered yet
+        self.running = False
+        self._rng = random.Random(self.run_id)
+        self._by_id = {o.order_id: o for o in orders}
         self._client: httpx.AsyncClient | None = None
 
-    async def call(self, name: str, query: str, variables: dict[str, Any]) -> dict[str, Any]:
-        """POST one GraphQL operation; returns ``data``. Top-level errors raise RuntimeError."""
+    @property
+    def answered(self) -> int:
+        """Carts answered so far (reserved or refused)."""
+        c = self.out.counts
+        return c["reserved"] + sum(v for k, v in c.items() if k.startswith("failed_"))
+
+    def _pick(self, avoid: str | None = None) -> str:
+        """A random instance, another than ``avoid`` when there is one."""
+        others = [u for u in self.urls if u != avoid] or self.urls
+        return self._rng.choice(others)
+
+    async def _post(
+        self, url: str, query: str, variables: dict[str, Any], attempt: int
+    ) -> dict[str, Any] | _Resend:
+        """One attempt: the GraphQL body, or a :class:`_Resend` for what is sent again."""
         assert self._client is not None
-        start = time.perf_counter()
-        resp = await self._client.post(self.url, json={"query": query, "variables": variables})
-        self.out.latencies[name].append(time.perf_counter() - start)
+        self.in_flight[url] += 1
+        self.out.sent[url] += 1
+        try:
+            resp = await self._client.post(url, json={"query": query, "variables": variables})
+        except RETRIED_ERRORS as exc:
+            delay = min(RETRY_BACKOFF * 2 ** (attempt - 1), RETRY_MAX_DELAY)
+            return _Resend(type(exc).__name__, delay * self._rng.uniform(0.5, 1.0), exc)
+        finally:
+            self.in_flight[url] -= 1
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        retry_after_ms = _unavailable_ms(body)
+        if retry_after_ms is not None:
+            return _Resend("UNAVAILABLE", min(retry_after_ms / 1000, RETRY_MAX_DELAY))
         resp.raise_for_status()
-        body = resp.json()
+        if not isinstance(body, dict):
+            raise RuntimeError(f"not a GraphQL answer from {url}: {resp.text[:200]!r}")
+        return body
+
+    async def call(self, name: str, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+        """POST one GraphQL operation to a random instance; returns ``data``.
+
+        A transport error or a top-level ``UNAVAILABLE`` sends the same body again on another
+        instance, after a backoff (at most ``RETRY_MAX_DELAY`` s), up to ``retries`` attempts
+        in all. The latency recorded under ``name`` (seconds) spans every attempt. Raises the
+        last error when the attempts run out (an httpx.TransportError, or RuntimeError for
+        UNAVAILABLE), RuntimeError for any other top-level GraphQL error, and
+        httpx.HTTPStatusError for another HTTP error status.
+        """
+        start = time.perf_counter()
+        url = self._pick()
+        attempt = 1
+        while True:
+            answer = await self._post(url, query, variables, attempt)
+            if not isinstance(answer, _Resend):
+                body = answer
+                break
+            if attempt >= self.retries:
+                if answer.error is not None:
+                    raise answer.error
+                raise RuntimeError(f"{name}: {answer.reason} after {attempt} attempts")
+            self.out.retries[answer.reason] += 1
+            self.out.retried_keys.update(_keys(variables))
+            await asyncio.sleep(answer.delay)
+            url = self._pick(avoid=url)
+            attempt += 1
+        self.out.latencies[name].append(time.perf_counter() - start)
         if body.get("errors"):
             raise RuntimeError(f"{name}: GraphQL errors {body['errors']}")
         return body["data"]  # type: ignore[no-any-return]
+
+    async def _lock_timeout_wait(self, results: list[dict[str, Any]], keys: list[str]) -> None:
+        """Count a resend for each LOCK_TIMEOUT result and sleep its ``retryAfterMs``."""
+        waits = [r.get("retryAfterMs") or 100 for r in results]
+        self.out.retries["LOCK_TIMEOUT"] += len(results)
+        self.out.retried_keys.update(keys)
+        await asyncio.sleep(min(max(waits) / 1000, RETRY_MAX_DELAY))
+
+    async def mutate(
+        self, name: str, query: str, field_name: str, input: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One mutation's result object (``data[field_name]``), sent again with the same
+        key while it answers LockTimeoutError, up to ``retries`` calls; the last result.
+        Raises what :meth:`call` raises."""
+        for attempt in range(1, self.retries + 1):
+            result = (await self.call(name, query, {"input": input}))[field_name]
+            if result.get("code") != "LOCK_TIMEOUT" or attempt == self.retries:
+                break
+            await self._lock_timeout_wait([result], _keys({"input": input}))
+        return result  # type: ignore[no-any-return]
+
+    async def mutate_many(
+        self, name: str, query: str, field_name: str, list_name: str, items: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """A batch mutation's results, one per item in order; the items answered
+        LockTimeoutError are sent again (in one batch, same keys) up to ``retries`` calls.
+        Raises what :meth:`call` raises."""
+        results: list[dict[str, Any] | None] = [None] * len(items)
+        todo = list(range(len(items)))
+        for attempt in range(1, self.retries + 1):
+            data = await self.call(name, query, {"input": {list_name: [items[i] for i in todo]}})
+            answers = data[field_name]["results"]
+            for i, r in zip(todo, answers, strict=True):
+                results[i] = r
+            timed_out = [
+                i for i, r in zip(todo, answers, strict=True) if r.get("code") == "LOCK_TIMEOUT"
+            ]
+            if not timed_out or attempt == self.retries:
+                break
+            await self._lock_timeout_wait(
+                [answers[todo.index(i)] for i in timed_out],
+                [items[i]["idempotencyKey"] for i in timed_out],
+            )
+            todo = timed_out
+        return [r for r in results if r is not None]
 
     async def _pool(self, jobs: list[Any]) -> None:
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -187,24 +376,28 @@ class Replay:
         return total, per_period
 
     async def restock(self, lines: dict[tuple[str, str], int], key: str) -> None:
+        """Restock ``lines`` ((location, sku) -> units) in calls of up to 500 lines, keys
+        ``{key}-{i}``. Raises RuntimeError when one does not answer RestockSuccess."""
         items = [
             {"location": loc, "sku": sku, "quantity": q} for (loc, sku), q in lines.items() if q > 0
         ]
         for i in range(0, len(items), 500):
-            data = await self.call(
-                "restock",
-                RESTOCK,
-                {
-                    "input": {
-                        "idempotencyKey": f"{key}-{i}",
-                        "lines": items[i : i + 500],
-                        "reason": "replay",
-                    }
-                },
-            )
-            if data["restock"]["__typename"] != "RestockSuccess":
-                raise RuntimeError(f"restock failed: {data['restock']}")
+            chunk = items[i : i + 500]
+            chunk_key = f"{key}-{i}"
+            input = {"idempotencyKey": chunk_key, "lines": chunk, "reason": "replay"}
+            result = await self.mutate("restock", RESTOCK, "restock", input)
+            if result["__typename"] != "RestockSuccess":
+                raise RuntimeError(f"restock failed: {result}")
+            self._replayed(chunk_key, result)
+            self.out.restocks[chunk_key] = chunk
             self.out.counts["restocks"] += 1
+
+    def _replayed(self, key: str, result: dict[str, Any]) -> None:
+        """Count an answer ``replayed``: expected only for a key sent more than once."""
+        if result.get("replayed"):
+            self.out.counts["replayed"] += 1
+            if key not in self.out.retried_keys:
+                self.out.failures.append(f"{key}: replayed on its first send")
 
     def _reserve_input(self, order: Order) -> dict[str, Any]:
         cart: dict[str, Any] = {
@@ -222,7 +415,9 @@ class Replay:
     def _reserved(self, order: Order, result: dict[str, Any]) -> None:
         kind = result["__typename"]
         if kind == "ReserveSuccess":
+            self._replayed(f"{self.run_id}:reserve:{order.order_id}", result)
             self.out.counts["reserved"] += 1
+            self.out.reserved[order.order_id] = result["reservation"]["id"]
             if abandoned(order.order_id, self.abandon_share):
                 self.out.counts["abandoned"] += 1
             else:
@@ -238,35 +433,42 @@ class Replay:
 
     def _deducted(self, order: Order, result: dict[str, Any]) -> None:
         if result["__typename"] == "DeductSuccess":
+            self._replayed(f"{self.run_id}:deduct:{order.order_id}", result)
             self.out.counts["deducted"] += 1
+            self.out.deducted.add(order.order_id)
         else:
             self.out.counts[f"deduct_{result['__typename']}"] += 1
             self.out.failures.append(f"deduct {order.order_id}: {result}")
 
     async def reserve(self, order: Order) -> None:
-        data = await self.call("reserve", RESERVE, {"input": self._reserve_input(order)})
-        self._reserved(order, data["reserve"])
+        """Reserve one cart (``reserve``) and count its answer."""
+        self._reserved(
+            order, await self.mutate("reserve", RESERVE, "reserve", self._reserve_input(order))
+        )
 
     async def deduct(self, order: Order) -> None:
+        """Deduct one reserved cart (``deduct``) and count its answer; none if not reserved."""
         rid = self.out.reservation_ids.get(order.order_id)
         if rid is None:
             return
-        data = await self.call("deduct", DEDUCT, {"input": self._deduct_input(order, rid)})
-        self._deducted(order, data["deduct"])
+        result = await self.mutate("deduct", DEDUCT, "deduct", self._deduct_input(order, rid))
+        self._deducted(order, result)
 
     async def reserve_many(self, orders: list[Order]) -> None:
+        """Reserve carts in one ``reserveMany`` call and count the answers."""
         carts = [self._reserve_input(o) for o in orders]
-        data = await self.call("reserveMany", RESERVE_MANY, {"input": {"carts": carts}})
-        for order, result in zip(orders, data["reserveMany"]["results"], strict=True):
+        results = await self.mutate_many("reserveMany", RESERVE_MANY, "reserveMany", "carts", carts)
+        for order, result in zip(orders, results, strict=True):
             self._reserved(order, result)
 
     async def deduct_many(self, orders: list[Order]) -> None:
+        """Deduct the reserved ones of ``orders`` in one ``deductMany`` call; count them."""
         shipped = [(o, rid) for o in orders if (rid := self.out.reservation_ids.get(o.order_id))]
         if not shipped:
             return
         items = [self._deduct_input(o, rid) for o, rid in shipped]
-        data = await self.call("deductMany", DEDUCT_MANY, {"input": {"items": items}})
-        for (order, _), result in zip(shipped, data["deductMany"]["results"], strict=True):
+        results = await self.mutate_many("deductMany", DEDUCT_MANY, "deductMany", "items", items)
+        for (order, _), result in zip(shipped, results, strict=True):
             self._deducted(order, result)
 
     def _jobs(self, orders: list[Order], one: Any, many: Any) -> list[Any]:
@@ -277,42 +479,49 @@ class Replay:
         return [lambda c=c: many(c) for c in chunks]
 
     async def run(self) -> float:
-        """Replay every order; returns the elapsed wall time in seconds."""
+        """Replay every order; returns the elapsed wall time in seconds. Raises what
+        :meth:`call` raises once its retries are spent, and RuntimeError for a failed restock."""
         limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-            self._client = client
-            total, per_period = self._demand()
-            start_day = self.orders[0].order_date
-            t0 = time.perf_counter()
-            await self.restock(
-                {k: math.ceil(self.fraction * q) for k, q in total.items()},
-                f"{self.run_id}:opening",
-            )
-            by_order_day: dict[date, list[Order]] = defaultdict(list)
-            by_ship_day: dict[date, list[Order]] = defaultdict(list)
-            for o in self.orders:
-                by_order_day[o.order_date].append(o)
-                by_ship_day[o.ship_date].append(o)
-            days = sorted(set(by_order_day) | set(by_ship_day))
-            day = days[0]
-            last_period = 0
-            while day <= days[-1]:
-                period = (day - start_day).days // self.restock_days
-                if period > last_period:
-                    ended = {
-                        k: math.ceil((1 - self.fraction) * q)
-                        for (p, k), q in per_period.items()
-                        if p == last_period
-                    }
-                    await self.restock(ended, f"{self.run_id}:restock:{period}")
-                    last_period = period
-                today = by_order_day.get(day, [])
-                await self._pool(self._jobs(today, self.reserve, self.reserve_many))
-                shipped = by_ship_day.get(day, [])
-                await self._pool(self._jobs(shipped, self.deduct, self.deduct_many))
-                day += timedelta(days=1)
-            elapsed = time.perf_counter() - t0
-        return elapsed
+        self.running = True
+        try:
+            async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+                self._client = client
+                return await self._run()
+        finally:
+            self.running = False
+
+    async def _run(self) -> float:
+        total, per_period = self._demand()
+        start_day = self.orders[0].order_date
+        t0 = time.perf_counter()
+        await self.restock(
+            {k: math.ceil(self.fraction * q) for k, q in total.items()},
+            f"{self.run_id}:opening",
+        )
+        by_order_day: dict[date, list[Order]] = defaultdict(list)
+        by_ship_day: dict[date, list[Order]] = defaultdict(list)
+        for o in self.orders:
+            by_order_day[o.order_date].append(o)
+            by_ship_day[o.ship_date].append(o)
+        days = sorted(set(by_order_day) | set(by_ship_day))
+        day = days[0]
+        last_period = 0
+        while day <= days[-1]:
+            period = (day - start_day).days // self.restock_days
+            if period > last_period:
+                ended = {
+                    k: math.ceil((1 - self.fraction) * q)
+                    for (p, k), q in per_period.items()
+                    if p == last_period
+                }
+                await self.restock(ended, f"{self.run_id}:restock:{period}")
+                last_period = period
+            today = by_order_day.get(day, [])
+            await self._pool(self._jobs(today, self.reserve, self.reserve_many))
+            shipped = by_ship_day.get(day, [])
+            await self._pool(self._jobs(shipped, self.deduct, self.deduct_many))
+            day += timedelta(days=1)
+        return time.perf_counter() - t0
 
     async def _pages(self, query: str, field_name: str, **variables: Any) -> list[dict[str, Any]]:
         nodes: list[dict[str, Any]] = []
@@ -326,35 +535,155 @@ class Replay:
                 return nodes
             after = data["pageInfo"]["endCursor"]
 
+    async def _mine(self, status: str | None) -> list[dict[str, Any]]:
+        """This run's reservations (by reference), of ``status`` or (None) all."""
+        prefix = f"{self.run_id}:"
+        return [
+            r
+            for r in await self._pages(RESERVATIONS, "reservations", status=status)
+            if (r.get("reference") or {}).get("id", "").startswith(prefix)
+        ]
+
+    async def probe_idempotency(self) -> list[str]:
+        """Send again, with the same keys and payloads, every call of the run that was sent
+        more than once and succeeded, and ``probe`` of the other successful ones, chosen at
+        random: each must answer its success with ``replayed: true`` (a reserve, with the
+        reservation it got first). Returns the problems (empty: all replayed). Needs an open
+        client (within :meth:`check`); raises what :meth:`call` raises."""
+        prefix = f"{self.run_id}:"
+        done: dict[str, tuple[str, str]] = {
+            f"{prefix}reserve:{o}": ("reserve", o) for o in self.out.reserved
+        }
+        done.update({f"{prefix}deduct:{o}": ("deduct", o) for o in self.out.deducted})
+        done.update({k: ("restock", k) for k in self.out.restocks})
+        retried = sorted(k for k in self.out.retried_keys if k in done)
+        others = sorted(set(done) - set(retried))
+        keys = retried + self._rng.sample(others, min(self.probe, len(others)))
+        problems: list[str] = []
+
+        async def again(key: str) -> None:
+            kind, subject = done[key]
+            if kind == "restock":
+                input = {"idempotencyKey": key, "lines": self.out.restocks[key], "reason": "replay"}
+                result = await self.mutate("probe", RESTOCK, "restock", input)
+                success = "RestockSuccess"
+            elif kind == "reserve":
+                input = self._reserve_input(self._by_id[subject])
+                result = await self._probe_one(
+                    input, RESERVE, "reserve", RESERVE_MANY, "reserveMany", "carts"
+                )
+                success = "ReserveSuccess"
+            else:
+                input = self._deduct_input(self._by_id[subject], self.out.reserved[subject])
+                result = await self._probe_one(
+                    input, DEDUCT, "deduct", DEDUCT_MANY, "deductMany", "items"
+                )
+                success = "DeductSuccess"
+            if result["__typename"] != success or result.get("replayed") is not True:
+                problems.append(f"{key} sent again: {result}")
+            elif kind == "reserve" and result["reservation"]["id"] != self.out.reserved[subject]:
+                problems.append(
+                    f"{key} sent again: reservation {result['reservation']['id']}, "
+                    f"first {self.out.reserved[subject]}"
+                )
+
+        await self._pool([lambda k=k: again(k) for k in keys])
+        self.out.counts["probed"] = len(keys)
+        self.out.counts["probed_retried"] = len(retried)
+        return problems
+
+    async def _probe_one(
+        self,
+        input: dict[str, Any],
+        one: str,
+        one_field: str,
+        many: str,
+        many_field: str,
+        list_name: str,
+    ) -> dict[str, Any]:
+        """Send one item again the way the run sent it (single, or a batch of one)."""
+        if self.batch:
+            return (await self.mutate_many("probe", many, many_field, list_name, [input]))[0]
+        return await self.mutate("probe", one, one_field, input)
+
+    def _exactly_once(
+        self, ledger: list[dict[str, Any]], reservations: list[dict[str, Any]]
+    ) -> list[str]:
+        """The run's ledger entries against the effects the client was told of, each once;
+        one reservation per reserved cart, none per refused one."""
+        prefix = f"{self.run_id}:"
+        expected: Counter[tuple[Any, ...]] = Counter()
+        for key, lines in self.out.restocks.items():
+            for ln in lines:
+                expected[("RESTOCK", key, ln["location"], ln["sku"], ln["quantity"], 0)] += 1
+        for oid, rid in self.out.reserved.items():
+            for (loc, sku), q in self._by_id[oid].lines.items():
+                expected[("RESERVE", f"{prefix}reserve:{oid}", loc, sku, 0, q)] += 1
+                if oid in self.out.deducted:
+                    expected[("DEDUCT", f"{prefix}deduct:{oid}", loc, sku, -q, -q)] += 1
+                elif abandoned(oid, self.abandon_share):
+                    expected[("EXPIRE", rid, loc, sku, 0, -q)] += 1
+        rids = set(self.out.reserved.values())
+        actual: Counter[tuple[Any, ...]] = Counter()
+        for e in ledger:
+            key, of, kind = e["idempotencyKey"], e.get("reservationId"), e["eventType"]
+            ident: str = key
+            if kind == "EXPIRE" and of in rids:
+                ident = str(of)
+            elif not (key.startswith(prefix) or of in rids):
+                continue
+            actual[
+                (kind, ident, e["location"], e["sku"], e["onHandDelta"], e["reservedDelta"])
+            ] += 1
+        problems = []
+        missing, extra = expected - actual, actual - expected
+        if missing:
+            problems.append(
+                f"ledger: {sum(missing.values())} entries the client was told of are missing "
+                f"(lost), e.g. {sorted(missing)[:3]}"
+            )
+        if extra:
+            problems.append(
+                f"ledger: {sum(extra.values())} entries beyond the effects the client was told "
+                f"of (doubled or unknown), e.g. {sorted(extra)[:3]}"
+            )
+        per_order: dict[str, list[str]] = defaultdict(list)
+        for r in reservations:
+            per_order[r["reference"]["id"].removeprefix(prefix)].append(r["id"])
+        for oid, rid in self.out.reserved.items():
+            ids = per_order.pop(oid, [])
+            if ids != [rid]:
+                problems.append(f"order {oid}: reserved as {rid}, its reservations {ids}")
+        for oid, ids in sorted(per_order.items()):
+            problems.append(f"order {oid} was not reserved, yet has reservations {ids}")
+        return problems
+
     async def check(self, expire_wait: float = 10.0) -> list[str]:
-        """The end-of-run checks through the API; returns the failures (empty: all passed)."""
+        """The end-of-run checks through the API; returns the failures (empty: all passed).
+
+        Waits up to ``expire_wait`` seconds for the abandoned carts to expire. Raises what
+        :meth:`call` raises once its retries are spent.
+        """
         problems = list(self.out.failures)
-        async with httpx.AsyncClient(timeout=60) as client:
+        limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             self._client = client
             # Abandoned carts expire on the server's sweeper; wait for them (bounded).
             deadline = time.monotonic() + expire_wait
-            mine = []
             while True:
-                active = await self._pages(RESERVATIONS, "reservations", status="ACTIVE")
-                mine = [r for r in active if r["reference"]["id"].startswith(f"{self.run_id}:")]
-                if not mine or time.monotonic() > deadline:
+                active = await self._mine("ACTIVE")
+                if not active or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.5)
-            if mine:
-                problems.append(f"{len(mine)} reservations still ACTIVE after {expire_wait} s")
-            expired = [
-                r
-                for r in await self._pages(RESERVATIONS, "reservations", status="EXPIRED")
-                if r["reference"]["id"].startswith(f"{self.run_id}:")
-            ]
-            committed = [
-                r
-                for r in await self._pages(RESERVATIONS, "reservations", status="COMMITTED")
-                if r["reference"]["id"].startswith(f"{self.run_id}:")
-            ]
-            self.out.counts["expired"] = len(expired)
+            if active:
+                problems.append(f"{len(active)} reservations still ACTIVE after {expire_wait} s")
+            problems.extend(await self.probe_idempotency())
+            mine = await self._mine(None)
             balances = await self._pages(BALANCES, "balances")
             ledger = await self._pages(LEDGER, "ledger")
+        expired = [r for r in mine if r["status"] == "EXPIRED"]
+        committed = [r for r in mine if r["status"] == "COMMITTED"]
+        self.out.counts["expired"] = len(expired)
         sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         for e in ledger:
             s = sums[(e["location"], e["sku"])]
@@ -381,12 +710,15 @@ class Replay:
             problems.append(
                 f"reserved {c['reserved']} != deducted {c['deducted']} + abandoned {c['abandoned']}"
             )
+        problems.extend(self._exactly_once(ledger, mine))
         return problems
 
     def report(self, elapsed: float) -> str:
-        """Carts per second, p50/p95/p99 per mutation (ms) and the outcome counts."""
+        """Carts per second, p50/p95/p99 per mutation (ms), the outcome counts and, when
+        there were any, the resends by reason."""
         lines = [
             f"orders: {len(self.orders)}  clients: {self.clients}  "
+            + (f"instances: {len(self.urls)}  " if len(self.urls) > 1 else "")
             + (f"batch: {self.batch}  " if self.batch else "")
             + f"elapsed: {elapsed:.2f} s  carts/s: {len(self.orders) / elapsed:.1f}"
         ]
@@ -405,11 +737,74 @@ class Replay:
         lines.append(
             "outcomes: " + ", ".join(f"{k}={v}" for k, v in sorted(self.out.counts.items()))
         )
+        if self.out.retries:
+            lines.append(
+                "resends: "
+                + ", ".join(f"{k}={v}" for k, v in sorted(self.out.retries.items()))
+                + f"  (calls sent more than once: {len(self.out.retried_keys)} keys)"
+            )
         return "\n".join(lines)
 
 
-async def run_replay(
+@dataclass
+class Interruption:
+    """What :func:`interrupt` did: the instance it killed, the carts answered by then, the
+    requests in flight on that instance at the kill, and how long (seconds) the restart took
+    until it was ready again."""
+
+    url: str
+    answered: int
+    in_flight: int
+    down_seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"killed {self.url} after {self.answered} carts with {self.in_flight} requests in "
+            f"flight on it; restarted, ready again {self.down_seconds:.2f} s after the kill"
+        )
+
+
+async def interrupt(
+    replay: Replay,
     url: str,
+    kill: Callable[[], object],
+    restart: Callable[[], object],
+    *,
+    at: float = 0.3,
+    in_flight_wait: float = 5.0,
+    within: float = 600.0,
+) -> Interruption:
+    """Kill one instance of a running replay mid-run, then restart it.
+
+    Run it as a task beside :meth:`Replay.run`. Once ``at`` (a fraction) of the carts are
+    answered, it waits up to ``in_flight_wait`` seconds for a request in flight on ``url``,
+    calls ``kill()`` (SIGKILL the instance and reap it; it must not block long, the replay's
+    event loop waits for it), then ``restart()`` in a thread (start it again on the same port
+    with the same environment; return once ready). Raises RuntimeError when the replay ends,
+    or ``within`` seconds pass, before ``at`` is reached; what ``kill`` and ``restart`` raise.
+    """
+    target = math.ceil(at * len(replay.orders))
+    deadline = time.monotonic() + within
+    started = False
+    while replay.answered < target:
+        started = started or replay.running
+        if (started and not replay.running) or time.monotonic() > deadline:
+            raise RuntimeError(f"the replay did not reach {target} carts to kill {url}")
+        await asyncio.sleep(0.005)
+    wait_until = time.monotonic() + in_flight_wait
+    while time.monotonic() < wait_until:
+        if replay.in_flight[url]:
+            break
+        await asyncio.sleep(0.001)
+    in_flight, answered = replay.in_flight[url], replay.answered
+    killed = time.monotonic()
+    kill()
+    await asyncio.to_thread(restart)
+    return Interruption(url, answered, in_flight, time.monotonic() - killed)
+
+
+async def run_replay(
+    url: str | Sequence[str],
     *,
     orders: int | None = None,
     data: Path = DEFAULT_DATA,
@@ -421,8 +816,9 @@ async def run_replay(
     expire_wait: float = 15.0,
     batch: int | None = None,
 ) -> tuple[str, list[str]]:
-    """Run a replay and its checks; returns (report text, failures). ``batch``: carts (and
-    shipments) per reserveMany (deductMany) call; None: one reserve (deduct) per order."""
+    """Run a replay and its checks; returns (report text, failures). ``url``: one GraphQL
+    URL or several instances'. ``batch``: carts (and shipments) per reserveMany (deductMany)
+    call; None: one reserve (deduct) per order. Raises what :meth:`Replay.run` raises."""
     replay = Replay(
         url,
         load_orders(data, orders),
