@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import ParseResult, urlparse, urlunparse
 
 import pytest
 import redis as sync_redis
@@ -433,6 +433,13 @@ async def test_lock_ttl_of_milliseconds_never_oversells(
 # --------------------------------------------------------------------------- Redis outage
 
 
+def _via(proxy: TcpProxy, parsed: ParseResult) -> str:
+    """The configured Redis URL (its database number and credentials) through ``proxy``."""
+    auth = parsed.netloc.rpartition("@")[0]
+    netloc = f"{auth}@127.0.0.1:{proxy.port}" if auth else f"127.0.0.1:{proxy.port}"
+    return urlunparse(parsed._replace(netloc=netloc))
+
+
 class TcpProxy:
     """A TCP forwarder to Redis that the test can take down (listener and live connections)."""
 
@@ -506,7 +513,7 @@ async def test_redis_outage_degrades_to_database_locks_and_recovers(
     # Production's wiring (runtime.create_redis: no command retries, short socket timeouts).
     # A bare redis.asyncio.Redis(...) would retry each command 10 times with backoff up to 1 s
     # (redis-py 8 default), stalling every request for seconds before the locker degrades.
-    client = create_redis(make_settings(redis_url=f"redis://127.0.0.1:{proxy.port}/15"))
+    client = create_redis(make_settings(redis_url=_via(proxy, parsed)))
     health = RedisHealth(retry_interval=0.1)
     locker = RedisBalanceLocker(client, health=health)
     index = RedisExpiryIndex(client, org_id, health)
@@ -754,7 +761,7 @@ async def test_locks_left_by_a_redis_failure_do_not_block_writes_once_redis_is_b
     parsed = urlparse(redis_url)
     proxy = TcpProxy((parsed.hostname or "127.0.0.1", parsed.port or 6379))
     await proxy.start()
-    client = create_redis(make_settings(redis_url=f"redis://127.0.0.1:{proxy.port}/15"))
+    client = create_redis(make_settings(redis_url=_via(proxy, parsed)))
     locker = RedisBalanceLocker(client, ttl=15.0, wait=1.0, health=RedisHealth(0.1))
     key = [("default", "hot")]
     name = lock_key(org_id, "default", "hot")
