@@ -131,7 +131,7 @@ async def test_health_and_readiness(database_url: str, org_id: str) -> None:
             "checks": {
                 "database": "ok",
                 "queue": "ok",
-                "redis": "ConnectionError: redis does not answer",
+                "redis": "failed",  # the message is for the log, not for anyone who asks
             },
         }
         # A required check that fails makes the app unready, degraded or not.
@@ -139,7 +139,7 @@ async def test_health_and_readiness(database_url: str, org_id: str) -> None:
         down = await gql.http.get("/readyz")
         assert down.status_code == 503
         assert down.json()["status"] == "unavailable"
-        assert down.json()["checks"]["queue"] == "ConnectionError: queue does not answer"
+        assert down.json()["checks"]["queue"] == "failed"
         assert down.json()["checks"]["database"] == "ok"
         failing.clear()
         # A database that does not answer makes the app unready (and says so).
@@ -151,7 +151,7 @@ async def test_health_and_readiness(database_url: str, org_id: str) -> None:
             gql.app.state.database = real
         assert no_db.status_code == 503
         assert no_db.json()["checks"] == {
-            "database": "OSError: connection refused",
+            "database": "failed",
             "queue": "ok",
             "redis": "ok",
         }
@@ -177,7 +177,7 @@ async def test_served_app_without_redis_is_ready_degraded_and_sells(
             assert ready.status_code == 200
             assert ready.json()["status"] == "degraded"
             assert ready.json()["checks"]["database"] == "ok"
-            assert ready.json()["checks"]["redis"].startswith("ConnectionError")
+            assert ready.json()["checks"]["redis"] == "failed"  # the details are in the log
             gql = GraphQLClient(http, app)
             await gql.restock("r", line("A", 3))
             res = await gql.reserve("c", line("A", 2))
@@ -191,9 +191,12 @@ async def test_graphiql_and_introspection_switches(database_url: str, org_id: st
         assert page.status_code == 200
         assert "graphiql" in page.text.lower()
         assert (await gql.data(INTROSPECTION)) == {"__schema": {"queryType": {"name": "Query"}}}
-        # Queries run over POST only: GET serves the IDE, never an operation.
+        # GET runs queries (GraphQL over HTTP), never a mutation.
         get_query = await gql.http.get("/graphql", params={"query": "{ __typename }"})
-        assert get_query.status_code in (400, 405)
+        assert get_query.json() == {"data": {"__typename": "Query"}}
+        get_mutation = await gql.http.get("/graphql", params={"query": "mutation { __typename }"})
+        assert get_mutation.status_code == 400
+        assert "mutations are not allowed when using GET" in get_mutation.text
     closed = app_settings(database_url, org_id, graphiql_enabled=False, introspection_enabled=False)
     async with serve(closed) as gql:
         page = await gql.http.get("/graphql", headers={"accept": "text/html"})

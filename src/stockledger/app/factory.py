@@ -27,8 +27,10 @@ from stockledger.app.graphql import GraphQLView
 from stockledger.app.limits import BodyLimitMiddleware
 from stockledger.config import Settings, get_settings
 from stockledger.db import migrate
-from stockledger.db.engine import Database, create_database
+from stockledger.db.engine import RETRY_REASONS, Database, create_database
+from stockledger.observability import metrics
 from stockledger.resolvers import build_schema
+from stockledger.resolvers.mutation import declare_outcome_series
 from stockledger.services.queries import InventoryQueries
 from stockledger.services.writes import InventoryService
 
@@ -97,10 +99,13 @@ def create_app(
     """
     settings = settings or get_settings()
     schema = build_schema(settings)
+    declare_outcome_series()
+    for reason in RETRY_REASONS:
+        metrics.TRANSACTION_RETRIES_TOTAL.labels(reason=reason)
     view = GraphQLView(
         schema,
         graphql_ide="graphiql" if settings.graphiql_enabled else None,
-        allow_queries_via_get=False,
+        allow_queries_via_get=True,  # queries only: Strawberry answers a GET mutation 405
     )
 
     @asynccontextmanager
@@ -212,8 +217,9 @@ async def readyz(request: Request) -> JSONResponse:
     ``app.state.degradable_checks``.
 
     200 ``{"status": "ready", "checks": {name: "ok"}}``; 200 with ``"degraded"`` when only
-    degradable checks failed; else 503 with ``"unavailable"``. A failed check's value is its
-    error message.
+    degradable checks failed; else 503 with ``"unavailable"``. A failed check's value is
+    ``"failed"``: its message (driver errors name hosts and SQL) goes to the log only, since
+    anyone may call this endpoint.
     """
     state: Any = request.app.state
 
@@ -235,7 +241,8 @@ async def readyz(request: Request) -> JSONResponse:
             elif status == "ready":
                 status = "degraded"
     _log_changes(state, checks)
+    shown = {name: "ok" if answer == "ok" else "failed" for name, answer in checks.items()}
     return JSONResponse(
-        {"status": status, "checks": checks},
+        {"status": status, "checks": shown},
         status_code=503 if status == "unavailable" else 200,
     )

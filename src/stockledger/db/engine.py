@@ -85,6 +85,10 @@ def is_connection_lost(exc: BaseException) -> bool:
     )
 
 
+# Every label retry_reason() gives (for the metric's series at 0 from the start).
+RETRY_REASONS = (*sorted(set(RETRYABLE_MYSQL_ERRORS.values())), "sqlite_busy", "connection_lost")
+
+
 def retry_reason(exc: BaseException) -> str | None:
     """A label (for ``inventory_transaction_retries_total``) when ``exc`` means "run the
     whole transaction again", else None: deadlock, lock wait timeout, MariaDB's 1020, a

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import strawberry
 
+from stockledger.domain import errors as e
+from stockledger.observability import metrics
 from stockledger.resolvers import convert
 from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.convert import opt
-from stockledger.resolvers.errors import mutation_result, mutation_results
+from stockledger.resolvers.errors import mutation_result, mutation_results, union_members
 from stockledger.schema import (
     AdjustInput,
     AdjustResult,
@@ -198,3 +200,37 @@ def _consume(item: DeductInput | ReleaseInput) -> ConsumeRequest:
         reference=convert.reference_in(item.reference),
         lines=convert.lines_in(item.lines),
     )
+
+
+# The union of each write's result, by the operation name its metrics carry.
+_RESULTS = {
+    "restock": RestockResult,
+    "adjust": AdjustResult,
+    "reserve": ReserveResult,
+    "release": ReleaseResult,
+    "deduct": DeductResult,
+    "extend": ExtendReservationResult,
+}
+
+
+def declare_outcome_series() -> None:
+    """Create every series of the per-call counters at 0 (``stock_movements_total``,
+    ``inventory_reserve_total``, ``inventory_deduct_total``), so that an alert or a rate over
+    one sees a series before the first such call. The outcomes of an operation: success,
+    replayed, unavailable, lock_timeout, error (unexpected), and the code of every domain
+    error its result union carries (the schema decides, as it does for the answers)."""
+    for operation, result_type in _RESULTS.items():
+        # The union's members that are domain errors (the success type is not one).
+        kinds = [getattr(e, name, None) for name in union_members(result_type)]
+        errors = [
+            k.code.lower() for k in kinds if isinstance(k, type) and issubclass(k, e.StockError)
+        ]
+        reason = "given" if operation == "adjust" else "none"
+        for outcome in ("success", "replayed", "unavailable", "lock_timeout", "error", *errors):
+            metrics.STOCK_MOVEMENTS_TOTAL.labels(type=operation, result=outcome, reason=reason)
+            if operation == "reserve":
+                metrics.RESERVE_TOTAL.labels(status=outcome)
+            elif operation == "deduct":
+                metrics.DEDUCT_TOTAL.labels(status=outcome)
+    for outcome in ("success", "skipped", "error"):
+        metrics.STOCK_MOVEMENTS_TOTAL.labels(type="expire", result=outcome, reason="none")

@@ -1,0 +1,105 @@
+"""The HTTP edge of ``stockledger serve`` (issue 10, item 6), over real connections to a real
+server process: a body over the limit answers 413 that the client receives, also on a reused
+keep-alive connection; GET runs queries, and a mutation sent by GET is refused (400)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from graphql_helpers import line, mutation_document
+from server_process import Server, base_env, running
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One embedded-default server for the module."""
+    tmp_path: Path = tmp_path_factory.mktemp("edge")
+    with running(tmp_path, base_env(tmp_path, log_level="WARNING")) as started:
+        started.wait_ready()
+        yield started
+
+
+BALANCE = '{ balance(sku: "A", location: "default") { onHand } }'
+
+
+def test_a_body_over_the_limit_answers_413_on_a_reused_connection(server: Server) -> None:
+    """Two requests on one keep-alive connection, then a 3 MiB body: the client must read the
+    413, not a reset connection."""
+
+    async def run() -> list[int]:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        statuses = []
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as http:
+            for _ in range(2):
+                statuses.append((await http.post("/graphql", json={"query": BALANCE})).status_code)
+            big = b'{"query": "' + b"x" * (3 * 1024 * 1024) + b'"}'
+            response = await http.post(
+                "/graphql", content=big, headers={"content-type": "application/json"}
+            )
+            statuses.append(response.status_code)
+            assert "request body too large" in response.text
+            # The client carries on: a new connection serves it.
+            statuses.append((await http.post("/graphql", json={"query": BALANCE})).status_code)
+        return statuses
+
+    assert asyncio.run(run()) == [200, 200, 413, 200]
+
+
+def test_a_chunked_body_over_the_limit_answers_413(server: Server) -> None:
+    async def chunks() -> object:
+        for _ in range(48):
+            yield b"x" * 65536  # 3 MiB in all, no Content-Length
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            return await http.post(
+                "/graphql", content=chunks(), headers={"content-type": "application/json"}
+            )
+
+    response = asyncio.run(run())
+    assert response.status_code == 413
+
+
+def test_get_runs_queries_but_never_a_mutation(server: Server) -> None:
+    query = httpx.get(f"{server.url}/graphql", params={"query": BALANCE}, timeout=10)
+    assert query.status_code == 200, query.text
+    assert query.json() == {"data": {"balance": None}}
+
+    document = mutation_document("restock")
+    variables = json.dumps({"input": {"idempotencyKey": "get-1", "lines": [line("A", 5)]}})
+    refused = httpx.get(
+        f"{server.url}/graphql", params={"query": document, "variables": variables}, timeout=10
+    )
+    # Strawberry's answer (GraphQL over HTTP: a GET may carry queries only).
+    assert refused.status_code == 400, refused.text
+    assert "mutations are not allowed when using GET" in refused.text
+    after = httpx.get(f"{server.url}/graphql", params={"query": BALANCE}, timeout=10)
+    assert after.json() == {"data": {"balance": None}}  # nothing was restocked
+
+
+def test_every_counter_has_its_known_series_at_zero_from_the_start(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A fresh server: an alert or a rate() over a counter sees its series before the first
+    event (ARCHITECTURE section 10; issue 10, item 6)."""
+    tmp_path = tmp_path_factory.mktemp("fresh")
+    with running(tmp_path, base_env(tmp_path, log_level="WARNING")) as fresh:
+        fresh.wait_ready()
+        text = httpx.get(f"{fresh.url}/metrics", timeout=10).text
+    for series in (
+        'inventory_deduct_total{status="success"} 0.0',
+        'inventory_deduct_total{status="reservation_not_active"} 0.0',
+        'inventory_reserve_total{status="insufficient_stock"} 0.0',
+        'inventory_reserve_total{status="unavailable"} 0.0',
+        'inventory_transaction_retries_total{reason="deadlock"} 0.0',
+        'inventory_transaction_retries_total{reason="connection_lost"} 0.0',
+        'stock_movements_total{reason="given",result="success",type="adjust"} 0.0',
+        'stock_movements_total{reason="none",result="skipped",type="expire"} 0.0',
+        "inventory_unexpected_errors_total 0.0",
+    ):
+        assert series in text, series
