@@ -550,6 +550,7 @@ async def test_unexpected_errors_are_masked_and_logged(
         body = response.json()
         assert body["data"] is None
         assert [x["message"] for x in body["errors"]] == ["Unexpected error."]
+        assert body["errors"][0]["extensions"] == {"code": "INTERNAL_SERVER_ERROR"}
         assert body["errors"][0]["path"] == ["restock"]
         assert "hunter2" in caplog.text  # the log keeps the details
         caplog.clear()

@@ -103,3 +103,24 @@ def test_every_counter_has_its_known_series_at_zero_from_the_start(
         "inventory_unexpected_errors_total 0.0",
     ):
         assert series in text, series
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"query": "{ balance(sku: "}, "GRAPHQL_PARSE_FAILED"),
+        ({"query": '{ balance(sku: "A") { onHandd } }'}, "GRAPHQL_VALIDATION_FAILED"),
+        (
+            {"query": "query($n: Int!) { ledger(first: $n) { edges { cursor } } }"},
+            "BAD_USER_INPUT",  # a variable missing
+        ),
+        ({"query": "{ ledger(first: 100000) { edges { cursor } } }"}, "BAD_USER_INPUT"),
+    ],
+    ids=["parse", "validation", "variables", "argument"],
+)
+def test_every_top_level_error_carries_a_code(
+    server: Server, body: dict[str, object], code: str
+) -> None:
+    response = httpx.post(f"{server.url}/graphql", json=body, timeout=10)
+    errors = response.json()["errors"]
+    assert [e["extensions"]["code"] for e in errors] == [code], errors

@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import strawberry
-from graphql import GraphQLError
+from graphql import GraphQLError, GraphQLSyntaxError
 from sqlalchemy.exc import DBAPIError
 
 from stockledger import schema as s
@@ -160,6 +160,27 @@ def query_errors(info: Any) -> Iterator[None]:
         if not is_connection_lost(exc):
             raise
         raise unavailable(info, 1000, "the database is unavailable; retry the query") from exc
+
+
+def top_level_code(error: GraphQLError) -> str:
+    """The ``extensions.code`` of a top-level error, by Apollo Server's names, which clients
+    already switch on (apollographql.com/docs/apollo-server/data/errors): a code the error
+    carries (``UNAVAILABLE``, ``BAD_USER_INPUT`` ...) as it is; else
+    ``GRAPHQL_PARSE_FAILED`` for a document that does not parse (or is over the token limit),
+    ``BAD_USER_INPUT`` for variables or arguments that are not valid,
+    ``INTERNAL_SERVER_ERROR`` for an unexpected (masked) error or any other error of execution,
+    and ``GRAPHQL_VALIDATION_FAILED`` for a document the schema's rules refuse."""
+    given = (error.extensions or {}).get("code")
+    if isinstance(given, str):
+        return given
+    original = error.original_error
+    if isinstance(error, GraphQLSyntaxError) or isinstance(original, GraphQLSyntaxError):
+        return "GRAPHQL_PARSE_FAILED"
+    if isinstance(original, QueryInputError) or error.message.startswith("Variable '$"):
+        return "BAD_USER_INPUT"  # graphql-core's coercion of variables: "Variable '$x' got ..."
+    if error.path is not None or error.message == UNEXPECTED_ERROR_MESSAGE:
+        return "INTERNAL_SERVER_ERROR"
+    return "GRAPHQL_VALIDATION_FAILED"
 
 
 def should_mask_error(error: GraphQLError) -> bool:
