@@ -21,9 +21,10 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
-from stockledger.app.graphql import GraphQLView
+from stockledger.app.graphql import GRAPHIQL_ASSETS_DIR, GRAPHIQL_ASSETS_PATH, GraphQLView
 from stockledger.app.limits import BodyLimitMiddleware
 from stockledger.config import Settings, get_settings
 from stockledger.db import migrate
@@ -149,6 +150,9 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
         *extra_routes,
     ]
+    if settings.graphiql_enabled:
+        assets = StaticFiles(directory=GRAPHIQL_ASSETS_DIR)
+        routes.append(Mount(GRAPHIQL_ASSETS_PATH, app=assets, name="graphiql"))
     app = Starlette(
         routes=routes,
         middleware=[Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -14,6 +15,23 @@ from strawberry.types import ExecutionResult
 
 from stockledger.resolvers import GraphQLContext
 from stockledger.resolvers.errors import top_level_code
+
+# GraphiQL's files, vendored (static/graphiql/README.md): served at this path, no CDN.
+GRAPHIQL_ASSETS_PATH = "/graphiql"
+GRAPHIQL_ASSETS_DIR = Path(__file__).parent / "static" / "graphiql"
+_CDN_FILES = {
+    "https://unpkg.com/react@18.2.0/umd/react.production.min.js": "react.production.min.js",
+    "https://unpkg.com/react-dom@18.2.0/umd/react-dom.production.min.js": (
+        "react-dom.production.min.js"
+    ),
+    "https://unpkg.com/js-cookie@3.0.5/dist/js.cookie.min.js": "js.cookie.min.js",
+    "https://unpkg.com/graphiql@3.8.3/graphiql.min.css": "graphiql.min.css",
+    "https://unpkg.com/graphiql@3.8.3/graphiql.min.js": "graphiql.min.js",
+    "https://unpkg.com/@graphiql/plugin-explorer@1.0.2/dist/style.css": "plugin-explorer.css",
+    "https://unpkg.com/@graphiql/plugin-explorer@1.0.2/dist/index.umd.js": (
+        "plugin-explorer.umd.js"
+    ),
+}
 
 
 class GraphQLView(GraphQL[GraphQLContext, None]):
@@ -33,6 +51,15 @@ class GraphQLView(GraphQL[GraphQLContext, None]):
             if isinstance(formatted, dict):
                 formatted.setdefault("extensions", {})["code"] = top_level_code(error)
         return body
+
+    @property
+    def graphql_ide_html(self) -> str:
+        """Strawberry's GraphiQL page with every asset from :data:`GRAPHIQL_ASSETS_PATH`
+        instead of unpkg.com (the same files, so the page's integrity hashes still hold)."""
+        html = str(super().graphql_ide_html)
+        for url, name in _CDN_FILES.items():
+            html = html.replace(url, f"{GRAPHIQL_ASSETS_PATH}/{name}")
+        return html
 
     def encode_json(self, data: object) -> bytes:
         return orjson.dumps(data)
