@@ -146,3 +146,16 @@ def test_graphiql_loads_every_asset_from_the_server_itself(server: Server) -> No
         asset = httpx.get(f"{server.url}{path}", timeout=10)
         assert asset.status_code == 200, path
         assert base64.b64encode(hashlib.sha384(asset.content).digest()).decode() == digest
+
+
+@pytest.mark.parametrize("body", [b"42", b'"x"', b"null", b"true"])
+def test_a_json_body_that_is_not_an_object_is_a_400(server: Server, body: bytes) -> None:
+    response = httpx.post(
+        f"{server.url}/graphql",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert response.status_code == 400, response.text
+    assert "must be an object" in response.text
+    assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200

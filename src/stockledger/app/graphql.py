@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from cross_web import HTTPException  # what Strawberry's view turns into an HTTP status
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
@@ -63,6 +64,16 @@ class GraphQLView(GraphQL[GraphQLContext, None]):
 
     def encode_json(self, data: object) -> bytes:
         return orjson.dumps(data)
+
+    def parse_json(self, data: str | bytes) -> Any:
+        """A request body (or its ``variables`` / ``extensions``) as JSON: an object (or a
+        list, which Strawberry refuses as batching) or HTTP 400; a bare ``42``, ``"x"`` or
+        ``null`` used to fail later as "Unexpected error." with HTTP 500."""
+        parsed = super().parse_json(data)
+        if not isinstance(parsed, dict | list):
+            kind = "null" if parsed is None else type(parsed).__name__
+            raise HTTPException(400, f"the request's JSON must be an object, not {kind}")
+        return parsed
 
     def decode_json(self, data: str | bytes) -> object:
         # orjson.JSONDecodeError subclasses json.JSONDecodeError, which the view maps to 400.
