@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     graphiql_enabled: bool = True
     max_query_depth: int = Field(default=12, ge=1)
     max_aliases: int = Field(default=50, ge=1)
+    # A document's cost (resolvers.guards): 1 per field, a page's selection counted `first`
+    # times (500 when a variable), fragments counted at every spread. A page of 500 ledger
+    # entries with every field costs 11,501, so four such pages pass; fragments spreading each
+    # other twice per level (2^levels fields) are refused from 16 levels, 11 under a page.
+    max_query_cost: int = Field(default=50_000, ge=1)
     max_tokens: int = Field(default=5000, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
 

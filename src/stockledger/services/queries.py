@@ -131,14 +131,18 @@ def encode_cursor(kind: str, value: Any) -> str:
 def decode_cursor(cursor: str, kind: str) -> Any:
     """The value inside a cursor made by :func:`encode_cursor` for ``kind``.
 
-    Raises ValidationError (field ``after``) when the cursor is not one of ours for this list.
+    Raises ValidationError (field ``after``) when the cursor is not one of ours for this list,
+    also when its JSON escapes a lone surrogate (``"\\ud800"``): no string of ours holds one
+    (they are UTF-8 in the database), and one would fail only when the SQL driver encodes it.
     """
     if not isinstance(cursor, str) or not cursor or len(cursor) > MAX_CURSOR_LENGTH:
         raise ValidationError("is not a valid cursor", "after")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = json.loads(raw.decode("utf-8"))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+        # Lone surrogates (RFC 8259, section 8.2) raise UnicodeEncodeError here.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (binascii.Error, ValueError, UnicodeError):
         raise ValidationError("is not a valid cursor", "after") from None
     if not isinstance(data, dict) or data.get("k") != kind or "v" not in data:
         raise ValidationError("is not a valid cursor for this list", "after")
