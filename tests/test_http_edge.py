@@ -9,6 +9,8 @@ import base64
 import hashlib
 import json
 import re
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,3 +161,85 @@ def test_a_json_body_that_is_not_an_object_is_a_400(server: Server, body: bytes)
     assert response.status_code == 400, response.text
     assert "must be an object" in response.text
     assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+
+def _preflight(url: str, origin: str) -> httpx.Response:
+    return httpx.options(
+        f"{url}/graphql",
+        headers={
+            "origin": origin,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type",
+        },
+        timeout=10,
+    )
+
+
+def test_cors_is_off_unless_origins_are_listed(
+    server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    answer = httpx.post(
+        f"{server.url}/graphql",
+        json={"query": BALANCE},
+        headers={"origin": "https://shop.example"},
+        timeout=10,
+    )
+    assert "access-control-allow-origin" not in answer.headers
+    assert (
+        "access-control-allow-origin" not in _preflight(server.url, "https://shop.example").headers
+    )
+
+    tmp_path = tmp_path_factory.mktemp("cors")
+    env = base_env(tmp_path, log_level="WARNING", cors_origins="https://shop.example")
+    with running(tmp_path, env) as cors:
+        cors.wait_ready()
+        allowed = _preflight(cors.url, "https://shop.example")
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://shop.example"
+        other = _preflight(cors.url, "https://evil.example")
+        assert "access-control-allow-origin" not in other.headers
+        answer = httpx.post(
+            f"{cors.url}/graphql",
+            json={"query": BALANCE},
+            headers={"origin": "https://shop.example"},
+            timeout=10,
+        )
+        assert answer.headers["access-control-allow-origin"] == "https://shop.example"
+
+
+def test_a_trickled_body_gets_408_and_connections_past_the_bound_get_503(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    tmp_path = tmp_path_factory.mktemp("slow")
+    env = base_env(
+        tmp_path, log_level="WARNING", body_read_timeout_seconds="1", max_connections="4"
+    )
+    with running(tmp_path, env) as slow:
+        slow.wait_ready()
+        port = slow.port
+        head = (
+            f"POST /graphql HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+            "content-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), 5) as trickle:
+            trickle.sendall(head)  # then nothing more: the body never completes
+            trickle.settimeout(10)
+            started = time.monotonic()
+            reply = trickle.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+            assert time.monotonic() - started < 8
+        held = [socket.create_connection(("127.0.0.1", port), 5) for _ in range(4)]
+        try:
+            for s in held:
+                s.sendall(b"POST /graphql HTTP/1.1\r\nhost: x\r\n")  # headers never end
+            time.sleep(0.3)
+            busy = httpx.post(f"{slow.url}/graphql", json={"query": BALANCE}, timeout=10)
+            assert busy.status_code == 503, busy.text
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.3)
+        assert (
+            httpx.post(f"{slow.url}/graphql", json={"query": BALANCE}, timeout=10).status_code
+            == 200
+        )

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -84,6 +85,14 @@ class Settings(BaseSettings):
     max_query_cost: int = Field(default=50_000, ge=1)
     max_tokens: int = Field(default=5000, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    # Slow clients (issue 10): a request body must arrive within this (seconds, else 408),
+    # and at most this many connections are open per process (more get 503: uvicorn's
+    # limit_concurrency). Headers have no timeout of their own in uvicorn: run behind a
+    # reverse proxy that bounds them (README).
+    body_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=2048, ge=1)
+    # Origins allowed to call the API from a browser (CORS), comma-separated; empty: none.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # SIGTERM ends `serve` within this bound (seconds): in-flight requests get half of it,
     # the sweeper and the write batches a quarter; past it the process exits anyway.
@@ -93,6 +102,13 @@ class Settings(BaseSettings):
     log_format: str = Field(
         default="auto", description="json, console, or auto (json unless a TTY)."
     )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
     @field_validator("database_url", "redis_url", mode="before")
     @classmethod

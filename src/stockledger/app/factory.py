@@ -19,6 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
@@ -155,12 +156,36 @@ def create_app(
         routes.append(Mount(GRAPHIQL_ASSETS_PATH, app=assets, name="graphiql"))
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)],
+        middleware=[
+            *_cors(settings),
+            Middleware(
+                BodyLimitMiddleware,
+                max_body_bytes=settings.max_body_bytes,
+                read_timeout_seconds=settings.body_read_timeout_seconds,
+            ),
+        ],
         lifespan=lifespan,
     )
     app.state.readiness_checks = dict(readiness_checks or {})
     app.state.degradable_checks = dict(degradable_checks or {})
     return app
+
+
+def _cors(settings: Settings) -> list[Middleware]:
+    """Starlette's CORS middleware for ``settings.cors_origins`` only; none when it is empty,
+    so a browser on another origin gets no CORS headers and cannot read the answers."""
+    if not settings.cors_origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id", "retry-after"],
+            max_age=600,
+        )
+    ]
 
 
 async def _migrate_embedded(settings: Settings) -> None:

@@ -27,11 +27,15 @@ DRAIN_SECONDS = 5.0
 
 class BodyLimitMiddleware:
     """ASGI middleware: HTTP requests whose body exceeds ``max_body_bytes`` get a 413 whose
-    JSON body reads ``{"errors": [{"message": "request body too large: ..."}]}``."""
+    JSON body reads ``{"errors": [{"message": "request body too large: ..."}]}``; a body not
+    received within ``read_timeout_seconds`` (a client trickling it) gets a 408."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, read_timeout_seconds: float = 30.0
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_seconds = read_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _METHODS_WITH_BODY:
@@ -46,8 +50,17 @@ class BodyLimitMiddleware:
         chunks: list[bytes] = []
         size = 0
         more = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_seconds
         while more:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                await _answer(
+                    send, 408, f"request body not received within {self.read_timeout_seconds:g} s"
+                )
+                return
             if message["type"] == "http.disconnect":
                 return  # the client went away; nothing to answer
             chunk = message.get("body", b"")
@@ -99,13 +112,17 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _too_large(send: Send, what: str, limit: int) -> None:
-    message = f"request body too large: {what}, the limit is {limit} bytes"
+    await _answer(send, 413, f"request body too large: {what}, the limit is {limit} bytes")
+
+
+async def _answer(send: Send, status: int, message: str) -> None:
+    """A JSON error answer (``{"errors": [{"message": ...}]}``) that closes the connection."""
     body: dict[str, Any] = {"errors": [{"message": message}]}
     payload = orjson.dumps(body)
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),

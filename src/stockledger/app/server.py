@@ -51,6 +51,7 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         access_log=False,  # ours carries the request id and the GraphQL operation
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_seconds / 2)),
+        limit_concurrency=settings.max_connections,  # past it, new requests get 503
     )
 
 
