@@ -171,10 +171,8 @@ def redis_url() -> Iterator[str]:
     yield REDIS_URL
 
 
-@pytest.fixture
-def tenant(org_id: str, redis_url: str) -> Iterator[str]:
-    """This test's org id; its Redis keys (locks, expiry index) are deleted afterwards."""
-    yield org_id
+def drop_org_keys(redis_url: str, org_id: str) -> None:
+    """Delete every Redis key of ``org_id`` (locks, turn markers, expiry index)."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
@@ -184,3 +182,10 @@ def tenant(org_id: str, redis_url: str) -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture
+def tenant(org_id: str, redis_url: str) -> Iterator[str]:
+    """This test's org id; its Redis keys (locks, expiry index) are deleted afterwards."""
+    yield org_id
+    drop_org_keys(redis_url, org_id)

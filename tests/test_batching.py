@@ -15,13 +15,12 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis as sync_redis
 import redis.asyncio as aioredis
 from conftest import Clock, make_settings
 from graphql_helpers import line, mutation_document
@@ -538,19 +537,6 @@ SERVED_STOCK = 300
 SERVED_REQUESTS = 600
 
 
-@pytest.fixture
-def redis_tenant(redis_url: str, org_id: str) -> Iterator[str]:
-    """This test's org id; its Redis keys are deleted afterwards."""
-    yield org_id
-    client = sync_redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"stockledger:{{{org_id}}}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
 async def _post(http: httpx.AsyncClient, name: str, input: dict[str, Any]) -> dict[str, Any]:
     response = await http.post(
         "/graphql", json={"query": mutation_document(name), "variables": {"input": input}}
@@ -566,9 +552,9 @@ async def _post(http: httpx.AsyncClient, name: str, input: dict[str, Any]) -> di
 @pytest.mark.mysql
 @pytest.mark.redis
 async def test_two_server_processes_batch_on_one_hot_sku_without_overselling(
-    tmp_path: Path, mysql_url: str, redis_url: str, redis_tenant: str
+    tmp_path: Path, mysql_url: str, redis_url: str, tenant: str
 ) -> None:
-    org_id = redis_tenant
+    org_id = tenant
     env = base_env(
         tmp_path,
         database_url=mysql_url,

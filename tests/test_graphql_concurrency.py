@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
+from conftest import drop_org_keys
 from graphql_helpers import GraphQLClient, line, mutation_document
 
 from stockledger.app.serving import create_served_app
@@ -47,13 +47,7 @@ def served_settings(
         org_id=org_id,
         lock_wait_seconds=wait,
     )
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"stockledger:{{{org_id}}}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    drop_org_keys(redis_url, org_id)
 
 
 async def test_500_concurrent_reserves_sell_exactly_the_stock(

@@ -28,11 +28,9 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from conftest import MYSQL_URL, require_server
+from conftest import MYSQL_URL, _mysql_admin, require_server
 from server_process import CLI, EXIT_TIMEOUT, Server, base_env
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from stockledger.db.migrate import upgrade
 from stockledger.replay import (
@@ -76,29 +74,19 @@ class Instance(Server):
         self.wait_ready()
 
 
-async def _admin(statements: list[str]) -> None:
-    engine = create_async_engine(make_url(MYSQL_URL).set(database=""))
-    try:
-        async with engine.connect() as conn:
-            for statement in statements:
-                await conn.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(scope="module")
 def scaleout_url() -> Iterator[str]:
     """A scratch database named after the configured one, migrated once, dropped at the end."""
     require_server("MariaDB/MySQL", MYSQL_URL, 3306)
     url = make_url(MYSQL_URL)
     name = f"{url.database}_scaleout_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin([f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"]))
+    _mysql_admin([f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"])
     try:
         scratch = url.set(database=name).render_as_string(hide_password=False)
         upgrade(scratch)
         yield scratch
     finally:
-        asyncio.run(_admin([f"DROP DATABASE IF EXISTS `{name}`"]))
+        _mysql_admin([f"DROP DATABASE IF EXISTS `{name}`"])
 
 
 @pytest.fixture
