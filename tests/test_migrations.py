@@ -190,7 +190,8 @@ def test_engine_specific_schema(empty_url: str, backend: str) -> None:
 
     got = inspect_sync(empty_url, facts)
     if backend == "sqlite":
-        assert got == {"autoincrement": {"inventory_ledger", "reservation"}}
+        # Ids never reused: ledger entries, reservations and API keys.
+        assert got == {"autoincrement": {"api_key", "inventory_ledger", "reservation"}}
         return
     assert got["tables"] == {(t, "InnoDB", "utf8mb4") for t in MODEL_TABLES}
     expected_datetimes = {

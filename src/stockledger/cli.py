@@ -1,4 +1,5 @@
-"""The ``stockledger`` command (click): ``migrate``, ``serve`` and ``sweep``."""
+"""The ``stockledger`` command (click): ``migrate``, ``serve``, ``sweep``, ``apikey`` and
+``replay``."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import os
 import shutil
 import sys
 import tempfile
+from datetime import UTC, datetime
 from typing import Any
 
 import click
 
 from stockledger.config import Settings, get_settings
+from stockledger.domain.access import Role, Scope
 
 
 def app_factory() -> Any:
@@ -159,6 +162,108 @@ def sweep(once: bool) -> None:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+
+
+def _key_store_run(work: Any) -> Any:
+    """Run ``work(store)`` (an async function of :class:`ApiKeys`) on the configured
+    database, migrated first on the embedded default; the database is closed afterwards."""
+    import asyncio
+
+    from stockledger.db.engine import create_database
+    from stockledger.db.migrate import upgrade
+    from stockledger.services.api_keys import ApiKeys
+
+    settings = get_settings()
+    if settings.embedded_database:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.resolved_database_url())
+
+    async def run() -> Any:
+        db = create_database(settings)
+        try:
+            return await work(ApiKeys(db))
+        finally:
+            await db.dispose()
+
+    return asyncio.run(run())
+
+
+@main.group()
+def apikey() -> None:
+    """Create, list and revoke API keys (ARCHITECTURE section 13)."""
+
+
+@apikey.command("create")
+@click.option("--org", required=True, help="The org the key acts for.")
+@click.option("--name", required=True, help="What the key is for (shown in lists).")
+@click.option("--role", type=click.Choice([r.value for r in Role]), help="A preset of scopes.")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice([s.value for s in Scope]),
+    help="A scope; repeat for several. Exactly one of --role and --scope.",
+)
+@click.option(
+    "--expires",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    default=None,
+    help="When the key stops working (UTC).",
+)
+def apikey_create(
+    org: str, name: str, role: str | None, scopes: tuple[str, ...], expires: datetime | None
+) -> None:
+    """Create a key and print its secret, once (stdout; the key's details go to stderr)."""
+    from stockledger.domain.access import ROLE_SCOPES
+
+    if (role is None) == (not scopes):
+        raise click.UsageError("give exactly one of --role and --scope")
+    granted = ROLE_SCOPES[Role(role)] if role else frozenset(Scope(s) for s in scopes)
+    expires_at = expires.replace(tzinfo=UTC) if expires else None
+    key, secret = _key_store_run(
+        lambda store: store.create(org, name, granted, expires_at=expires_at)
+    )
+    click.echo(
+        f"created API key {key.id} ({key.prefix}...) for org {key.org}: "
+        f"{' '.join(sorted(s.value for s in key.scopes))}; the secret is shown only now",
+        err=True,
+    )
+    click.echo(secret)
+
+
+@apikey.command("list")
+@click.option("--org", default=None, help="Only this org's keys.")
+def apikey_list(org: str | None) -> None:
+    """List keys (never their secrets): id, org, name, prefix, scopes and times."""
+    keys = _key_store_run(lambda store: store.list(org))
+    for key in keys:
+        fields = [
+            str(key.id),
+            key.org,
+            key.name,
+            f"{key.prefix}...",
+            " ".join(sorted(s.value for s in key.scopes)),
+            "revoked" if key.revoked_at else "active",
+            f"created {key.created_at:%Y-%m-%d %H:%M}",
+        ]
+        if key.expires_at:
+            fields.append(f"expires {key.expires_at:%Y-%m-%d %H:%M}")
+        if key.last_used_at:
+            fields.append(f"last used {key.last_used_at:%Y-%m-%d %H:%M}")
+        click.echo("\t".join(fields))
+
+
+@apikey.command("revoke")
+@click.argument("key_id", type=int)
+def apikey_revoke(key_id: int) -> None:
+    """Revoke a key by id: it stops working within 5 s on every instance."""
+    from stockledger.domain.errors import NotFoundError
+
+    try:
+        key = _key_store_run(lambda store: store.revoke(key_id))
+    except NotFoundError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"revoked API key {key.id} ({key.prefix}...) of org {key.org}")
 
 
 @main.command()

@@ -18,6 +18,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    UniqueConstraint,
 )
 
 from stockledger.db.types import BigId, ExactString, Timestamp
@@ -148,6 +149,28 @@ id_block = Table(
     Column("name", String(32), nullable=False),
     Column("next_value", BigInteger, nullable=False),
     PrimaryKeyConstraint("name"),
+    **_mysql_opts,
+)
+
+# API keys (ARCHITECTURE section 13): the secret's SHA-256, never the secret; scopes as a
+# space-separated list of the contract's Scope names.
+api_key = Table(
+    "api_key",
+    metadata,
+    Column("id", BigId, autoincrement=True, nullable=False),
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("name", ExactString(NAME_LENGTH), nullable=False),
+    Column("prefix", String(16), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("scopes", String(255), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("expires_at", Timestamp, nullable=True),
+    Column("revoked_at", Timestamp, nullable=True),
+    Column("last_used_at", Timestamp, nullable=True),
+    PrimaryKeyConstraint("id"),
+    UniqueConstraint("secret_sha256", name="uq_api_key_secret_sha256"),
+    Index("ix_api_key_org", "org_id", "id"),
+    sqlite_autoincrement=True,
     **_mysql_opts,
 )
 

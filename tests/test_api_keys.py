@@ -1,0 +1,162 @@
+"""The API key store over real databases (SQLite and MariaDB) and the ``stockledger apikey``
+command: a secret shown once and stored as its hash, authentication of good and bad secrets,
+revocation within the cache bound, expiry (ARCHITECTURE section 13; issue 10)."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import Clock
+from server_process import CLI, base_env
+from sqlalchemy import select
+
+from stockledger.db.engine import Database
+from stockledger.db.models import api_key
+from stockledger.domain.access import ROLE_SCOPES, Role, Scope, secret_hash
+from stockledger.domain.errors import NotFoundError, ValidationError
+from stockledger.services.api_keys import ApiKeys
+
+
+class Ticks:
+    """A monotonic clock the test moves (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_key_authenticates_by_its_secret_only(db: Database, org_id: str) -> None:
+    store = ApiKeys(db)
+    key, secret = await store.create(org_id, "storefront", ROLE_SCOPES[Role.STOREFRONT])
+    assert secret.startswith("sl_") and len(secret) == 43
+    assert key.prefix == secret[:11]
+    found = await store.authenticate(secret)
+    assert found is not None
+    assert (found.id, found.org, found.scopes) == (key.id, org_id, ROLE_SCOPES[Role.STOREFRONT])
+    # Wrong, malformed and near-miss secrets are not keys.
+    assert await store.authenticate(secret[:-1] + ("a" if secret[-1] != "a" else "b")) is None
+    assert await store.authenticate("Bearer " + secret) is None
+    assert await store.authenticate("") is None
+    # Only the hash is stored.
+    async with db.read() as conn:
+        rows = (await conn.execute(select(api_key).where(api_key.c.org_id == org_id))).all()
+    assert [r.secret_sha256 for r in rows] == [secret_hash(secret)]
+    assert all(secret not in str(tuple(r)) for r in rows)
+
+
+async def test_a_revocation_takes_effect_within_the_cache_bound(db: Database, org_id: str) -> None:
+    ticks = Ticks()
+    store = ApiKeys(db, monotonic=ticks, cache_seconds=5.0)
+    other = ApiKeys(db)  # another instance: revokes through the same database
+    key, secret = await store.create(org_id, "pos", [Scope.STOCK_READ])
+    assert await store.authenticate(secret) is not None
+    revoked = await other.revoke(key.id)
+    assert revoked.revoked_at is not None
+    ticks.now = 4.9
+    assert await store.authenticate(secret) is not None  # cached: at most 5 s old
+    ticks.now = 5.0
+    assert await store.authenticate(secret) is None
+    again = await other.revoke(key.id)  # idempotent: the first revocation time stays
+    assert again.revoked_at == revoked.revoked_at
+
+
+async def test_an_expired_key_stops_working(db: Database, org_id: str) -> None:
+    clock = Clock()
+    store = ApiKeys(db, clock=clock)
+    key, secret = await store.create(
+        org_id, "temp", [Scope.STOCK_READ], expires_at=clock() + timedelta(hours=1)
+    )
+    assert await store.authenticate(secret) is not None
+    clock.advance(3600)
+    assert await store.authenticate(secret) is None
+    with pytest.raises(ValidationError, match="future"):
+        await store.create(org_id, "late", [Scope.STOCK_READ], expires_at=clock())
+
+
+async def test_bad_input_and_unknown_ids(db: Database, org_id: str) -> None:
+    store = ApiKeys(db)
+    with pytest.raises(ValidationError) as no_scope:
+        await store.create(org_id, "none", [])
+    assert no_scope.value.field == "scopes"
+    with pytest.raises(ValidationError) as blank:
+        await store.create(org_id, "   ", [Scope.STOCK_READ])
+    assert blank.value.field == "name"
+    with pytest.raises(ValidationError) as long_org:
+        await store.create("o" * 65, "k", [Scope.STOCK_READ])
+    assert long_org.value.field == "org"
+    key, _ = await store.create(org_id, "mine", [Scope.STOCK_READ])
+    with pytest.raises(NotFoundError):
+        await store.revoke(key.id, org="another-org")  # another org's key is not found
+    with pytest.raises(NotFoundError):
+        await store.revoke(10**12)
+    assert [k.name for k in await store.list(org_id)] == ["mine"]
+
+
+async def test_last_used_is_written_at_most_once_a_minute(db: Database, org_id: str) -> None:
+    clock = Clock()
+    ticks = Ticks()
+    store = ApiKeys(db, clock=clock, monotonic=ticks, cache_seconds=0.0)
+    key, secret = await store.create(org_id, "pos", [Scope.STOCK_READ])
+    first = await store.authenticate(secret)
+    assert first is not None and first.last_used_at is not None
+    clock.advance(30)
+    ticks.now += 1
+    assert (await store.authenticate(secret)).last_used_at == first.last_used_at  # type: ignore[union-attr]
+    clock.advance(31)
+    ticks.now += 1
+    later = await store.authenticate(secret)
+    assert later is not None and later.last_used_at is not None
+    assert later.last_used_at > first.last_used_at
+
+
+def test_the_apikey_command_creates_lists_and_revokes(tmp_path: Path) -> None:
+    env = base_env(tmp_path)
+    org = f"org-{uuid.uuid4().hex[:6]}"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, "apikey", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    created = run("create", "--org", org, "--name", "till 3", "--role", "OPERATOR")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert secret.startswith("sl_") and len(secret) == 43  # stdout: the secret alone
+    assert "shown only now" in created.stderr
+    listed = run("list", "--org", org)
+    assert listed.returncode == 0
+    [row] = listed.stdout.splitlines()
+    assert row.split("\t")[:6] == [
+        row.split("\t")[0],
+        org,
+        "till 3",
+        f"{secret[:11]}...",
+        "LEDGER_READ RESERVATIONS_WRITE STOCK_READ STOCK_WRITE",
+        "active",
+    ]
+    assert secret not in listed.stdout
+    key_id = row.split("\t")[0]
+    assert run("revoke", key_id).returncode == 0
+    assert "\trevoked\t" in run("list", "--org", org).stdout
+    assert run("revoke", "987654321").returncode != 0
+    both = run("create", "--org", org, "--name", "x", "--role", "ADMIN", "--scope", "ADMIN")
+    assert both.returncode != 0 and "exactly one" in both.stderr
+    expiring = run(
+        "create",
+        "--org",
+        org,
+        "--name",
+        "y",
+        "--scope",
+        "STOCK_READ",
+        "--expires",
+        (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%d"),
+    )
+    assert expiring.returncode == 0, expiring.stderr
+    assert "expires " in run("list", "--org", org).stdout
