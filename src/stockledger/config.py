@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     # reverse proxy that bounds them (README).
     body_read_timeout_seconds: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=2048, ge=1)
+    # Authentication (ARCHITECTURE section 13): "required" (a Bearer API key on /graphql) or
+    # "off". Off by default until every client of this repository sends keys (issue 10).
+    auth: Literal["required", "off"] = "off"
     # Origins allowed to call the API from a browser (CORS), comma-separated; empty: none.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from stockledger.app.auth import AuthMiddleware
 from stockledger.app.graphql import GRAPHIQL_ASSETS_DIR, GRAPHIQL_ASSETS_PATH, GraphQLView
 from stockledger.app.limits import BodyLimitMiddleware
 from stockledger.config import Settings, get_settings
@@ -33,6 +34,7 @@ from stockledger.db.engine import RETRY_REASONS, Database, create_database
 from stockledger.observability import metrics
 from stockledger.resolvers import build_schema
 from stockledger.resolvers.mutation import declare_outcome_series
+from stockledger.services.api_keys import ApiKeys
 from stockledger.services.queries import InventoryQueries
 from stockledger.services.writes import InventoryService
 
@@ -135,6 +137,7 @@ def create_app(
             app.state.database = db
             app.state.service = svc
             app.state.queries = InventoryQueries(db, svc.org_id)
+            app.state.api_keys = ApiKeys(db)
             for hook in lifespan_hooks:
                 await stack.enter_async_context(hook(app))
             # Everything made at start (schema, modules, caches) lives as long as the process:
@@ -158,11 +161,13 @@ def create_app(
         routes=routes,
         middleware=[
             *_cors(settings),
+            # The body first (read, bounded): a refusal then never leaves unread bytes behind.
             Middleware(
                 BodyLimitMiddleware,
                 max_body_bytes=settings.max_body_bytes,
                 read_timeout_seconds=settings.body_read_timeout_seconds,
             ),
+            Middleware(AuthMiddleware, settings=settings),
         ],
         lifespan=lifespan,
     )

@@ -14,6 +14,7 @@ from strawberry.asgi import GraphQL
 from strawberry.http import GraphQLHTTPResponse
 from strawberry.types import ExecutionResult
 
+from stockledger.domain.access import Scope, effective
 from stockledger.resolvers import GraphQLContext
 from stockledger.resolvers.errors import top_level_code
 
@@ -83,6 +84,12 @@ class GraphQLView(GraphQL[GraphQLContext, None]):
         self, request: Request | WebSocket, response: Response | WebSocket
     ) -> GraphQLContext:
         state: Any = request.app.state
+        key = request.scope.get("state", {}).get("api_key")  # AuthMiddleware's
         return GraphQLContext(
-            service=state.service, queries=state.queries, request=request, response=response
+            service=state.service,
+            queries=state.queries,
+            request=request,
+            response=response,
+            api_key=key,
+            scopes=frozenset(Scope) if key is None else effective(key.scopes),
         )

@@ -7,6 +7,7 @@ from typing import Any
 
 from strawberry.dataloader import DataLoader
 
+from stockledger.domain.access import ApiKey, Scope
 from stockledger.resolvers import convert
 from stockledger.schema import ReservationLine
 from stockledger.services.queries import InventoryQueries
@@ -26,6 +27,10 @@ class GraphQLContext:
     queries: InventoryQueries
     request: Any = None
     response: Any = None
+    # The key the request authenticated with (None with STOCKLEDGER_AUTH=off) and the
+    # scopes it acts with (every scope when auth is off).
+    api_key: ApiKey | None = None
+    scopes: frozenset[Scope] = frozenset(Scope)
     _lines: DataLoader[int, list[ReservationLine]] | None = field(default=None, init=False)
 
     @property

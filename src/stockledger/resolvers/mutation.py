@@ -9,8 +9,10 @@ from __future__ import annotations
 import strawberry
 
 from stockledger.domain import errors as e
+from stockledger.domain.access import Scope
 from stockledger.observability import metrics
 from stockledger.resolvers import convert
+from stockledger.resolvers.access import needs
 from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.convert import opt
 from stockledger.resolvers.errors import mutation_result, mutation_results, union_members
@@ -95,7 +97,10 @@ def _extend(x: r.ExtendResult) -> ExtendReservationSuccess:
 
 @strawberry.type
 class Mutation:
-    @strawberry.mutation(description="RESTOCK: on hand += quantity on every line.")
+    @strawberry.mutation(
+        description="RESTOCK: on hand += quantity on every line.",
+        permission_classes=[needs(Scope.STOCK_WRITE)],
+    )
     async def restock(self, info: Info, input: RestockInput) -> RestockResult:
         call = info.context.service.restock(
             input.idempotency_key,
@@ -105,7 +110,10 @@ class Mutation:
         )
         return await mutation_result(info, call, _restock, RestockResult)
 
-    @strawberry.mutation(description="ADJUST one balance by a delta or to a counted on hand.")
+    @strawberry.mutation(
+        description="ADJUST one balance by a delta or to a counted on hand.",
+        permission_classes=[needs(Scope.STOCK_WRITE)],
+    )
     async def adjust(self, info: Info, input: AdjustInput) -> AdjustResult:
         call = info.context.service.adjust(
             input.idempotency_key,
@@ -119,7 +127,10 @@ class Mutation:
         )
         return await mutation_result(info, call, _adjust, AdjustResult)
 
-    @strawberry.mutation(description="RESERVE a cart: every line or nothing.")
+    @strawberry.mutation(
+        description="RESERVE a cart: every line or nothing.",
+        permission_classes=[needs(Scope.RESERVATIONS_WRITE)],
+    )
     async def reserve(self, info: Info, input: ReserveInput) -> ReserveResult:
         call = info.context.service.reserve(
             input.idempotency_key,
@@ -129,7 +140,10 @@ class Mutation:
         )
         return await mutation_result(info, call, _reserve, ReserveResult)
 
-    @strawberry.mutation(description="RELEASE reserved units back to available.")
+    @strawberry.mutation(
+        description="RELEASE reserved units back to available.",
+        permission_classes=[needs(Scope.RESERVATIONS_WRITE)],
+    )
     async def release(self, info: Info, input: ReleaseInput) -> ReleaseResult:
         call = info.context.service.release(
             input.idempotency_key,
@@ -139,7 +153,10 @@ class Mutation:
         )
         return await mutation_result(info, call, _release, ReleaseResult)
 
-    @strawberry.mutation(description="DEDUCT reserved units, or directly from available stock.")
+    @strawberry.mutation(
+        description="DEDUCT reserved units, or directly from available stock.",
+        permission_classes=[needs(Scope.RESERVATIONS_WRITE)],
+    )
     async def deduct(self, info: Info, input: DeductInput) -> DeductResult:
         call = info.context.service.deduct(
             input.idempotency_key,
@@ -149,7 +166,10 @@ class Mutation:
         )
         return await mutation_result(info, call, _deduct, DeductResult)
 
-    @strawberry.mutation(description="Move an ACTIVE reservation's expiry to now + ttlSeconds.")
+    @strawberry.mutation(
+        description="Move an ACTIVE reservation's expiry to now + ttlSeconds.",
+        permission_classes=[needs(Scope.RESERVATIONS_WRITE)],
+    )
     async def extend_reservation(
         self, info: Info, input: ExtendReservationInput
     ) -> ExtendReservationResult:
@@ -162,7 +182,8 @@ class Mutation:
 
     @strawberry.mutation(
         description="RESERVE many carts, each its own reserve (key, all-or-nothing, result), "
-        "in input order."
+        "in input order.",
+        permission_classes=[needs(Scope.RESERVATIONS_WRITE)],
     )
     async def reserve_many(self, info: Info, input: ReserveManyInput) -> ReserveManyResult:
         call = info.context.service.reserve_many(
@@ -180,12 +201,18 @@ class Mutation:
             results=await mutation_results(info, call, _reserve, ReserveResult)
         )
 
-    @strawberry.mutation(description="DEDUCT many items, each its own deduct, in input order.")
+    @strawberry.mutation(
+        description="DEDUCT many items, each its own deduct, in input order.",
+        permission_classes=[needs(Scope.RESERVATIONS_WRITE)],
+    )
     async def deduct_many(self, info: Info, input: DeductManyInput) -> DeductManyResult:
         call = info.context.service.deduct_many([_consume(i) for i in input.items])
         return DeductManyResult(results=await mutation_results(info, call, _deduct, DeductResult))
 
-    @strawberry.mutation(description="RELEASE many items, each its own release, in input order.")
+    @strawberry.mutation(
+        description="RELEASE many items, each its own release, in input order.",
+        permission_classes=[needs(Scope.RESERVATIONS_WRITE)],
+    )
     async def release_many(self, info: Info, input: ReleaseManyInput) -> ReleaseManyResult:
         call = info.context.service.release_many([_consume(i) for i in input.items])
         return ReleaseManyResult(

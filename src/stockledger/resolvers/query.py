@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import strawberry
 
+from stockledger.domain.access import Scope
 from stockledger.resolvers import convert
+from stockledger.resolvers.access import needs
 from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.convert import opt
 from stockledger.resolvers.errors import query_errors
@@ -26,13 +28,18 @@ Info = strawberry.Info[GraphQLContext, None]
 
 @strawberry.type
 class Query:
-    @strawberry.field(description="null when the SKU has never been stocked at that location.")
+    @strawberry.field(
+        description="null when the SKU has never been stocked at that location.",
+        permission_classes=[needs(Scope.STOCK_READ)],
+    )
     async def balance(self, info: Info, sku: str, location: str = "default") -> Balance | None:
         with query_errors(info):
             record = await info.context.queries.balance(sku, location)
         return None if record is None else convert.balance(record)
 
-    @strawberry.field(description="Ordered by (location, sku).")
+    @strawberry.field(
+        description="Ordered by (location, sku).", permission_classes=[needs(Scope.STOCK_READ)]
+    )
     async def balances(
         self,
         info: Info,
@@ -51,7 +58,10 @@ class Query:
             page = await info.context.queries.balances(f, first, opt(after))
         return convert.balance_connection(page)
 
-    @strawberry.field(description="Append order; DESC (newest first) by default.")
+    @strawberry.field(
+        description="Append order; DESC (newest first) by default.",
+        permission_classes=[needs(Scope.LEDGER_READ)],
+    )
     async def ledger(
         self,
         info: Info,
@@ -77,13 +87,15 @@ class Query:
             page = await info.context.queries.ledger(f, first, opt(after), direction.value)
         return convert.ledger_connection(page)
 
-    @strawberry.field
+    @strawberry.field(permission_classes=[needs(Scope.STOCK_READ)])
     async def reservation(self, info: Info, id: strawberry.ID) -> Reservation | None:
         with query_errors(info):
             record = await info.context.queries.reservation(id)
         return None if record is None else convert.reservation(record)
 
-    @strawberry.field(description="By id, oldest first.")
+    @strawberry.field(
+        description="By id, oldest first.", permission_classes=[needs(Scope.STOCK_READ)]
+    )
     async def reservations(
         self,
         info: Info,

@@ -1,0 +1,187 @@
+"""Authentication and scopes with ``STOCKLEDGER_AUTH=required`` (ARCHITECTURE section 13;
+issue 10), in process over both backends: 401 for every kind of missing or bad key, each root
+field against each scope (table-driven over the schema, so a field added without a scope
+fails here), null propagation of a forbidden field, and a refused mutation changing nothing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from graphql_helpers import GraphQLClient, app_settings, line, serve
+
+from stockledger.domain.access import ROLE_SCOPES, Role, Scope
+from stockledger.resolvers.root import schema as exported
+from stockledger.services.api_keys import ApiKeys
+
+S = Scope
+# What each root field needs (section 13), written out here: the oracle, not the code.
+FIELD_SCOPES: dict[str, Scope] = {
+    "balance": S.STOCK_READ,
+    "balances": S.STOCK_READ,
+    "reservation": S.STOCK_READ,
+    "reservations": S.STOCK_READ,
+    "ledger": S.LEDGER_READ,
+    "restock": S.STOCK_WRITE,
+    "adjust": S.STOCK_WRITE,
+    "reserve": S.RESERVATIONS_WRITE,
+    "release": S.RESERVATIONS_WRITE,
+    "deduct": S.RESERVATIONS_WRITE,
+    "extendReservation": S.RESERVATIONS_WRITE,
+    "reserveMany": S.RESERVATIONS_WRITE,
+    "deductMany": S.RESERVATIONS_WRITE,
+    "releaseMany": S.RESERVATIONS_WRITE,
+}
+
+
+def _operation(field: str) -> tuple[str, dict[str, Any]]:
+    """A small valid operation of ``field`` (its result's ``__typename`` only)."""
+    k = uuid.uuid4().hex
+    reads = {
+        "balance": '{ balance(sku: "A") { onHand } }',
+        "balances": "{ balances(first: 1) { edges { cursor } } }",
+        "reservation": '{ reservation(id: "1") { id } }',
+        "reservations": "{ reservations(first: 1) { edges { cursor } } }",
+        "ledger": "{ ledger(first: 1) { edges { cursor } } }",
+    }
+    if field in reads:
+        return reads[field], {}
+    inputs: dict[str, tuple[str, dict[str, Any]]] = {
+        "restock": ("RestockInput", {"idempotencyKey": k, "lines": [line("A", 1)]}),
+        "adjust": (
+            "AdjustInput",
+            {"idempotencyKey": k, "sku": "A", "delta": 1, "reason": "count"},
+        ),
+        "reserve": ("ReserveInput", {"idempotencyKey": k, "lines": [line("A", 1)]}),
+        "release": ("ReleaseInput", {"idempotencyKey": k, "reservationId": "1"}),
+        "deduct": ("DeductInput", {"idempotencyKey": k, "reservationId": "1"}),
+        "extendReservation": (
+            "ExtendReservationInput",
+            {"idempotencyKey": k, "reservationId": "1", "ttlSeconds": 60},
+        ),
+        "reserveMany": (
+            "ReserveManyInput",
+            {"carts": [{"idempotencyKey": k, "lines": [line("A", 1)]}]},
+        ),
+        "deductMany": ("DeductManyInput", {"items": [{"idempotencyKey": k, "reservationId": "1"}]}),
+        "releaseMany": (
+            "ReleaseManyInput",
+            {"items": [{"idempotencyKey": k, "reservationId": "1"}]},
+        ),
+    }
+    input_type, value = inputs[field]
+    return (
+        f"mutation($i: {input_type}!) {{ {field}(input: $i) {{ __typename }} }}",
+        {"i": value},
+    )
+
+
+@pytest.fixture
+async def auth_gql(database_url: str, org_id: str) -> AsyncIterator[GraphQLClient]:
+    async with serve(app_settings(database_url, org_id, auth="required")) as gql:
+        # No lookup cache here: the tests revoke and expect it at once.
+        gql.app.state.api_keys = ApiKeys(gql.app.state.database, cache_seconds=0.0)
+        yield gql
+
+
+async def _key(gql: GraphQLClient, org: str, scopes: Any, **kw: Any) -> str:
+    _, secret = await gql.app.state.api_keys.create(org, "test", scopes, **kw)
+    return str(secret)
+
+
+async def _post(gql: GraphQLClient, secret: str | None, query: str, variables: Any = None) -> Any:
+    headers = {} if secret is None else {"authorization": f"Bearer {secret}"}
+    return await gql.http.post(
+        "/graphql", json={"query": query, "variables": variables or {}}, headers=headers
+    )
+
+
+def test_every_root_field_of_the_schema_has_its_scope_in_this_table() -> None:
+    fields = set(exported._schema.query_type.fields) | set(exported._schema.mutation_type.fields)
+    assert fields == set(FIELD_SCOPES), "give every new root field its scope (section 13)"
+
+
+async def test_missing_or_bad_keys_answer_401(auth_gql: GraphQLClient, org_id: str) -> None:
+    gql = auth_gql
+    good = await _key(gql, org_id, [S.ADMIN])
+    expired = await _key(
+        gql, org_id, [S.ADMIN], expires_at=datetime.now(UTC) + timedelta(seconds=1)
+    )
+    revoked = await _key(gql, org_id, [S.ADMIN])
+    [revoked_id] = [k.id for k in await gql.app.state.api_keys.list(org_id)][-1:]
+    await gql.app.state.api_keys.revoke(revoked_id)
+    import asyncio
+
+    await asyncio.sleep(1.1)  # the expiring key is past its time
+    for headers in (
+        {},
+        {"authorization": "Bearer"},
+        {"authorization": "Bearer sl_garbage"},
+        {"authorization": f"Basic {good}"},
+        {"authorization": f"Bearer {good[:-1]}x" if good[-1] != "x" else f"Bearer {good[:-1]}y"},
+        {"authorization": f"Bearer {expired}"},
+        {"authorization": f"Bearer {revoked}"},
+    ):
+        response = await gql.http.post(
+            "/graphql", json={"query": "{ __schema { queryType { name } } }"}, headers=headers
+        )
+        assert response.status_code == 401, (headers, response.text)
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert response.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    ok = await _post(gql, good, "{ __schema { queryType { name } } }")
+    assert ok.status_code == 200 and "errors" not in ok.json()
+    # The probes and the metrics stay open.
+    for path in ("/healthz", "/readyz"):
+        assert (await gql.http.get(path)).status_code == 200
+
+
+async def test_a_key_of_another_org_is_refused(auth_gql: GraphQLClient) -> None:
+    secret = await _key(auth_gql, "another-org", [S.ADMIN])
+    response = await _post(auth_gql, secret, '{ balance(sku: "A") { onHand } }')
+    assert response.status_code == 403
+    assert response.json()["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+
+
+@pytest.mark.parametrize("field", sorted(FIELD_SCOPES))
+async def test_each_root_field_needs_its_scope(
+    auth_gql: GraphQLClient, org_id: str, field: str
+) -> None:
+    needed = FIELD_SCOPES[field]
+    without = await _key(auth_gql, org_id, [s for s in Scope if s not in (needed, S.ADMIN)])
+    with_it = await _key(auth_gql, org_id, [needed])
+    query, variables = _operation(field)
+    refused = (await _post(auth_gql, without, query, variables)).json()
+    assert [e["extensions"]["code"] for e in refused["errors"]] == ["FORBIDDEN"], refused
+    assert needed.value in refused["errors"][0]["message"]
+    assert refused["errors"][0]["path"] == [field]
+    allowed = (await _post(auth_gql, with_it, query, variables)).json()
+    assert "FORBIDDEN" not in str(allowed.get("errors")), allowed
+
+
+async def test_a_storefront_asking_for_the_ledger_gets_data_null(
+    auth_gql: GraphQLClient, org_id: str
+) -> None:
+    storefront = await _key(auth_gql, org_id, ROLE_SCOPES[Role.STOREFRONT])
+    body = (
+        await _post(
+            auth_gql,
+            storefront,
+            '{ balance(sku: "A") { onHand } ledger(first: 1) { edges { cursor } } }',
+        )
+    ).json()
+    assert body["data"] is None  # ledger is non-null: null propagates to data (GraphQL spec)
+    assert [(e["path"], e["extensions"]["code"]) for e in body["errors"]] == [
+        (["ledger"], "FORBIDDEN")
+    ]
+
+
+async def test_a_refused_mutation_changes_nothing(auth_gql: GraphQLClient, org_id: str) -> None:
+    storefront = await _key(auth_gql, org_id, ROLE_SCOPES[Role.STOREFRONT])
+    query, variables = _operation("restock")
+    refused = (await _post(auth_gql, storefront, query, variables)).json()
+    assert refused["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+    look = (await _post(auth_gql, storefront, '{ balance(sku: "A") { onHand } }')).json()
+    assert look == {"data": {"balance": None}}
