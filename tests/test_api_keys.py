@@ -160,3 +160,37 @@ def test_the_apikey_command_creates_lists_and_revokes(tmp_path: Path) -> None:
     )
     assert expiring.returncode == 0, expiring.stderr
     assert "expires " in run("list", "--org", org).stdout
+
+
+def test_a_fresh_install_gets_one_admin_key_in_its_data_dir(tmp_path: Path) -> None:
+    """``serve`` on an empty key table writes one ADMIN key to ``<data dir>/admin.key``
+    (mode 0600) and says where, never the secret; the key opens /graphql with auth required;
+    a restart makes no other key."""
+    import stat
+
+    import httpx
+    from server_process import running
+
+    env = base_env(tmp_path, auth="required", log_level="WARNING")
+    path = tmp_path / "data" / "admin.key"
+    with running(tmp_path, env) as server:
+        server.wait_ready()
+        secret = path.read_text().strip()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert f"created the first API key (ADMIN of org default): {path}" in server.stdout
+        assert secret not in server.stdout + server.stderr
+        query = {"query": '{ balance(sku: "A") { onHand } }'}
+        url = f"{server.url}/graphql"
+        assert httpx.post(url, json=query, timeout=10).status_code == 401
+        answer = httpx.post(
+            url, json=query, headers={"authorization": f"Bearer {secret}"}, timeout=10
+        )
+        assert answer.json() == {"data": {"balance": None}}
+    with running(tmp_path, env) as again:
+        again.wait_ready()
+        assert "created the first API key" not in again.stdout
+    assert path.read_text().strip() == secret
+    listed = subprocess.run(
+        [*CLI, "apikey", "list"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert len(listed.stdout.splitlines()) == 1

@@ -68,6 +68,7 @@ def _sql(url: str, statements: list[str]) -> list[list[tuple[object, ...]]]:
 def _migrate(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKLEDGER_")}
     env["STOCKLEDGER_DATABASE_URL"] = url
+    env["STOCKLEDGER_DATA_DIR"] = tempfile.mkdtemp(prefix="sl-keys-")  # the first API key
     return subprocess.run(
         [sys.executable, "-m", "stockledger.cli", "migrate", *args],
         env=env,

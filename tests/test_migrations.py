@@ -232,9 +232,10 @@ def test_downgrade_to_base_and_round_trip(empty_url: str) -> None:
     assert asyncio.run(use_it()) == []
 
 
-def _migrate_process(url: str) -> subprocess.Popen[str]:
+def _migrate_process(url: str, data_dir: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKLEDGER_")}
     env["STOCKLEDGER_DATABASE_URL"] = url
+    env["STOCKLEDGER_DATA_DIR"] = str(data_dir)  # where the first API key is written
     return subprocess.Popen(
         [sys.executable, "-m", "stockledger.cli", "migrate"],
         env=env,
@@ -261,11 +262,17 @@ def test_a_migration_that_failed_half_way_runs_again(empty_url: str) -> None:
     )
 
 
-def test_replicas_that_migrate_at_once_all_succeed(empty_url: str) -> None:
+def test_replicas_that_migrate_at_once_all_succeed(empty_url: str, tmp_path: Path) -> None:
     """Four `stockledger migrate` processes started together on an empty database: one
-    migrates, the others wait for its lock and find the schema at head."""
-    procs = [_migrate_process(empty_url) for _ in range(4)]
+    migrates, the others wait for its lock and find the schema at head; and one of them,
+    not four, makes the first API key."""
+    procs = [_migrate_process(empty_url, tmp_path / f"data-{i}") for i in range(4)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outputs]
     assert revision_of(empty_url) == head_revision()
     assert inspect_sync(empty_url, drift) == []
+    keys = inspect_sync(
+        empty_url, lambda c: c.execute(text("SELECT COUNT(*) FROM api_key")).scalar()
+    )
+    assert keys == 1
+    assert sum("created the first API key" in out for out, _ in outputs) == 1

@@ -79,6 +79,7 @@ def migrate(revision: str, triggers: bool) -> None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     outcome = upgrade(url, revision)
     click.echo(f"migrated {_redact(url)} to {revision}")
+    _bootstrap_key(settings)
     if triggers and outcome.missing:
         outcome = add_ledger_triggers(url)
         if outcome.missing:
@@ -122,6 +123,12 @@ def serve(host: str, port: int, workers: int, metrics_port: int | None) -> None:
         metrics_dir = tempfile.mkdtemp(prefix="stockledger-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+    if settings.embedded_database:  # migrated here first, so that the key table exists
+        from stockledger.db.migrate import upgrade
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.resolved_database_url())
+    _bootstrap_key(settings)
     click.echo(f"stockledger {_describe_backends(settings)}")
     click.echo(f"stockledger listening on http://{host}:{port}/graphql")
     if metrics_port is not None:
@@ -162,6 +169,40 @@ def sweep(once: bool) -> None:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+
+
+def _bootstrap_key(settings: Settings) -> None:
+    """On an empty key table: one ADMIN key for ``settings.org_id``, its secret written to
+    ``<data dir>/admin.key`` (mode 0600); says where, never the secret. Skipped when the
+    database has no key table yet (``serve`` then asks for ``migrate``)."""
+    import asyncio
+
+    from sqlalchemy import inspect
+
+    from stockledger.db.engine import create_database
+    from stockledger.db.migrate import acquire_migration_lock
+    from stockledger.services.api_keys import ApiKeys
+
+    path = settings.data_dir / "admin.key"
+
+    async def run() -> bool:
+        db = create_database(settings)
+        try:
+            async with db.read() as conn:
+                if not await conn.run_sync(lambda c: inspect(c).has_table("api_key")):
+                    return False
+            # Under the migration lock: replicas starting together make one key, not several.
+            async with db.engine.connect() as lock:
+                release = await lock.run_sync(acquire_migration_lock)
+                try:
+                    return await ApiKeys(db).bootstrap_admin(settings.org_id, path)
+                finally:
+                    await lock.run_sync(release)
+        finally:
+            await db.dispose()
+
+    if asyncio.run(run()):
+        click.echo(f"created the first API key (ADMIN of org {settings.org_id}): {path}")
 
 
 def _key_store_run(work: Any) -> Any:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from alembic import command
@@ -88,22 +88,32 @@ def record_triggers(connection: Connection, config: Config) -> None:
 
 @contextlib.contextmanager
 def migration_lock(connection: Connection) -> Iterator[None]:
-    """Hold the database's migration lock: MySQL's ``GET_LOCK`` (a named lock of the session,
+    """Hold the database's migration lock while entered (:func:`acquire_migration_lock`)."""
+    release = acquire_migration_lock(connection)
+    try:
+        yield
+    finally:
+        release(connection)
+
+
+def acquire_migration_lock(connection: Connection) -> Callable[[Connection], None]:
+    """Take the database's migration lock: MySQL's ``GET_LOCK`` (a named lock of the session,
     freed when it ends, also by a crash; MySQL manual, "Locking Functions"), or on SQLite an
     exclusive ``flock`` on a file beside the database. Waits up to :data:`LOCK_WAIT_SECONDS`,
-    then raises :class:`MigrationLockTimeout`."""
+    then raises :class:`MigrationLockTimeout`. Returns the function that frees it, to be
+    called with the same connection."""
     if connection.dialect.name == "sqlite":
         database = connection.engine.url.database
         if not database or database == ":memory:":
-            yield
-            return
-        with open(f"{database}.migrate-lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # blocks; freed with the file
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-        return
+            return lambda _connection: None
+        handle = open(f"{database}.migrate-lock", "a")  # noqa: SIM115 (closed by the release)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks; freed with the file
+
+        def unlock(_connection: Connection) -> None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+        return unlock
     schema = connection.exec_driver_sql("SELECT DATABASE()").scalar()
     # Lock names are server-wide and at most 64 characters: one per database.
     name = "stockledger-migrate-" + hashlib.sha256(str(schema).encode()).hexdigest()[:32]
@@ -116,11 +126,12 @@ def migration_lock(connection: Connection) -> Iterator[None]:
             f"another `stockledger migrate` held {schema}'s migration lock for "
             f"{LOCK_WAIT_SECONDS} s"
         )
-    try:
-        yield
-    finally:
-        connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
-        connection.commit()
+
+    def release(conn: Connection) -> None:
+        conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+        conn.commit()
+
+    return release
 
 
 def downgrade(url: str, revision: str = "base") -> None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 
 from stockledger.db.engine import Database
 from stockledger.db.models import ORG_LENGTH, api_key
@@ -130,6 +132,22 @@ class ApiKeys:
             expires_at=expires_at,
         )
         return key, secret
+
+    async def bootstrap_admin(self, org: str, path: Path) -> bool:
+        """When no key exists at all: create one ADMIN key for ``org`` and write its secret to
+        ``path`` (mode 0600, its directory made), so that a fresh install can be reached
+        (ARCHITECTURE section 13). True when it made one; False when keys exist."""
+        async with self.db.read() as conn:
+            existing = (await conn.execute(select(func.count()).select_from(api_key))).scalar()
+        if existing:
+            return False
+        _, secret = await self.create(org, "bootstrap admin", [Scope.ADMIN])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret + "\n")
+        os.chmod(path, 0o600)  # also when the file was there before with other bits
+        return True
 
     async def list(self, org: str | None = None) -> Sequence[ApiKey]:
         """Every key (of ``org``, or of all orgs), oldest first, revoked ones included."""
