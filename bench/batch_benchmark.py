@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -24,29 +23,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
-from benchmark import SPREAD_SKUS, Server, batch_buckets, batch_sizes, seed  # noqa: E402
+from benchmark import (  # noqa: E402
+    SPREAD_SKUS,
+    Server,
+    batch_buckets,
+    batch_sizes,
+    seed,
+    wrk_counts,
+)
 
 
 def wrk(url: str, per: int, conns: int, duration: float) -> dict[str, float]:
-    env = dict(os.environ, CARTS=str(per), SKUS=str(SPREAD_SKUS), RUN=uuid.uuid4().hex[:8])
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{conns}",
-            f"-d{int(duration)}s",
-            "--latency",
-            "-s",
-            str(ROOT / "bench" / "wrk" / "carts.lua"),
-            url,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    line = next(x for x in out.splitlines() if x.startswith("WRKJSON"))
-    data = json.loads(line.removeprefix("WRKJSON "))
+    env = {"CARTS": str(per), "SKUS": str(SPREAD_SKUS), "RUN": uuid.uuid4().hex[:8]}
+    data = wrk_counts("carts.lua", url, conns, duration, env)
     secs = data["duration_us"] / 1e6
     return {
         "carts_per_s": data["carts_ok"] / secs,

@@ -326,16 +326,14 @@ def peak_rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def run_wrk(
-    url: str, scenario: str, conns: int, duration: float, threads: int, delay_ms: int = 0
-) -> Result:
-    env = dict(
-        os.environ,
-        SCENARIO=scenario,
-        SKUS=str(SPREAD_SKUS),
-        RUN=uuid.uuid4().hex[:8],
-        DELAY_MS=str(delay_ms),
-    )
+def wrk_counts(
+    script: str, url: str, conns: int, duration: float, env: dict[str, str], threads: int = 1
+) -> dict[str, int]:
+    """Run wrk with ``bench/wrk/<script>`` against ``url`` for ``duration`` seconds and return
+    the numbers its ``done()`` prints after ``WRKJSON`` (counts; durations and latencies in
+    microseconds). ``env`` is added to this process's environment. A request may take up to
+    10 s before wrk counts it a socket error (256 connections queue). Raises
+    CalledProcessError when wrk fails."""
     out = subprocess.run(
         [
             "wrk",
@@ -343,19 +341,32 @@ def run_wrk(
             f"-c{conns}",
             f"-d{int(duration)}s",
             "--timeout",
-            "10s",  # latency, not a socket error, up to 10 s (256 connections queue)
+            "10s",
             "--latency",
             "-s",
-            str(ROOT / "bench" / "wrk" / "graphql.lua"),
+            str(ROOT / "bench" / "wrk" / script),
             url,
         ],
-        env=env,
+        env=dict(os.environ, **env),
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     line = next(x for x in out.splitlines() if x.startswith("WRKJSON"))
-    num = {k: int(v) for k, v in re.findall(r'"(\w+)":(\d+)', line)}
+    # The numbers only: Lua's %q quoting of the sample body is not JSON's.
+    return {k: int(v) for k, v in re.findall(r'"(\w+)":(\d+)', line)}
+
+
+def run_wrk(
+    url: str, scenario: str, conns: int, duration: float, threads: int, delay_ms: int = 0
+) -> Result:
+    env = {
+        "SCENARIO": scenario,
+        "SKUS": str(SPREAD_SKUS),
+        "RUN": uuid.uuid4().hex[:8],
+        "DELAY_MS": str(delay_ms),
+    }
+    num = wrk_counts("graphql.lua", url, conns, duration, env, threads)
     secs = num["duration_us"] / 1e6
     return Result(
         num["requests"] / secs,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from benchmark import SCENARIOS, SPREAD_SKUS, Server, seed_over_http  # noqa: E402
+from benchmark import SCENARIOS, SPREAD_SKUS, Server, seed_over_http, wrk_counts  # noqa: E402
 
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
 
@@ -102,22 +102,15 @@ def main() -> None:
                 # reserveMany: calls of 100 carts of 1-5 lines from 5 connections, as in
                 # bench/batch_benchmark.py; the rest: bench/benchmark.py's scenarios.
                 many = scenario == "reserveMany"
-                script = "carts.lua" if many else "graphql.lua"
-                wrk_env = dict(
-                    os.environ,
-                    SCENARIO=scenario,
-                    CARTS="100",
-                    SKUS=str(SPREAD_SKUS),
-                    RUN=uuid.uuid4().hex,
-                )
+                wrk_env = {
+                    "SCENARIO": scenario,
+                    "CARTS": "100",
+                    "SKUS": str(SPREAD_SKUS),
+                    "RUN": uuid.uuid4().hex,
+                }
                 conns = 5 if many else args.connections
-                subprocess.run(
-                    ["wrk", "-t1", f"-c{conns}", f"-d{args.duration}s"]
-                    + ["-s", str(ROOT / "bench" / "wrk" / script), f"{server.url}/graphql"],
-                    env=wrk_env,
-                    check=True,
-                    capture_output=True,
-                )
+                script = "carts.lua" if many else "graphql.lua"
+                wrk_counts(script, f"{server.url}/graphql", conns, args.duration, wrk_env)
                 spy.wait(args.duration + 30)
                 total, by_package, by_function = aggregate(out.read_text())
                 # py-spy leaves out samples of an idle thread: the rest of the rate is idle.

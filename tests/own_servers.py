@@ -3,13 +3,14 @@ ports, stopped by their pid; and the skip-or-fail rule for a missing server bina
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,27 @@ class OwnMariaDB:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@contextlib.contextmanager
+def redis_server(binary: str, tmp_path: Path, *options: str) -> Iterator[int]:
+    """A ``redis-server`` of the test's own on a free port (no persistence, its files in
+    ``tmp_path``, more ``options`` such as ``--replicaof``), answering PING when entered; its
+    port. Stopped by its pid on exit (SIGTERM, then SIGKILL after 10 s)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        + ["--dir", str(tmp_path), *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc, "redis", 30)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

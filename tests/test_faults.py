@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -34,8 +33,12 @@ import redis.asyncio as aioredis
 from conftest import Clock, make_settings
 from graphql_helpers import line, mutation_document
 from log_helpers import json_logging
-from own_servers import OwnMariaDB, mariadb_binaries, no_server_binary, wait_for_port
-from server_process import free_port
+from own_servers import (
+    OwnMariaDB,
+    mariadb_binaries,
+    no_server_binary,
+    redis_server,
+)
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -183,34 +186,8 @@ def own_redis(tmp_path: Path) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         no_server_binary("redis-server is not installed: cannot start a Redis of its own")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, proc, "redis", 30)
+    with redis_server(binary, tmp_path) as port:
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 # ------------------------------------------------------- one row locked by another session

@@ -7,7 +7,6 @@ import asyncio
 import random
 import secrets
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -16,15 +15,14 @@ from typing import Any
 from urllib.parse import ParseResult, urlparse, urlunparse
 
 import pytest
-import redis as sync_redis
 import redis.asyncio as aioredis
 from conftest import Clock, make_settings
 from fakeredis import FakeAsyncRedis
+from own_servers import redis_server
 from prometheus_client import REGISTRY
 from redis.cluster import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from server_process import free_port
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
@@ -600,43 +598,9 @@ def read_only_replica(redis_url: str, tmp_path: Path) -> Iterator[str]:
     if binary is None:
         pytest.skip("redis-server is not installed: cannot start a replica")
     parsed = urlparse(redis_url)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-            "--replicaof",
-            parsed.hostname or "127.0.0.1",
-            str(parsed.port or 6379),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    probe = sync_redis.Redis(host="127.0.0.1", port=port)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if probe.ping():
-                    break
-            except sync_redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("the Redis replica did not start")
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/15"
-    finally:
-        probe.close()
-        proc.terminate()
-        proc.wait(timeout=10)
+    primary = ["--replicaof", parsed.hostname or "127.0.0.1", str(parsed.port or 6379)]
+    with redis_server(binary, tmp_path, *primary) as port:
+        yield f"redis://127.0.0.1:{port}{parsed.path or '/0'}"  # the configured database
 
 
 async def test_a_read_only_replica_degrades_to_database_locks(

@@ -44,6 +44,7 @@ from stockledger.schema import (
 )
 from stockledger.services import records as r
 from stockledger.services.records import ConsumeRequest, ReserveRequest
+from stockledger.services.writes import CALL_OUTCOMES, EXPIRY_OUTCOMES
 
 Info = strawberry.Info[GraphQLContext, None]
 
@@ -243,9 +244,9 @@ _RESULTS = {
 def declare_outcome_series() -> None:
     """Create every series of the per-call counters at 0 (``stock_movements_total``,
     ``inventory_reserve_total``, ``inventory_deduct_total``), so that an alert or a rate over
-    one sees a series before the first such call. The outcomes of an operation: success,
-    replayed, unavailable, lock_timeout, error (unexpected), and the code of every domain
-    error its result union carries (the schema decides, as it does for the answers)."""
+    one sees a series before the first such call. The outcomes of an operation: those of
+    every call (``CALL_OUTCOMES`` of services/writes.py) and the code of every domain error its
+    result union carries (the schema decides, as it does for the answers)."""
     for operation, result_type in _RESULTS.items():
         # The union's members that are domain errors (the success type is not one).
         kinds = [getattr(e, name, None) for name in union_members(result_type)]
@@ -253,11 +254,11 @@ def declare_outcome_series() -> None:
             k.code.lower() for k in kinds if isinstance(k, type) and issubclass(k, e.StockError)
         ]
         reason = "given" if operation == "adjust" else "none"
-        for outcome in ("success", "replayed", "unavailable", "lock_timeout", "error", *errors):
+        for outcome in (*CALL_OUTCOMES, *errors):
             metrics.STOCK_MOVEMENTS_TOTAL.labels(type=operation, result=outcome, reason=reason)
             if operation == "reserve":
                 metrics.RESERVE_TOTAL.labels(status=outcome)
             elif operation == "deduct":
                 metrics.DEDUCT_TOTAL.labels(status=outcome)
-    for outcome in ("success", "skipped", "error"):
+    for outcome in EXPIRY_OUTCOMES:
         metrics.STOCK_MOVEMENTS_TOTAL.labels(type="expire", result=outcome, reason="none")

@@ -95,6 +95,13 @@ class Expiry:
     busy: bool = False
 
 
+# The outcome labels a call's metrics and log line may carry besides the codes of its domain
+# errors (lowercased): kept beside _Answer, whose outcomes they are, for the series the app
+# declares at 0 (resolvers/mutation.py: declare_outcome_series).
+CALL_OUTCOMES = ("success", "replayed", "unavailable", "lock_timeout", "error")
+EXPIRY_OUTCOMES = ("success", "skipped", "error")
+
+
 @dataclass
 class _Answer:
     """A call's end: its result or error, the outcome label of the metrics and the log line,
