@@ -25,22 +25,17 @@ GRAPHQL_PATH = "/graphql"
 
 
 class AuthMiddleware:
-    """ASGI middleware for :data:`GRAPHQL_PATH`; other paths (``/healthz``, ``/readyz``,
-    ``/metrics``, GraphiQL's files) stay open. Reads the key store at
-    ``app.state.api_keys`` (:class:`~stockledger.services.api_keys.ApiKeys`)."""
+    """ASGI middleware for :data:`GRAPHQL_PATH`, installed only when ``settings.auth`` is
+    ``required``; other paths (``/healthz``, ``/readyz``, ``/metrics``, GraphiQL's files)
+    stay open. Reads the key store at ``app.state.api_keys``
+    (:class:`~stockledger.services.api_keys.ApiKeys`)."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.required = settings.auth == "required"
         self.org_id = settings.org_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            not self.required
-            or scope["type"] != "http"
-            or scope["path"] != GRAPHQL_PATH
-            or _is_ide_page(scope)
-        ):
+        if scope["type"] != "http" or scope["path"] != GRAPHQL_PATH or _is_ide_page(scope):
             await self.app(scope, receive, send)
             return
         secret = _bearer(scope)

@@ -167,13 +167,19 @@ def create_app(
                 max_body_bytes=settings.max_body_bytes,
                 read_timeout_seconds=settings.body_read_timeout_seconds,
             ),
-            Middleware(AuthMiddleware, settings=settings),
+            *_auth(settings),
         ],
         lifespan=lifespan,
     )
     app.state.readiness_checks = dict(readiness_checks or {})
     app.state.degradable_checks = dict(degradable_checks or {})
     return app
+
+
+def _auth(settings: Settings) -> list[Middleware]:
+    """The Bearer key check (:class:`AuthMiddleware`) when ``settings.auth`` is ``required``;
+    none when it is off, so an open server pays no layer for it."""
+    return [Middleware(AuthMiddleware, settings=settings)] if settings.auth == "required" else []
 
 
 def _cors(settings: Settings) -> list[Middleware]:
