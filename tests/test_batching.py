@@ -535,6 +535,7 @@ async def test_inside_a_batch_the_earlier_arrival_wins_the_last_units(
 
 SERVED_STOCK = 300
 SERVED_REQUESTS = 600
+IN_FLIGHT = 32  # requests per server at once; httpcore's pool costs the client O(connections²)
 
 
 async def _post(http: httpx.AsyncClient, name: str, input: dict[str, Any]) -> dict[str, Any]:
@@ -567,8 +568,13 @@ async def test_two_server_processes_batch_on_one_hot_sku_without_overselling(
         for server in servers:
             server.wait_ready()
         sku = f"HOT-{uuid.uuid4().hex[:6]}"
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
         clients = [httpx.AsyncClient(base_url=s.url, timeout=120, limits=limits) for s in servers]
+        # No more requests than connections, and few of both: httpcore's pool queue costs the
+        # client CPU per queued request and connection, and a client that slow once left a
+        # keep-alive connection idle past uvicorn's 5 s timeout, which closed it under the next
+        # request (a reset, in CI on a loaded machine).
+        gates = [asyncio.Semaphore(IN_FLIGHT) for _ in servers]
         try:
             restocked = await _post(
                 clients[0],
@@ -579,11 +585,12 @@ async def test_two_server_processes_batch_on_one_hot_sku_without_overselling(
 
             async def reserve(i: int) -> tuple[int, str]:
                 server = i % 2
-                result = await _post(
-                    clients[server],
-                    "reserve",
-                    {"idempotencyKey": f"r-{i}", "lines": [line(sku, 1)]},
-                )
+                async with gates[server]:
+                    result = await _post(
+                        clients[server],
+                        "reserve",
+                        {"idempotencyKey": f"r-{i}", "lines": [line(sku, 1)]},
+                    )
                 return server, str(result["__typename"])
 
             start = time.perf_counter()
