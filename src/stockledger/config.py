@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
+from limits import parse_many
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -96,6 +97,9 @@ class Settings(BaseSettings):
     auth: Literal["required", "off"] = "off"
     # Origins allowed to call the API from a browser (CORS), comma-separated; empty: none.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Requests per API key (ARCHITECTURE section 13), in the `limits` library's notation:
+    # "1000/second", "10/second;500/minute" (each must pass); empty turns rate limits off.
+    rate_limit: str = "1000/second"
 
     # SIGTERM ends `serve` within this bound (seconds): in-flight requests get half of it,
     # the sweeper and the write batches a quarter; past it the process exits anyway.
@@ -111,6 +115,26 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_notation(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        try:
+            items = parse_many(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"STOCKLEDGER_RATE_LIMIT={value!r} is not a rate limit in the `limits` notation "
+                f"(e.g. '1000/second' or '10/second;500/minute', empty for none): {exc}"
+            ) from None
+        if any(item.amount < 1 for item in items):
+            raise ValueError(
+                f"STOCKLEDGER_RATE_LIMIT={value!r} allows no request at all: give at least "
+                "1 per period, or an empty value to turn rate limits off"
+            )
         return value
 
     @field_validator("database_url", "redis_url", mode="before")

@@ -28,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 from stockledger.app.auth import AuthMiddleware
 from stockledger.app.graphql import GRAPHIQL_ASSETS_DIR, GRAPHIQL_ASSETS_PATH, GraphQLView
 from stockledger.app.limits import BodyLimitMiddleware
+from stockledger.app.rate_limits import RateLimiter, RateLimitMiddleware, build_rate_limiter
 from stockledger.config import Settings, get_settings
 from stockledger.db import migrate
 from stockledger.db.engine import RETRY_REASONS, Database, create_database
@@ -99,9 +100,11 @@ def create_app(
     ``extra_routes``: e.g. ``/metrics``.
 
     ``app.state`` holds ``settings``, ``database``, ``service``, ``queries``,
-    ``readiness_checks`` and ``degradable_checks`` while running.
+    ``readiness_checks``, ``degradable_checks`` and ``rate_limiter`` (None when
+    ``settings.rate_limit`` is empty or auth is off) while running.
     """
     settings = settings or get_settings()
+    limiter = build_rate_limiter(settings)
     schema = build_schema(settings)
     declare_outcome_series()
     for reason in RETRY_REASONS:
@@ -115,6 +118,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            if limiter is not None:
+                stack.push_async_callback(limiter.aclose)
             if service is not None:
                 if service.db is None:
                     raise ValueError("the app reads through a database: give a service with one")
@@ -168,11 +173,13 @@ def create_app(
                 read_timeout_seconds=settings.body_read_timeout_seconds,
             ),
             *_auth(settings),
+            *_rate_limits(limiter),  # inside auth: the key names the budget
         ],
         lifespan=lifespan,
     )
     app.state.readiness_checks = dict(readiness_checks or {})
     app.state.degradable_checks = dict(degradable_checks or {})
+    app.state.rate_limiter = limiter
     return app
 
 
@@ -180,6 +187,12 @@ def _auth(settings: Settings) -> list[Middleware]:
     """The Bearer key check (:class:`AuthMiddleware`) when ``settings.auth`` is ``required``;
     none when it is off, so an open server pays no layer for it."""
     return [Middleware(AuthMiddleware, settings=settings)] if settings.auth == "required" else []
+
+
+def _rate_limits(limiter: RateLimiter | None) -> list[Middleware]:
+    """Per-key rate limits (:class:`RateLimitMiddleware`); none without a limiter (no
+    ``settings.rate_limit``, or auth off: no keys)."""
+    return [] if limiter is None else [Middleware(RateLimitMiddleware, limiter=limiter)]
 
 
 def _cors(settings: Settings) -> list[Middleware]:

@@ -52,6 +52,12 @@ REDIS_DEGRADED_TOTAL = Counter(
     "inventory_redis_degraded_total",
     "Operations that ran without Redis (locks or expiry index) because Redis did not answer.",
 )
+RATE_LIMITED_TOTAL = Counter(
+    "inventory_rate_limited_total",
+    "GraphQL requests refused with HTTP 429: their API key was past STOCKLEDGER_RATE_LIMIT "
+    "(ARCHITECTURE section 13). A check that Redis did not answer lets the request through "
+    "and counts in inventory_redis_degraded_total instead.",
+)
 TRANSACTION_RETRIES_TOTAL = Counter(
     "inventory_transaction_retries_total",
     "Whole-transaction retries by reason (deadlock, lock_wait_timeout, record_changed, ...).",
