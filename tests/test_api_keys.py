@@ -1,9 +1,11 @@
 """The API key store over real databases (SQLite and MariaDB) and the ``stockledger apikey``
 command: a secret shown once and stored as its hash, authentication of good and bad secrets,
-revocation within the cache bound, expiry (ARCHITECTURE section 13; issue 10)."""
+revocation within the cache bound, expiry (ARCHITECTURE section 13; issue 10), and the
+idempotent create and revoke behind GraphQL's ``createApiKey`` and ``revokeApiKey``."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -17,7 +19,7 @@ from sqlalchemy import select
 from stockledger.db.engine import Database
 from stockledger.db.models import api_key
 from stockledger.domain.access import ROLE_SCOPES, Role, Scope, secret_hash
-from stockledger.domain.errors import NotFoundError, ValidationError
+from stockledger.domain.errors import IdempotencyKeyReusedError, NotFoundError, ValidationError
 from stockledger.services.api_keys import ApiKeys
 
 
@@ -115,6 +117,77 @@ async def test_last_used_is_written_at_most_once_a_minute(db: Database, org_id: 
     assert later.last_used_at > first.last_used_at
 
 
+async def test_idempotency_keys_of_key_writes_are_per_org(db: Database, org_id: str) -> None:
+    store = ApiKeys(db)
+    other = f"{org_id}-b"
+    mine = await store.create_once(org_id, "k1", org=org_id, name="n", role=Role.AUDITOR)
+    theirs = await store.create_once(other, "k1", org=other, name="n", role=Role.AUDITOR)
+    assert not mine.replayed and not theirs.replayed and mine.key.id != theirs.key.id
+    again = await store.create_once(org_id, "k1", org=org_id, name="n", role=Role.AUDITOR)
+    assert (again.key.id, again.secret, again.replayed) == (mine.key.id, None, True)
+    # The same role given as its scopes is another request.
+    with pytest.raises(IdempotencyKeyReusedError):
+        await store.create_once(
+            org_id, "k1", org=org_id, name="n", scopes=ROLE_SCOPES[Role.AUDITOR]
+        )
+    # A key used for a revoke is reused for a create, and the other way round.
+    await store.revoke_once(org_id, "k2", str(mine.key.id))
+    with pytest.raises(IdempotencyKeyReusedError):
+        await store.create_once(org_id, "k2", org=org_id, name="n", role=Role.AUDITOR)
+    with pytest.raises(IdempotencyKeyReusedError):
+        await store.revoke_once(org_id, "k1", str(mine.key.id))
+
+
+async def test_concurrent_creates_with_one_idempotency_key_make_one_key(
+    db: Database, org_id: str
+) -> None:
+    stores = [ApiKeys(db) for _ in range(4)]  # as many instances, racing
+    results = await asyncio.gather(
+        *(
+            s.create_once(org_id, "same", org=org_id, name="race", role=Role.OPERATOR)
+            for s in stores
+        )
+    )
+    assert len({r.key.id for r in results}) == 1
+    assert sorted(r.replayed for r in results) == [False, True, True, True]
+    assert [r.secret is None for r in results].count(False) == 1
+    assert [k.name for k in await stores[0].list(org_id)] == ["race"]
+
+
+async def test_a_revocation_takes_effect_at_once_on_the_instance_that_made_it(
+    db: Database, org_id: str
+) -> None:
+    ticks = Ticks()  # never moves: only the revocation can end the cached answer
+    store = ApiKeys(db, monotonic=ticks)
+    created = await store.create_once(org_id, "c", org=org_id, name="pos", role=Role.STOREFRONT)
+    assert created.secret is not None
+    assert await store.authenticate(created.secret) is not None  # now cached
+    revoked = await store.revoke_once(org_id, "r", str(created.key.id))
+    assert revoked.key.revoked_at is not None and not revoked.replayed
+    assert await store.authenticate(created.secret) is None
+    replay = await store.revoke_once(org_id, "r", str(created.key.id))
+    assert replay.replayed and replay.key.revoked_at == revoked.key.revoked_at
+    # Another org's id, and an id that is no number, are not found; nothing is consumed.
+    with pytest.raises(NotFoundError):
+        await store.revoke_once(f"{org_id}-b", "x", str(created.key.id))
+    with pytest.raises(NotFoundError):
+        await store.revoke_once(org_id, "x", "abc")
+
+
+async def test_a_page_of_keys_is_by_id_within_the_org(db: Database, org_id: str) -> None:
+    store = ApiKeys(db)
+    made = [(await store.create(org_id, f"k{i}", [Scope.STOCK_READ]))[0].id for i in range(3)]
+    await store.create(f"{org_id}-b", "theirs", [Scope.STOCK_READ])
+    first = await store.page(org_id, 2)
+    assert [k.id for _, k in first.edges] == made[:2] and first.has_next_page
+    rest = await store.page(org_id, 2, first.end_cursor)
+    assert [k.id for _, k in rest.edges] == made[2:] and not rest.has_next_page
+    for bad in ("garbage", "eyJrIjoiayIsInYiOi0xfQ"):  # not base64 JSON; {"k":"k","v":-1}
+        with pytest.raises(ValidationError) as refused:
+            await store.page(org_id, 2, bad)
+        assert refused.value.field == "after"
+
+
 def test_the_apikey_command_creates_lists_and_revokes(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     org = f"org-{uuid.uuid4().hex[:6]}"
@@ -194,3 +267,4 @@ def test_a_fresh_install_gets_one_admin_key_in_its_data_dir(tmp_path: Path) -> N
         [*CLI, "apikey", "list"], env=env, capture_output=True, text=True, timeout=60
     )
     assert len(listed.stdout.splitlines()) == 1
+

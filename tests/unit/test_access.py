@@ -1,5 +1,6 @@
 """API keys as plain values (domain/access.py): the contract's roles, ADMIN's reach, the
-secret's format and stored forms, and when a key may be used."""
+secret's format and stored forms, when a key may be used, what a new key is granted, and who
+may make a key of which org (ARCHITECTURE section 13)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ import pytest
 
 from stockledger.domain.access import (
     ROLE_SCOPES,
+    SYSTEM_ORG,
     ApiKey,
     Role,
     Scope,
     display_prefix,
     effective,
+    granted_scopes,
     is_well_formed,
+    may_create_key_for,
     secret_hash,
     unusable_because,
 )
+from stockledger.domain.errors import ValidationError
 
 S = Scope
 # The contract's Role enum (schema-v2.graphql, part ACCESS), written out here, not derived.
@@ -109,3 +114,41 @@ def test_a_key_is_usable_until_revoked_or_expired() -> None:
     assert unusable_because(_key(expires_at=later), later) == "expired"
     assert unusable_because(_key(revoked_at=NOW), NOW) == "revoked"
     assert unusable_because(_key(revoked_at=later), NOW) is None
+
+
+def test_a_new_key_gets_exactly_one_of_a_role_and_scopes() -> None:
+    assert granted_scopes(Role.AUDITOR, None) == CONTRACT_ROLES["AUDITOR"]
+    assert granted_scopes(None, [S.LEDGER_READ, S.LEDGER_READ]) == {S.LEDGER_READ}
+    for role, scopes, field in (
+        (Role.ADMIN, [S.ADMIN], "role"),  # both
+        (Role.ADMIN, [], "role"),  # both, the list empty
+        (None, None, "role"),  # neither
+        (None, [], "scopes"),  # a list with no scope
+    ):
+        with pytest.raises(ValidationError) as refused:
+            granted_scopes(role, scopes)
+        assert refused.value.field == field, (role, scopes)
+
+
+ADMIN = frozenset({S.ADMIN})
+ALL_BUT_ADMIN = frozenset(Scope) - ADMIN
+
+
+@pytest.mark.parametrize(
+    ("caller_org", "scopes", "org", "allowed"),
+    [
+        ("acme", ADMIN, "acme", True),  # its own org
+        ("acme", effective(ADMIN), "acme", True),  # the effective set works the same
+        ("acme", ADMIN, "globex", False),  # another org: only system's ADMIN
+        ("acme", ADMIN, SYSTEM_ORG, False),  # nor may it make an operator key
+        (SYSTEM_ORG, ADMIN, "globex", True),
+        (SYSTEM_ORG, ADMIN, SYSTEM_ORG, True),
+        (SYSTEM_ORG, ALL_BUT_ADMIN, "globex", False),  # system, but no ADMIN
+        ("acme", ALL_BUT_ADMIN, "acme", False),  # no ADMIN at all
+        ("System", ADMIN, "globex", False),  # org names are exact
+    ],
+)
+def test_only_an_admin_of_org_system_makes_keys_of_other_orgs(
+    caller_org: str, scopes: frozenset[Scope], org: str, allowed: bool
+) -> None:
+    assert may_create_key_for(caller_org, scopes, org) is allowed

@@ -6,7 +6,10 @@ ACCESS of ``schema-v2.graphql``):
 - a secret is ``sl_`` followed by 40 base62 characters; the service stores its SHA-256 (a
   high-entropy secret needs no slow hash) and a display prefix, never the secret;
 - a role is a preset of scopes, stored as its scopes; ADMIN implies every scope;
-- a key may be used while it is neither revoked nor past its expiry.
+- a key may be used while it is neither revoked nor past its expiry;
+- a key is made with exactly one of a role and a list of scopes (:func:`granted_scopes`);
+- a key for another org than the caller's only by an ADMIN key of org ``system``
+  (:func:`may_create_key_for`).
 
 Pure: no I/O. Drawing a secret's randomness is the caller's (``services/api_keys.py``).
 """
@@ -16,13 +19,18 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+
+from stockledger.domain.errors import ValidationError
 
 SECRET_PREFIX = "sl_"
 SECRET_LENGTH = 40  # base62 characters after the prefix: about 238 bits
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 DISPLAY_LENGTH = len(SECRET_PREFIX) + 8  # e.g. "sl_3fA9xK2q": enough to tell keys apart
+# The operator's org: only its ADMIN keys (made with the CLI) may make keys for other orgs.
+SYSTEM_ORG = "system"
 _SECRET = re.compile(rf"{SECRET_PREFIX}[0-9A-Za-z]{{{SECRET_LENGTH}}}")
 
 
@@ -65,6 +73,34 @@ def effective(granted: frozenset[Scope]) -> frozenset[Scope]:
     """The scopes a key acts with: ``granted``, or every scope when it holds ADMIN
     (``Viewer.scopes`` in the contract)."""
     return frozenset(Scope) if Scope.ADMIN in granted else granted
+
+
+def granted_scopes(role: Role | None, scopes: Iterable[Scope] | None) -> frozenset[Scope]:
+    """The scopes a new key is granted: the preset of ``role``, or ``scopes`` (duplicates
+    collapse), given exactly one of the two (``CreateApiKeyInput``: "Exactly one of role and
+    scopes"; a role is stored as its scopes, ARCHITECTURE section 13).
+
+    Raises ValidationError: field ``role`` when both or neither are given, field ``scopes``
+    when the list is empty.
+    """
+    if (role is None) == (scopes is None):
+        raise ValidationError("give exactly one of role and scopes", "role")
+    if role is not None:
+        return ROLE_SCOPES[role]
+    granted = frozenset(scopes or ())
+    if not granted:
+        raise ValidationError("give at least one scope", "scopes")
+    return granted
+
+
+def may_create_key_for(caller_org: str, caller_scopes: frozenset[Scope], org: str) -> bool:
+    """Whether a caller acting for ``caller_org`` with ``caller_scopes`` may make a key of
+    ``org``: an ADMIN key for its own org, and only an ADMIN key of :data:`SYSTEM_ORG` for
+    any other (ARCHITECTURE section 13; ``CreateApiKeyInput.org``). A caller that may not
+    gets FORBIDDEN. Listing and revoking stay within the caller's own org."""
+    if Scope.ADMIN not in caller_scopes:
+        return False
+    return org == caller_org or caller_org == SYSTEM_ORG
 
 
 def is_well_formed(secret: str) -> bool:

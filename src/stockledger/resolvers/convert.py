@@ -8,8 +8,12 @@ from typing import Any, TypeVar
 import strawberry
 from strawberry import UNSET
 
+from stockledger.domain import access as a
 from stockledger.domain import model as m
 from stockledger.schema import (
+    ApiKey,
+    ApiKeyConnection,
+    ApiKeyEdge,
     Balance,
     BalanceConnection,
     BalanceEdge,
@@ -25,6 +29,7 @@ from stockledger.schema import (
     ReservationEdge,
     ReservationLine,
     ReservationStatus,
+    Scope,
 )
 from stockledger.schema import LineInput as LineInputType
 from stockledger.services.queries import Page
@@ -131,6 +136,32 @@ def ledger_connection(page: Page[m.LedgerEntry]) -> LedgerEntryConnection:
 def reservation_connection(page: Page[m.Reservation]) -> ReservationConnection:
     return ReservationConnection(
         edges=[ReservationEdge(cursor=c, node=reservation(r)) for c, r in page.edges],
+        page_info=page_info(page),
+    )
+
+
+def scopes(granted: frozenset[a.Scope]) -> list[Scope]:
+    """Scopes in the contract's order (the enum's), whatever order the set has."""
+    return [Scope(s.value) for s in a.Scope if s in granted]
+
+
+def api_key(k: a.ApiKey) -> ApiKey:
+    return ApiKey(
+        id=strawberry.ID(str(k.id)),
+        name=k.name,
+        prefix=k.prefix,
+        org=k.org,
+        scopes=scopes(k.scopes),
+        created_at=k.created_at,
+        expires_at=k.expires_at,
+        last_used_at=k.last_used_at,
+        revoked_at=k.revoked_at,
+    )
+
+
+def api_key_connection(page: Page[a.ApiKey]) -> ApiKeyConnection:
+    return ApiKeyConnection(
+        edges=[ApiKeyEdge(cursor=c, node=api_key(k)) for c, k in page.edges],
         page_info=page_info(page),
     )
 

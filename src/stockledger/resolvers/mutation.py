@@ -11,7 +11,7 @@ import strawberry
 from stockledger.domain import errors as e
 from stockledger.domain.access import Scope
 from stockledger.observability import metrics
-from stockledger.resolvers import convert
+from stockledger.resolvers import convert, keys
 from stockledger.resolvers.access import needs
 from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.convert import opt
@@ -20,6 +20,8 @@ from stockledger.schema import (
     AdjustInput,
     AdjustResult,
     AdjustSuccess,
+    CreateApiKeyInput,
+    CreateApiKeyResult,
     DeductInput,
     DeductManyInput,
     DeductManyResult,
@@ -41,6 +43,8 @@ from stockledger.schema import (
     RestockInput,
     RestockResult,
     RestockSuccess,
+    RevokeApiKeyInput,
+    RevokeApiKeyResult,
 )
 from stockledger.services import records as r
 from stockledger.services.records import ConsumeRequest, ReserveRequest
@@ -219,6 +223,24 @@ class Mutation:
         return ReleaseManyResult(
             results=await mutation_results(info, call, _release, ReleaseResult)
         )
+
+    # -------------------------------------------------------------- part ACCESS
+
+    @strawberry.mutation(
+        description="A new API key of the caller's org (or, for an ADMIN key of org 'system', "
+        "of another); its secret is in this response only.",
+        permission_classes=[needs(Scope.ADMIN)],
+    )
+    async def create_api_key(self, info: Info, input: CreateApiKeyInput) -> CreateApiKeyResult:
+        return await keys.create_api_key(info, input)
+
+    @strawberry.mutation(
+        description="Revoke a key of the caller's org; it stops working within 5 s on every "
+        "instance.",
+        permission_classes=[needs(Scope.ADMIN)],
+    )
+    async def revoke_api_key(self, info: Info, input: RevokeApiKeyInput) -> RevokeApiKeyResult:
+        return await keys.revoke_api_key(info, input)
 
 
 def _consume(item: DeductInput | ReleaseInput) -> ConsumeRequest:

@@ -1,16 +1,18 @@
-"""The root ``Query``: each field is one read of :class:`InventoryQueries`."""
+"""The root ``Query``: each field is one read of :class:`InventoryQueries`, or of the key store
+(``viewer``, ``apiKeys``: :mod:`stockledger.resolvers.keys`)."""
 
 from __future__ import annotations
 
 import strawberry
 
 from stockledger.domain.access import Scope
-from stockledger.resolvers import convert
+from stockledger.resolvers import convert, keys
 from stockledger.resolvers.access import needs
 from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.convert import opt
 from stockledger.resolvers.errors import query_errors
 from stockledger.schema import (
+    ApiKeyConnection,
     Balance,
     BalanceConnection,
     BalanceFilter,
@@ -20,6 +22,7 @@ from stockledger.schema import (
     ReservationConnection,
     ReservationFilter,
     SortDirection,
+    Viewer,
 )
 from stockledger.services import queries as q
 
@@ -114,3 +117,22 @@ class Query:
         with query_errors(info):
             page = await info.context.queries.reservations(f, first, opt(after))
         return convert.reservation_connection(page)
+
+    # -------------------------------------------------------------- part ACCESS
+
+    @strawberry.field(
+        description="The caller: its org, its key and its effective scopes. Any key may read "
+        "it (no scope needed: it describes only the caller)."
+    )
+    def viewer(self, info: Info) -> Viewer:
+        return keys.viewer(info.context)
+
+    @strawberry.field(
+        description="The keys of the caller's org, by id, oldest first; revoked and expired "
+        "ones included.",
+        permission_classes=[needs(Scope.ADMIN)],
+    )
+    async def api_keys(
+        self, info: Info, first: int = 50, after: str | None = strawberry.UNSET
+    ) -> ApiKeyConnection:
+        return await keys.api_keys(info, first, opt(after))

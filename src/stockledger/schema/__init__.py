@@ -4,6 +4,20 @@ No database and no rules here: only the shapes of ``schema.graphql``. The root `
 ``Mutation`` types live in :mod:`stockledger.resolvers`.
 """
 
+from stockledger.schema.access import (
+    ApiKey,
+    ApiKeyConnection,
+    ApiKeyEdge,
+    CreateApiKeyInput,
+    CreateApiKeyResult,
+    CreateApiKeySuccess,
+    RevokeApiKeyInput,
+    RevokeApiKeyResult,
+    RevokeApiKeySuccess,
+    Role,
+    Scope,
+    Viewer,
+)
 from stockledger.schema.enums import ErrorCode, LedgerEventType, ReservationStatus, SortDirection
 from stockledger.schema.errors import (
     Error,
@@ -66,6 +80,18 @@ from stockledger.schema.types import (
 )
 
 __all__ = [
+    "ApiKey",
+    "ApiKeyConnection",
+    "ApiKeyEdge",
+    "CreateApiKeyInput",
+    "CreateApiKeyResult",
+    "CreateApiKeySuccess",
+    "RevokeApiKeyInput",
+    "RevokeApiKeyResult",
+    "RevokeApiKeySuccess",
+    "Role",
+    "Scope",
+    "Viewer",
     "ReserveManyResult",
     "ReserveManyInput",
     "ReleaseManyResult",

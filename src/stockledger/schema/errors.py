@@ -34,7 +34,7 @@ class InsufficientStockError(Error):
 
 @strawberry.type
 class NotFoundError(Error):
-    entity: str = strawberry.field(description="Balance or Reservation.")
+    entity: str = strawberry.field(description="Balance, Reservation or ApiKey.")
     key: str
 
 
