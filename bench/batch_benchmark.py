@@ -17,6 +17,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -33,9 +34,9 @@ from benchmark import (  # noqa: E402
 )
 
 
-def wrk(url: str, per: int, conns: int, duration: float) -> dict[str, float]:
+def wrk(url: str, per: int, conns: int, duration: float, api_key: str | None) -> dict[str, float]:
     env = {"CARTS": str(per), "SKUS": str(SPREAD_SKUS), "RUN": uuid.uuid4().hex[:8]}
-    data = wrk_counts("carts.lua", url, conns, duration, env)
+    data = wrk_counts("carts.lua", url, conns, duration, env, api_key=api_key)
     secs = data["duration_us"] / 1e6
     return {
         "carts_per_s": data["carts_ok"] / secs,
@@ -83,12 +84,16 @@ def main() -> None:
         STOCKLEDGER_REDIS_URL=args.redis,
         STOCKLEDGER_ORG_ID="bench",
         STOCKLEDGER_LOG_LEVEL="WARNING",
+        # Where `serve`/`migrate` write the first ADMIN key of a fresh database: not ./data.
+        STOCKLEDGER_DATA_DIR=tempfile.mkdtemp(prefix="stockledger-bench-"),
+        # One key drives far more than the default 1000/second: no limit (its cost is apart).
+        STOCKLEDGER_RATE_LIMIT="",
     )
     rows = []
     with Server(env, 1) as server:
         for name, per, conns in (("reserve", 1, 32), ("reserveMany of 100", 100, 5)):
             before = batch_buckets(server.metrics())
-            r = wrk(f"{server.url}/graphql", per, conns, args.duration)
+            r = wrk(f"{server.url}/graphql", per, conns, args.duration, server.api_key)
             p50, p99 = batch_sizes(before, batch_buckets(server.metrics()))
             rows.append((name, conns, r, p50, p99))
             print(f"{name}: {r['carts_per_s']:.0f} carts/s", flush=True)

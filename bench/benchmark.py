@@ -42,6 +42,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -327,13 +328,22 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def wrk_counts(
-    script: str, url: str, conns: int, duration: float, env: dict[str, str], threads: int = 1
+    script: str,
+    url: str,
+    conns: int,
+    duration: float,
+    env: dict[str, str],
+    threads: int = 1,
+    api_key: str | None = None,
 ) -> dict[str, int]:
     """Run wrk with ``bench/wrk/<script>`` against ``url`` for ``duration`` seconds and return
     the numbers its ``done()`` prints after ``WRKJSON`` (counts; durations and latencies in
-    microseconds). ``env`` is added to this process's environment. A request may take up to
-    10 s before wrk counts it a socket error (256 connections queue). Raises
+    microseconds). ``env`` is added to this process's environment; ``api_key`` (a secret) is
+    sent as ``Authorization: Bearer`` (the scripts read it as ``API_KEY``). A request may take
+    up to 10 s before wrk counts it a socket error (256 connections queue). Raises
     CalledProcessError when wrk fails."""
+    if api_key:
+        env = {**env, "API_KEY": api_key}
     out = subprocess.run(
         [
             "wrk",
@@ -358,7 +368,13 @@ def wrk_counts(
 
 
 def run_wrk(
-    url: str, scenario: str, conns: int, duration: float, threads: int, delay_ms: int = 0
+    url: str,
+    scenario: str,
+    conns: int,
+    duration: float,
+    threads: int,
+    delay_ms: int = 0,
+    api_key: str | None = None,
 ) -> Result:
     env = {
         "SCENARIO": scenario,
@@ -366,7 +382,7 @@ def run_wrk(
         "RUN": uuid.uuid4().hex[:8],
         "DELAY_MS": str(delay_ms),
     }
-    num = wrk_counts("graphql.lua", url, conns, duration, env, threads)
+    num = wrk_counts("graphql.lua", url, conns, duration, env, threads, api_key)
     secs = num["duration_us"] / 1e6
     return Result(
         num["requests"] / secs,
@@ -376,10 +392,24 @@ def run_wrk(
     )
 
 
+def new_api_key(python: str, env: dict[str, str]) -> str | None:
+    """The secret of a new ADMIN key for ``env``'s org and database, made with the
+    ``stockledger apikey create`` of ``python``'s release; None for a release without API keys
+    (a baseline from before them ignores the header)."""
+    done = subprocess.run(
+        [python, "-m", "stockledger.cli", "apikey", "create", "--name", "bench", "--role", "ADMIN"]
+        + ["--org", env.get("STOCKLEDGER_ORG_ID", "default")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 class Server:
     """``stockledger serve`` in a subprocess, run by ``python`` (default this interpreter, so
-    this checkout), ready when entered; ``measure`` runs wrk against it and reads the batch
-    sizes off /metrics."""
+    this checkout), ready when entered, with an ADMIN key (``api_key``, None for a release
+    without keys); ``measure`` runs wrk against it and reads the batch sizes off /metrics."""
 
     def __init__(self, env: dict[str, str], workers: int, python: str = sys.executable) -> None:
         self.port = free_port()
@@ -388,6 +418,7 @@ class Server:
         self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.rss = 0.0
+        self.api_key: str | None = None
 
     def __enter__(self) -> Server:
         self.proc = subprocess.Popen(
@@ -409,6 +440,7 @@ class Server:
         while True:
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    self.api_key = new_api_key(self.python, self.env)
                     return self
             except httpx.HTTPError:
                 pass
@@ -428,7 +460,9 @@ class Server:
         self, scenario: str, conns: int, duration: float, threads: int, delay_ms: int = 0
     ) -> Result:
         before = batch_buckets(self.metrics())
-        result = run_wrk(f"{self.url}/graphql", scenario, conns, duration, threads, delay_ms)
+        result = run_wrk(
+            f"{self.url}/graphql", scenario, conns, duration, threads, delay_ms, self.api_key
+        )
         if scenario != "balance":
             result.batch = batch_sizes(before, batch_buckets(self.metrics()))
         self.rss = max(self.rss, peak_rss_mib(self.proc.pid))
@@ -473,10 +507,12 @@ def baseline_python(ref: str) -> str:
     return str(python)
 
 
-def seed_over_http(url: str) -> None:
-    """The seed stock through a server's restock mutation (works with any release)."""
+def seed_over_http(url: str, api_key: str | None) -> None:
+    """The seed stock through a server's restock mutation (works with any release), sending
+    ``api_key`` (a secret) when given."""
     q = "mutation($i: RestockInput!){restock(input:$i){__typename}}"
-    with httpx.Client(timeout=60) as client:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(timeout=60, headers=headers) as client:
 
         def restock(key: str, lines: list[dict[str, object]]) -> None:
             body = {"query": q, "variables": {"i": {"idempotencyKey": key, "lines": lines}}}
@@ -562,6 +598,10 @@ def main() -> None:
         STOCKLEDGER_REDIS_URL=args.redis,
         STOCKLEDGER_ORG_ID=org,
         STOCKLEDGER_LOG_LEVEL="WARNING",
+        # Where `serve`/`migrate` write the first ADMIN key of a fresh database: not ./data.
+        STOCKLEDGER_DATA_DIR=tempfile.mkdtemp(prefix="stockledger-bench-"),
+        # One key drives far more than the default 1000/second: no limit (its cost is apart).
+        STOCKLEDGER_RATE_LIMIT="",
         STOCKLEDGER_DB_POOL_SIZE=str(pool),
     )
 
@@ -616,7 +656,7 @@ def main() -> None:
         running = []
         for name, server_env, python in servers:
             server = stack.enter_context(Server(server_env, args.workers, python))
-            seed_over_http(f"{server.url}/graphql")
+            seed_over_http(f"{server.url}/graphql", server.api_key)
             running.append((name, server))
         for scenario in lone:
             for name, server in running:

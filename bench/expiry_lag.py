@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -62,9 +63,10 @@ async def post(client: httpx.AsyncClient, url: str, query: str, i: dict[str, obj
     return r.text
 
 
-async def run(args: argparse.Namespace, urls: list[str]) -> tuple[float, int]:
+async def run(args: argparse.Namespace, urls: list[str], api_key: str) -> tuple[float, int]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    headers = {"authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(timeout=60, limits=limits, headers=headers) as client:
         carts = [{"sku": f"C{i:04d}", "location": "lag", "quantity": 1} for i in range(500)]
         text = await post(
             client,
@@ -184,12 +186,18 @@ def main() -> None:
         STOCKLEDGER_REDIS_URL=args.redis,
         STOCKLEDGER_ORG_ID="lag",
         STOCKLEDGER_LOG_LEVEL="WARNING",
+        # Where `serve`/`migrate` write the first ADMIN key of a fresh database: not ./data.
+        STOCKLEDGER_DATA_DIR=tempfile.mkdtemp(prefix="stockledger-bench-"),
+        # One key drives far more than the default 1000/second: no limit (its cost is apart).
+        STOCKLEDGER_RATE_LIMIT="",
         PYTHONPATH=str(ROOT / "src"),
     )
     subprocess.run([sys.executable, "-m", "stockledger.cli", "migrate"], env=env, check=True)
     servers = [start_server(env) for _ in range(2)]
     try:
-        rate, carts = asyncio.run(run(args, [u for _, u in servers]))
+        # The first ADMIN key, which `migrate` made on the fresh database.
+        api_key = (Path(env["STOCKLEDGER_DATA_DIR"]) / "admin.key").read_text().strip()
+        rate, carts = asyncio.run(run(args, [u for _, u in servers], api_key))
     finally:
         for proc, _ in servers:
             proc.terminate()

@@ -184,7 +184,9 @@ def over_http(runs: int) -> None:
         try:
             _wait_ready(base)
             print(f"over HTTP (stockledger serve, embedded), median / max of {runs} runs")
-            with httpx.Client(base_url=base, timeout=600) as client:
+            secret = (Path(tmp) / "data" / "admin.key").read_text().strip()  # the bootstrap key
+            headers = {"authorization": f"Bearer {secret}"}
+            with httpx.Client(base_url=base, timeout=600, headers=headers) as client:
                 for name, document, variables in HOSTILE:
                     health = _HealthPoller(base)
                     health.start()

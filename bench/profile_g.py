@@ -83,13 +83,17 @@ def main() -> None:
         STOCKLEDGER_DATABASE_URL=f"mysql+asyncmy://root@127.0.0.1:3306/{database}",
         STOCKLEDGER_REDIS_URL="redis://127.0.0.1:6379/14",
         STOCKLEDGER_LOG_LEVEL="WARNING",
+        # Where `serve`/`migrate` write the first ADMIN key of a fresh database: not ./data.
+        STOCKLEDGER_DATA_DIR=tempfile.mkdtemp(prefix="stockledger-bench-"),
+        # One key drives far more than the default 1000/second: no limit (its cost is apart).
+        STOCKLEDGER_RATE_LIMIT="",
     )
     subprocess.run(
         [sys.executable, "-m", "stockledger.cli", "migrate"], env=env, check=True, timeout=120
     )
     try:
         with Server(env, workers=1) as server, tempfile.TemporaryDirectory() as tmp:
-            seed_over_http(f"{server.url}/graphql")
+            seed_over_http(f"{server.url}/graphql", server.api_key)
             for scenario in args.scenarios.split(","):
                 out = Path(tmp) / f"{scenario}.txt"
                 spy_command = [str(Path(sys.executable).with_name("py-spy")), "record"]
@@ -110,7 +114,8 @@ def main() -> None:
                 }
                 conns = 5 if many else args.connections
                 script = "carts.lua" if many else "graphql.lua"
-                wrk_counts(script, f"{server.url}/graphql", conns, args.duration, wrk_env)
+                url = f"{server.url}/graphql"
+                wrk_counts(script, url, conns, args.duration, wrk_env, api_key=server.api_key)
                 spy.wait(args.duration + 30)
                 total, by_package, by_function = aggregate(out.read_text())
                 # py-spy leaves out samples of an idle thread: the rest of the rate is idle.

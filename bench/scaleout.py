@@ -32,6 +32,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import ExitStack
@@ -75,7 +76,14 @@ def fresh_database(mysql: str) -> None:
         mysql,
         [f"DROP DATABASE IF EXISTS `{name}`", f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"],
     )
-    env = dict(os.environ, STOCKLEDGER_DATABASE_URL=mysql, STOCKLEDGER_LOG_LEVEL="WARNING")
+    env = dict(
+        os.environ,
+        STOCKLEDGER_DATABASE_URL=mysql,
+        STOCKLEDGER_LOG_LEVEL="WARNING",
+        STOCKLEDGER_DATA_DIR=tempfile.mkdtemp(prefix="stockledger-bench-"),
+        # One key drives far more than the default 1000/second: no limit (its cost is apart).
+        STOCKLEDGER_RATE_LIMIT="",
+    )
     subprocess.run(
         [sys.executable, "-m", "stockledger.cli", "migrate"],
         env=env,
@@ -112,6 +120,10 @@ def replay_once(args: argparse.Namespace, instances: int, kill: bool) -> tuple[s
         STOCKLEDGER_REDIS_URL=args.redis,
         STOCKLEDGER_ORG_ID=org_id,
         STOCKLEDGER_LOG_LEVEL="WARNING",
+        # Where `serve`/`migrate` write the first ADMIN key of a fresh database: not ./data.
+        STOCKLEDGER_DATA_DIR=tempfile.mkdtemp(prefix="stockledger-bench-"),
+        # One key drives far more than the default 1000/second: no limit (its cost is apart).
+        STOCKLEDGER_RATE_LIMIT="",
     )
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     try:
@@ -128,6 +140,7 @@ def replay_once(args: argparse.Namespace, instances: int, kill: bool) -> tuple[s
                 load_orders(limit=args.orders),
                 clients=args.clients,
                 abandon_ttl=args.abandon_ttl,
+                api_key=servers[0].api_key,
             )
             victim = servers[-1]
 

@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from stockledger.app import create_app
 from stockledger.config import Settings
 from stockledger.db.engine import create_database
+from stockledger.domain.access import ApiKey, Scope
 from stockledger.services import InventoryService
 
 # -------------------------------------------------------------------- documents
@@ -136,11 +137,23 @@ def line(sku: str, quantity: int, location: str = "default") -> dict[str, Any]:
 
 
 class GraphQLClient:
-    """A GraphQL client for an in-process app. ``app.state`` is live while it is open."""
+    """A GraphQL client for an in-process app. ``app.state`` is live while it is open.
 
-    def __init__(self, http: httpx.AsyncClient, app: Starlette) -> None:
+    ``api_key``/``secret``: the ADMIN key of the settings' org that :func:`serve` made and
+    sends on every request (``http``'s default ``Authorization`` header), or None.
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        app: Starlette,
+        api_key: ApiKey | None = None,
+        secret: str | None = None,
+    ) -> None:
         self.http = http
         self.app = app
+        self.api_key = api_key
+        self.secret = secret
 
     async def post(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
         """The JSON response to a POST (asserts HTTP 200)."""
@@ -222,13 +235,49 @@ def app_settings(database_url: str | None, org_id: str, **overrides: Any) -> Set
 
 
 @asynccontextmanager
-async def serve(settings: Settings, **kwargs: Any) -> AsyncIterator[GraphQLClient]:
-    """Run ``create_app(settings, **kwargs)`` (lifespan included) and a client for it."""
-    app = create_app(settings, **kwargs)
+async def serve(
+    settings: Settings, *, admin_key: bool = True, **kwargs: Any
+) -> AsyncIterator[GraphQLClient]:
+    """Run ``create_app(settings, **kwargs)`` (lifespan included) and a client for it (see
+    :func:`client_for`)."""
+    async with client_for(create_app(settings, **kwargs), admin_key=admin_key) as client:
+        yield client
+
+
+async def admin_key_of(app: Starlette) -> tuple[ApiKey, str]:
+    """A new ADMIN key (and its secret) for the org of a started ``app``."""
+    org = app.state.settings.org_id
+    key, secret = await app.state.api_keys.create(org, "tests", [Scope.ADMIN])
+    return key, str(secret)
+
+
+async def admin_headers(app: Starlette) -> dict[str, str]:
+    """``Authorization`` with a new ADMIN key for the org of a started ``app``."""
+    _, secret = await admin_key_of(app)
+    return {"authorization": f"Bearer {secret}"}
+
+
+@asynccontextmanager
+async def client_for(
+    app: Starlette, *, admin_key: bool = True, request_seconds: float = 5.0
+) -> AsyncIterator[GraphQLClient]:
+    """Run ``app``'s lifespan and a client for it (``request_seconds``: each request's timeout).
+
+    ``admin_key``: make an ADMIN key for the app's org and send it on every request, as any
+    client of a server with ``STOCKLEDGER_AUTH=required`` (the default) does; False for tests
+    of what a request without a key gets.
+    """
     async with app.router.lifespan_context(app):
+        key, secret = await admin_key_of(app) if admin_key else (None, None)
+        headers = {"authorization": f"Bearer {secret}"} if secret else {}
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://stockledger") as http:
-            yield GraphQLClient(http, app)
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://stockledger",
+            headers=headers,
+            timeout=request_seconds,
+        ) as http:
+            yield GraphQLClient(http, app, key, secret)
 
 
 @asynccontextmanager

@@ -3,6 +3,9 @@ free port, wait for ``/readyz`` (bounded), stop it and its workers (bounded)."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import os
 import signal
 import socket
@@ -17,6 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
+
+from stockledger.config import Settings
+from stockledger.db.engine import create_database
+from stockledger.domain.access import Scope
+from stockledger.services.api_keys import ApiKeys
 
 READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 20.0
@@ -46,6 +54,32 @@ def base_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+def admin_secret(env: dict[str, str]) -> str:
+    """The secret of an ADMIN key for the org of ``env`` (a :func:`base_env`) in its database:
+    the bootstrap key in ``<data dir>/admin.key`` if ``serve`` or ``migrate`` wrote one, else
+    a new one (the database must be migrated)."""
+    bootstrap = Path(env["STOCKLEDGER_DATA_DIR"]) / "admin.key"
+    if bootstrap.exists():
+        return bootstrap.read_text().strip()
+    settings = Settings(
+        data_dir=Path(env["STOCKLEDGER_DATA_DIR"]),
+        database_url=env.get("STOCKLEDGER_DATABASE_URL"),
+        org_id=env.get("STOCKLEDGER_ORG_ID", "default"),
+    )
+
+    async def create() -> str:
+        db = create_database(settings)
+        try:
+            _, secret = await ApiKeys(db).create(settings.org_id, "tests", [Scope.ADMIN])
+            return secret
+        finally:
+            await db.dispose()
+
+    # In a thread of its own: callers may be inside a running event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, create()).result(timeout=60)
+
+
 class Server:
     """One ``stockledger serve`` child process (own session), its output in files.
 
@@ -55,6 +89,7 @@ class Server:
     def __init__(
         self, tmp_path: Path, env: dict[str, str], *args: str, command: list[str] | None = None
     ) -> None:
+        self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         name = uuid.uuid4().hex[:6]
@@ -69,6 +104,18 @@ class Server:
                 stderr=err,
                 start_new_session=True,  # so the workers can be killed with it
             )
+
+    @functools.cached_property
+    def secret(self) -> str:
+        """An ADMIN key's secret for the server's org, once started: the bootstrap key
+        ``serve`` wrote to ``<data dir>/admin.key`` on an empty key table, else a new key made
+        in the server's database (a shared one has keys already)."""
+        return admin_secret(self.env)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Authorization: Bearer`` with :attr:`secret`."""
+        return {"authorization": f"Bearer {self.secret}"}
 
     @property
     def stdout(self) -> str:

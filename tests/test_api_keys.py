@@ -268,3 +268,22 @@ def test_a_fresh_install_gets_one_admin_key_in_its_data_dir(tmp_path: Path) -> N
     )
     assert len(listed.stdout.splitlines()) == 1
 
+
+def test_the_first_key_never_overwrites_a_key_file_already_there(tmp_path: Path) -> None:
+    """A data directory shared by two databases (the embedded one, then `migrate` of a MySQL
+    one): the second database's first key goes beside the first's, which stays readable."""
+    env = base_env(tmp_path, log_level="WARNING")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "admin.key").write_text("sl_the_other_database_s_key\n")
+    done = subprocess.run(
+        [*CLI, "migrate"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert (data / "admin.key").read_text() == "sl_the_other_database_s_key\n"
+    written = data / "admin-2.key"
+    assert f"created the first API key (ADMIN of org default): {written}" in done.stdout
+    listed = subprocess.run(
+        [*CLI, "apikey", "list"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert written.read_text().strip()[:11] in listed.stdout  # its display prefix

@@ -569,7 +569,10 @@ async def test_two_server_processes_batch_on_one_hot_sku_without_overselling(
             server.wait_ready()
         sku = f"HOT-{uuid.uuid4().hex[:6]}"
         limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
-        clients = [httpx.AsyncClient(base_url=s.url, timeout=120, limits=limits) for s in servers]
+        clients = [
+            httpx.AsyncClient(base_url=s.url, timeout=120, limits=limits, headers=s.headers)
+            for s in servers
+        ]
         # No more requests than connections, and few of both: httpcore's pool queue costs the
         # client CPU per queued request and connection, and a client that slow once left a
         # keep-alive connection idle past uvicorn's 5 s timeout, which closed it under the next

@@ -48,6 +48,11 @@ def test_compose_runs_migrations_once_in_a_one_shot_service_the_app_waits_for() 
         env = service["environment"]
         assert env["STOCKLEDGER_DATABASE_URL"].startswith("mysql+asyncmy://")
         assert env["STOCKLEDGER_REDIS_URL"] == "redis://redis:6379/0"
+        assert "STOCKLEDGER_AUTH" not in env  # keys required, as by default
+    # The first ADMIN key that `migrate` writes lands on a volume the operator can read.
+    data_dir = re.search(r"STOCKLEDGER_DATA_DIR=(\S+)", (ROOT / "Dockerfile").read_text())
+    assert data_dir is not None
+    assert f"stockledger-data:{data_dir.group(1)}" in migrate["volumes"]
 
 
 def test_docker_compose_config_is_valid_where_docker_runs() -> None:

@@ -31,7 +31,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from conftest import Clock, make_settings
-from graphql_helpers import line, mutation_document
+from graphql_helpers import admin_headers, line, mutation_document
 from log_helpers import json_logging
 from own_servers import (
     OwnMariaDB,
@@ -547,6 +547,7 @@ async def test_a_mariadb_restart_mid_burst_answers_unavailable_never_unexpected(
             lock_wait_seconds=LOCK_WAIT,
             retry_max_attempts=30,
             retry_max_backoff_seconds=0.05,
+            auth="required",
         )
     )
     skus = [f"sku-{i:02d}" for i in range(20)]
@@ -557,11 +558,15 @@ async def test_a_mariadb_restart_mid_burst_answers_unavailable_never_unexpected(
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://sl") as http:
+            headers = await admin_headers(app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://sl", headers=headers
+            ) as http:
                 first = await _post(http, "restock", idempotencyKey="http-0", lines=[line("a", 1)])
                 assert first.status_code == 200, first.text
                 assert first.json()["data"]["restock"]["__typename"] == "RestockSuccess"
                 await service.restock("stock", [Line(s, 100_000) for s in skus])
+                unseen_key = await admin_headers(app)  # never used: not in the key cache
 
                 workers = [
                     asyncio.create_task(
@@ -575,6 +580,14 @@ async def test_a_mariadb_restart_mid_burst_answers_unavailable_never_unexpected(
                 http_down = asyncio.create_task(
                     _timed(_post(http, "restock", idempotencyKey="http-1", lines=[line("a", 1)]))
                 )
+                # A key the server must look up while the database is away: 503, not a 500.
+                lookup = await asyncio.wait_for(
+                    http.post("/graphql", json={"query": "{ __typename }"}, headers=unseen_key),
+                    down_for,
+                )
+                assert lookup.status_code == 503, lookup.text
+                assert lookup.json()["errors"][0]["extensions"]["code"] == "UNAVAILABLE"
+                assert int(lookup.headers["retry-after"]) >= 1
                 await asyncio.sleep(down_for)
                 await asyncio.to_thread(start_again)
                 phase = "up"

@@ -10,9 +10,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from graphql_helpers import GraphQLClient, app_settings, gql_fixture, line, serve  # noqa: F401
+from graphql_helpers import (  # noqa: F401
+    GraphQLClient,
+    app_settings,
+    client_for,
+    gql_fixture,
+    line,
+    serve,
+)
 from server_process import free_port
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -169,20 +175,16 @@ async def test_served_app_without_redis_is_ready_degraded_and_sells(
         settings = Settings(data_dir=tmp_path / "data", org_id=org_id, redis_url=closed)
     else:
         settings = app_settings(database_url, org_id, redis_url=closed)
-    app = create_served_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://stockledger") as http:
-            ready = await http.get("/readyz")
-            assert ready.status_code == 200
-            assert ready.json()["status"] == "degraded"
-            assert ready.json()["checks"]["database"] == "ok"
-            assert ready.json()["checks"]["redis"] == "failed"  # the details are in the log
-            gql = GraphQLClient(http, app)
-            await gql.restock("r", line("A", 3))
-            res = await gql.reserve("c", line("A", 2))
-            assert res["replayed"] is False
-            assert (await gql.balance("A"))["available"] == 1
+    async with client_for(create_served_app(settings)) as gql:
+        ready = await gql.http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "degraded"
+        assert ready.json()["checks"]["database"] == "ok"
+        assert ready.json()["checks"]["redis"] == "failed"  # the details are in the log
+        await gql.restock("r", line("A", 3))
+        res = await gql.reserve("c", line("A", 2))
+        assert res["replayed"] is False
+        assert (await gql.balance("A"))["available"] == 1
 
 
 async def test_graphiql_and_introspection_switches(database_url: str, org_id: str) -> None:

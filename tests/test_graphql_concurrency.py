@@ -11,10 +11,9 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import drop_org_keys
-from graphql_helpers import GraphQLClient, line, mutation_document
+from graphql_helpers import client_for, line, mutation_document
 
 from stockledger.app.serving import create_served_app
 from stockledger.config import Settings
@@ -55,61 +54,56 @@ async def test_500_concurrent_reserves_sell_exactly_the_stock(
 ) -> None:
     assert served_settings.locks_enabled
     sku = f"HOT-{uuid.uuid4().hex[:8]}"
-    app = create_served_app(served_settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://stockledger", timeout=120
-        ) as http:
-            gql = GraphQLClient(http, app)
-            await gql.restock(f"restock-{sku}", line(sku, ON_HAND))
-            document = mutation_document("reserve")
+    async with client_for(create_served_app(served_settings), request_seconds=120) as gql:
+        http = gql.http
+        await gql.restock(f"restock-{sku}", line(sku, ON_HAND))
+        document = mutation_document("reserve")
 
-            async def reserve(i: int) -> dict[str, object]:
-                response = await http.post(
-                    "/graphql",
-                    json={
-                        "query": document,
-                        "variables": {
-                            "input": {"idempotencyKey": f"r-{sku}-{i}", "lines": [line(sku, 1)]}
-                        },
+        async def reserve(i: int) -> dict[str, object]:
+            response = await http.post(
+                "/graphql",
+                json={
+                    "query": document,
+                    "variables": {
+                        "input": {"idempotencyKey": f"r-{sku}-{i}", "lines": [line(sku, 1)]}
                     },
-                )
-                assert response.status_code == 200, response.text
-                body: dict[str, object] = response.json()
-                return body
-
-            start = time.perf_counter()
-            bodies = await asyncio.gather(*(reserve(i) for i in range(REQUESTS)))
-            wall = time.perf_counter() - start
-            print(f"\n{backend}: {REQUESTS} concurrent reserves in {wall:.2f} s")
-
-            top_level = [b["errors"] for b in bodies if "errors" in b]
-            assert top_level == []
-            kinds = Counter(b["data"]["reserve"]["__typename"] for b in bodies)  # type: ignore[index]
-            assert dict(kinds) == {
-                "ReserveSuccess": ON_HAND,
-                "InsufficientStockError": REQUESTS - ON_HAND,
-            }, f"{backend}: {dict(kinds)} after {wall:.2f} s"
-            for b in bodies:
-                result = b["data"]["reserve"]  # type: ignore[index]
-                if result["__typename"] == "InsufficientStockError":
-                    assert result["shortages"] == [
-                        {"sku": sku, "location": "default", "requested": 1, "available": 0}
-                    ]
-            ids = {
-                b["data"]["reserve"]["reservation"]["id"]  # type: ignore[index]
-                for b in bodies
-                if b["data"]["reserve"]["__typename"] == "ReserveSuccess"  # type: ignore[index]
-            }
-            assert len(ids) == ON_HAND
-
-            balance = await gql.balance(sku)
-            assert balance is not None
-            assert (balance["onHand"], balance["reserved"], balance["available"]) == (
-                ON_HAND,
-                ON_HAND,
-                0,
+                },
             )
-            assert balance["version"] == 1 + ON_HAND  # one RESTOCK + one RESERVE per success
-            assert await find_violations(app.state.database, org_id) == []
+            assert response.status_code == 200, response.text
+            body: dict[str, object] = response.json()
+            return body
+
+        start = time.perf_counter()
+        bodies = await asyncio.gather(*(reserve(i) for i in range(REQUESTS)))
+        wall = time.perf_counter() - start
+        print(f"\n{backend}: {REQUESTS} concurrent reserves in {wall:.2f} s")
+
+        top_level = [b["errors"] for b in bodies if "errors" in b]
+        assert top_level == []
+        kinds = Counter(b["data"]["reserve"]["__typename"] for b in bodies)  # type: ignore[index]
+        assert dict(kinds) == {
+            "ReserveSuccess": ON_HAND,
+            "InsufficientStockError": REQUESTS - ON_HAND,
+        }, f"{backend}: {dict(kinds)} after {wall:.2f} s"
+        for b in bodies:
+            result = b["data"]["reserve"]  # type: ignore[index]
+            if result["__typename"] == "InsufficientStockError":
+                assert result["shortages"] == [
+                    {"sku": sku, "location": "default", "requested": 1, "available": 0}
+                ]
+        ids = {
+            b["data"]["reserve"]["reservation"]["id"]  # type: ignore[index]
+            for b in bodies
+            if b["data"]["reserve"]["__typename"] == "ReserveSuccess"  # type: ignore[index]
+        }
+        assert len(ids) == ON_HAND
+
+        balance = await gql.balance(sku)
+        assert balance is not None
+        assert (balance["onHand"], balance["reserved"], balance["available"]) == (
+            ON_HAND,
+            ON_HAND,
+            0,
+        )
+        assert balance["version"] == 1 + ON_HAND  # one RESTOCK + one RESERVE per success
+        assert await find_violations(gql.app.state.database, org_id) == []

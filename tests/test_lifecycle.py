@@ -19,18 +19,19 @@ import httpx
 import pytest
 from conftest import make_settings
 from graphql_helpers import line, mutation_document
-from server_process import CLI, GRACEFUL, base_env, running
+from server_process import CLI, GRACEFUL, Server, base_env, running
 
 from stockledger.app.server import SHUTDOWN_TIMED_OUT
 from stockledger.db.engine import create_database
 from stockledger.services.reconcile import find_violations
 
 
-def _post(url: str, name: str, operation: str, **input: Any) -> dict[str, Any]:
+def _post(server: Server, name: str, operation: str, **input: Any) -> dict[str, Any]:
     document = mutation_document(name).replace("mutation", f"mutation {operation}", 1)
     response = httpx.post(
-        f"{url}/graphql",
+        f"{server.url}/graphql",
         json={"query": document, "variables": {"input": input}, "operationName": operation},
+        headers=server.headers,
         timeout=30,
     )
     assert response.status_code == 200, response.text
@@ -87,7 +88,7 @@ def test_sigterm_with_due_expiries_ends_within_the_bound_and_loses_nothing(
     with running(tmp_path, env) as server:
         server.wait_ready()
         _post(
-            server.url,
+            server,
             "restock",
             "Stock",
             idempotencyKey="s-1",
@@ -95,7 +96,7 @@ def test_sigterm_with_due_expiries_ends_within_the_bound_and_loses_nothing(
         )
         for i in range(150):  # due within the next second: the sweeper has work
             _post(
-                server.url,
+                server,
                 "reserve",
                 "Hold",
                 idempotencyKey=f"c-{i}",
@@ -148,10 +149,11 @@ def test_every_line_is_json_with_the_pid_and_an_access_line_per_request(tmp_path
     env = base_env(tmp_path)
     with running(tmp_path, env) as server:
         server.wait_ready()
-        _post(server.url, "restock", "Stock", idempotencyKey="k-1", lines=[line("A", 3)])
+        _post(server, "restock", "Stock", idempotencyKey="k-1", lines=[line("A", 3)])
         httpx.post(
             f"{server.url}/graphql",
             json={"query": 'query Look { balance(sku: "A", location: "default") { onHand } }'},
+            headers=server.headers,
             timeout=10,
         ).raise_for_status()
         for _ in range(3):
@@ -171,3 +173,10 @@ def test_every_line_is_json_with_the_pid_and_an_access_line_per_request(tmp_path
         assert entry["status"] == 200 and entry["method"] == "POST"
         assert entry["path"] == "/graphql" and entry["duration_ms"] > 0
         assert entry["outcome"] == "ok" and len(entry["request_id"]) == 32
+    # Each request's lines name the key that made it (section 13), never its secret.
+    writes = [entry for entry in lines if entry["logger"] == "stockledger.writes"]
+    assert len(writes) == 1
+    for entry in [*access, *writes]:
+        assert (entry["api_key_name"], entry["org"]) == ("bootstrap admin", "default"), entry
+        assert isinstance(entry["api_key_id"], int)
+    assert server.headers["authorization"].split()[1] not in server.stderr + server.stdout

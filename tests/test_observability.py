@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
-from graphql_helpers import GraphQLClient, app_settings, line, mutation_document
+from graphql_helpers import GraphQLClient, app_settings, client_for, line, mutation_document
 from log_helpers import json_logging, write_lines
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,11 +30,8 @@ SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 @asynccontextmanager
 async def served(settings: Settings) -> AsyncIterator[GraphQLClient]:
     """``create_served_app(settings)`` with its lifespan (runtime, sweeper) and a client."""
-    app = create_served_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://stockledger") as http:
-            yield GraphQLClient(http, app)
+    async with client_for(create_served_app(settings)) as gql:
+        yield gql
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from server_process import base_env, running
+from server_process import Server, base_env, running
 
 from stockledger.replay import Replay, load_orders
 
@@ -18,8 +18,15 @@ pytestmark = pytest.mark.slow
 ORDERS = 300
 
 
-async def _replay(url: str, batch: int | None) -> Replay:
-    replay = Replay(url, load_orders(limit=ORDERS), clients=8, abandon_ttl=1, batch=batch)
+async def _replay(server: Server, batch: int | None) -> Replay:
+    replay = Replay(
+        f"{server.url}/graphql",
+        load_orders(limit=ORDERS),
+        clients=8,
+        abandon_ttl=1,
+        batch=batch,
+        api_key=server.secret,
+    )
     elapsed = await replay.run()
     problems = await replay.check(expire_wait=15)
     print("\n" + replay.report(elapsed))
@@ -43,7 +50,7 @@ BATCHES = pytest.mark.parametrize("batch", [None, 50], ids=["single", "batch-50"
 async def test_replay_on_the_embedded_default(tmp_path: Path, batch: int | None) -> None:
     with running(tmp_path, base_env(tmp_path, log_level="WARNING")) as server:
         server.wait_ready()
-        replay = await _replay(f"{server.url}/graphql", batch)
+        replay = await _replay(server, batch)
         _assert_counts(replay)
         assert bool(replay.out.latencies.get("reserveMany")) == (batch is not None)
 
@@ -57,4 +64,4 @@ async def test_replay_on_mariadb_and_redis(
     )
     with running(tmp_path, env) as server:
         server.wait_ready()
-        _assert_counts(await _replay(f"{server.url}/graphql", batch))
+        _assert_counts(await _replay(server, batch))

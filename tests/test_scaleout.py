@@ -132,7 +132,9 @@ async def test_the_replay_on_four_instances_passes_every_check(
     instances: list[Instance],
 ) -> None:
     urls = [f"{i.url}/graphql" for i in instances]
-    replay = Replay(urls, load_orders(limit=ORDERS), clients=8, abandon_ttl=1)
+    replay = Replay(
+        urls, load_orders(limit=ORDERS), clients=8, abandon_ttl=1, api_key=instances[0].secret
+    )
     elapsed = await replay.run()
     problems = await replay.check(expire_wait=15)
     print("\n" + replay.report(elapsed))
@@ -150,7 +152,9 @@ async def test_a_sigkilled_instance_loses_and_doubles_nothing(instances: list[In
     the calls sent again replay when sent once more, and each effect is in the ledger once."""
     urls = [f"{i.url}/graphql" for i in instances]
     victim = instances[-1]
-    replay = Replay(urls, load_orders(limit=ORDERS), clients=8, abandon_ttl=1)
+    replay = Replay(
+        urls, load_orders(limit=ORDERS), clients=8, abandon_ttl=1, api_key=instances[0].secret
+    )
     sent_at_restart: list[int] = []
 
     def restart() -> None:
@@ -177,7 +181,9 @@ async def test_a_sigkilled_instance_loses_and_doubles_nothing(instances: list[In
     assert sent_at_restart and replay.out.sent[urls[-1]] > sent_at_restart[0]
     assert victim.proc.poll() is None
     async with httpx.AsyncClient(timeout=10) as client:
-        answer = await client.post(urls[-1], json={"query": "{ __typename }"})
+        answer = await client.post(
+            urls[-1], json={"query": "{ __typename }"}, headers=victim.headers
+        )
     assert answer.status_code == 200, answer.text
 
 

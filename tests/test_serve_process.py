@@ -30,9 +30,9 @@ from server_process import (
 from sqlalchemy.engine import make_url
 
 
-def mutate(url: str, name: str, **input: Any) -> dict[str, Any]:
-    """One mutation on a fresh connection; its result object."""
-    with httpx.Client(base_url=url, timeout=30) as http:
+def mutate(server: Server, name: str, **input: Any) -> dict[str, Any]:
+    """One mutation on a fresh connection, with an ADMIN key; its result object."""
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=30) as http:
         response = http.post(
             "/graphql", json={"query": mutation_document(name), "variables": {"input": input}}
         )
@@ -43,9 +43,12 @@ def mutate(url: str, name: str, **input: Any) -> dict[str, Any]:
     return result
 
 
-def query(url: str, document: str, variables: dict[str, Any]) -> dict[str, Any]:
+def query(server: Server, document: str, variables: dict[str, Any]) -> dict[str, Any]:
     response = httpx.post(
-        f"{url}/graphql", json={"query": document, "variables": variables}, timeout=30
+        f"{server.url}/graphql",
+        json={"query": document, "variables": variables},
+        headers=server.headers,
+        timeout=30,
     )
     assert response.status_code == 200, response.text
     body = response.json()
@@ -69,12 +72,18 @@ def test_embedded_default_serves_restock_reserve_deduct_ledger(tmp_path: Path) -
     with running(tmp_path, base_env(tmp_path)) as server:
         ready = server.wait_ready()
         assert ready == {"status": "ready", "checks": {"database": "ok", "redis": "ok"}}
-        url = server.url
+        # Secure by default: no key, no answer; the bootstrap key is the owner's alone.
+        anonymous = httpx.post(f"{server.url}/graphql", json={"query": "{ __typename }"})
+        assert anonymous.status_code == 401, anonymous.text
+        key_file = tmp_path / "data" / "admin.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert str(key_file) in server.stdout + server.stderr
+        assert key_file.read_text().strip() not in server.stdout + server.stderr
 
-        restocked = mutate(url, "restock", idempotencyKey="p-restock", lines=[line("MUG-1", 10)])
+        restocked = mutate(server, "restock", idempotencyKey="p-restock", lines=[line("MUG-1", 10)])
         assert restocked["__typename"] == "RestockSuccess"
         reserved = mutate(
-            url,
+            server,
             "reserve",
             idempotencyKey="p-reserve",
             lines=[line("MUG-1", 3)],
@@ -85,7 +94,7 @@ def test_embedded_default_serves_restock_reserve_deduct_ledger(tmp_path: Path) -
             (10, 3, 7)
         ]
         rid = reserved["reservation"]["id"]
-        deducted = mutate(url, "deduct", idempotencyKey="p-deduct", reservationId=rid)
+        deducted = mutate(server, "deduct", idempotencyKey="p-deduct", reservationId=rid)
         assert deducted["__typename"] == "DeductSuccess"
         assert deducted["reservations"][0]["status"] == "COMMITTED"
         assert [(b["onHand"], b["reserved"], b["available"]) for b in deducted["balances"]] == [
@@ -93,7 +102,7 @@ def test_embedded_default_serves_restock_reserve_deduct_ledger(tmp_path: Path) -
         ]
 
         ledger = query(
-            url,
+            server,
             f'{{ ledger(filter: {{sku: "MUG-1"}}) {{ edges {{ node {{ {LEDGER} }} }} }} }}',
             {},
         )["ledger"]["edges"]
@@ -194,7 +203,11 @@ def test_mysql_refuses_until_migrated(
     with running(tmp_path, env) as server:
         ready = server.wait_ready()
         assert ready == {"status": "ready", "checks": {"database": "ok", "redis": "ok"}}
-        restocked = mutate(server.url, "restock", idempotencyKey="m-1", lines=[line("BOLT", 4)])
+        # `migrate` made the first key of the fresh database, and said where, not what.
+        key_file = tmp_path / "data" / "admin.key"
+        assert str(key_file) in migrated.stdout
+        assert key_file.read_text().strip() not in migrated.stdout + migrated.stderr
+        restocked = mutate(server, "restock", idempotencyKey="m-1", lines=[line("BOLT", 4)])
         assert [b["onHand"] for b in restocked["balances"]] == [4]
         assert server.stop() in GRACEFUL, server.stderr
     assert "Application shutdown complete." in server.stderr
@@ -231,13 +244,12 @@ def test_two_workers_sum_their_metrics(
     with running(tmp_path, env, "--workers", "2", "--metrics-port", str(metrics_port)) as server:
         server.wait_ready()
         server.wait_started(workers=2)
-        url = server.url
-        restocked = mutate(url, "restock", idempotencyKey="w-restock", lines=[line("NUT", 500)])
+        restocked = mutate(server, "restock", idempotencyKey="w-restock", lines=[line("NUT", 500)])
         assert restocked["__typename"] == "RestockSuccess"
         [metrics_dir] = tmp_path.glob("stockledger-metrics-*")
 
         def reserve(i: int) -> str:
-            result = mutate(url, "reserve", idempotencyKey=f"w-{i}", lines=[line("NUT", 1)])
+            result = mutate(server, "reserve", idempotencyKey=f"w-{i}", lines=[line("NUT", 1)])
             return str(result["__typename"])
 
         # Separate connections from several threads; more rounds until both workers served some.
@@ -253,7 +265,7 @@ def test_two_workers_sum_their_metrics(
         assert len([n for n in by_process.values() if n > 0]) == 2, by_process
         assert sum(by_process.values()) == sent
 
-        scrapes = [httpx.get(f"{url}/metrics", timeout=10).text for _ in range(6)]
+        scrapes = [httpx.get(f"{server.url}/metrics", timeout=10).text for _ in range(6)]
         scrapes.append(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text)
         for text in scrapes:
             assert metric(text, "inventory_reserve_total", {"status": "success"}) == sent
@@ -281,7 +293,7 @@ def test_two_workers_sum_their_metrics(
                 )
                 == 1
             )
-        balance = query(url, '{ balance(sku: "NUT") { onHand reserved } }', {})["balance"]
+        balance = query(server, '{ balance(sku: "NUT") { onHand reserved } }', {})["balance"]
         assert balance == {"onHand": 500, "reserved": sent}
         assert server.stop() in GRACEFUL, server.stderr
 
@@ -303,3 +315,27 @@ def test_several_workers_need_redis(tmp_path: Path, mysql_url: str) -> None:
     )
     assert result.returncode != 0
     assert "one worker only" in result.stderr, result.stderr
+
+
+def test_auth_off_is_refused_off_loopback_and_warned_about_on_it(tmp_path: Path) -> None:
+    """ARCHITECTURE section 13: STOCKLEDGER_AUTH=off makes every request ADMIN, so `serve`
+    refuses it unless bound to a loopback address, and warns when it is."""
+    env = base_env(tmp_path, auth="off", log_level="WARNING")
+    for host in ("0.0.0.0", "::", "example.com"):
+        refused = subprocess.run(
+            [*CLI, "serve", "--host", host, "--port", str(free_port())],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode != 0, refused.stdout
+        assert "STOCKLEDGER_AUTH=off lets anyone who reaches the port act as ADMIN" in (
+            refused.stderr
+        ), refused.stderr
+    with running(tmp_path, env, "--host", "127.0.0.1") as server:
+        server.wait_ready()
+        answer = httpx.post(f"{server.url}/graphql", json={"query": "{ __typename }"}, timeout=10)
+        assert answer.json() == {"data": {"__typename": "Query"}}
+        assert "STOCKLEDGER_AUTH=off: every request acts as ADMIN" in server.stderr

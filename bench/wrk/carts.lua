@@ -13,6 +13,11 @@ carts_ok = 0
 sample = nil
 local tid = 0
 
+-- API_KEY (optional): a secret sent as Authorization: Bearer (keys are required by default).
+local headers = {["Content-Type"] = "application/json"}
+local api_key = os.getenv("API_KEY")
+if api_key and api_key ~= "" then headers["Authorization"] = "Bearer " .. api_key end
+
 function setup(thread)
   tid = tid + 1
   thread:set("tid", tid)
@@ -51,7 +56,7 @@ function request()
       '{"query":"mutation($i: ReserveManyInput!){reserveMany(input:$i){results{__typename}}}","variables":{"i":{"carts":[%s]}}}',
       table.concat(carts, ","))
   end
-  return wrk.format("POST", "/graphql", {["Content-Type"] = "application/json"}, body)
+  return wrk.format("POST", "/graphql", headers, body)
 end
 
 function response(status, headers, body)

@@ -15,6 +15,11 @@ ok = 0
 sample = nil
 local tid = 0
 
+-- API_KEY (optional): a secret sent as Authorization: Bearer (keys are required by default).
+local headers = {["Content-Type"] = "application/json"}
+local api_key = os.getenv("API_KEY")
+if api_key and api_key ~= "" then headers["Authorization"] = "Bearer " .. api_key end
+
 function setup(thread)
   tid = tid + 1
   thread:set("tid", tid)
@@ -61,7 +66,7 @@ function request()
   else
     body = reserve_body({sku(math.random(0, skus - 1))})
   end
-  return wrk.format("POST", "/graphql", {["Content-Type"] = "application/json"}, body)
+  return wrk.format("POST", "/graphql", headers, body)
 end
 
 function response(status, headers, body)

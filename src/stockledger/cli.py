@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import os
 import shutil
 import sys
 import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -106,12 +108,24 @@ def serve(host: str, port: int, workers: int, metrics_port: int | None) -> None:
     fakeredis), one worker only. With a MySQL URL, run ``stockledger migrate`` first.
     """
     from stockledger.app import server
-    from stockledger.observability.logs import configure_logging
+    from stockledger.observability.logs import configure_logging, get_logger
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
     if workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--workers")
+    if settings.auth == "off":
+        # Every request then acts as ADMIN (ARCHITECTURE section 13): this machine only.
+        if not _is_loopback(host):
+            raise click.UsageError(
+                f"STOCKLEDGER_AUTH=off lets anyone who reaches the port act as ADMIN: it is "
+                f"refused on {host}; bind a loopback address (--host 127.0.0.1 or ::1) or "
+                "leave STOCKLEDGER_AUTH at required"
+            )
+        get_logger("stockledger.cli").warning(
+            "STOCKLEDGER_AUTH=off: every request acts as ADMIN of org %s, with no key",
+            settings.org_id,
+        )
     if workers > 1 and (settings.embedded_database or settings.redis_url is None):
         raise click.UsageError(
             "the embedded default (SQLite and in-process fakeredis) runs one worker only; "
@@ -171,10 +185,21 @@ def sweep(once: bool) -> None:
         pass
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to anything
+
+
 def _bootstrap_key(settings: Settings) -> None:
     """On an empty key table: one ADMIN key for ``settings.org_id``, its secret written to
-    ``<data dir>/admin.key`` (mode 0600); says where, never the secret. Skipped when the
-    database has no key table yet (``serve`` then asks for ``migrate``)."""
+    ``<data dir>/admin.key`` (mode 0600; ``admin-2.key`` ... when that file exists); says
+    where, never the secret. Skipped when the database has no key table yet (``serve`` then
+    asks for ``migrate``)."""
     import asyncio
 
     from sqlalchemy import inspect
@@ -185,12 +210,12 @@ def _bootstrap_key(settings: Settings) -> None:
 
     path = settings.data_dir / "admin.key"
 
-    async def run() -> bool:
+    async def run() -> Path | None:
         db = create_database(settings)
         try:
             async with db.read() as conn:
                 if not await conn.run_sync(lambda c: inspect(c).has_table("api_key")):
-                    return False
+                    return None
             # Under the migration lock: replicas starting together make one key, not several.
             async with db.engine.connect() as lock:
                 release = await lock.run_sync(acquire_migration_lock)
@@ -201,8 +226,9 @@ def _bootstrap_key(settings: Settings) -> None:
         finally:
             await db.dispose()
 
-    if asyncio.run(run()):
-        click.echo(f"created the first API key (ADMIN of org {settings.org_id}): {path}")
+    written = asyncio.run(run())
+    if written is not None:
+        click.echo(f"created the first API key (ADMIN of org {settings.org_id}): {written}")
 
 
 def _key_store_run(work: Any) -> Any:
@@ -338,6 +364,13 @@ def apikey_revoke(key_id: int) -> None:
     default=None,
     help="Send each day's carts in reserveMany calls of up to N (shipments: deductMany).",
 )
+@click.option(
+    "--api-key",
+    envvar="STOCKLEDGER_API_KEY",
+    default=None,
+    help="The key to send (an OPERATOR or ADMIN key); default: STOCKLEDGER_API_KEY, else the "
+    "bootstrap key in <data dir>/admin.key if there is one.",
+)
 def replay(
     urls: tuple[str, ...],
     orders: int | None,
@@ -349,13 +382,16 @@ def replay(
     expire_wait: float,
     data: str | None,
     batch: int | None,
+    api_key: str | None,
 ) -> None:
     """Replay the Superstore orders through a running server and check the result."""
     import asyncio
-    from pathlib import Path
 
     from stockledger.replay import DEFAULT_DATA, run_replay
 
+    if api_key is None:
+        bootstrap = get_settings().data_dir / "admin.key"
+        api_key = bootstrap.read_text().strip() if bootstrap.exists() else None
     report, problems = asyncio.run(
         run_replay(
             list(urls),
@@ -368,6 +404,7 @@ def replay(
             abandon_ttl=abandon_ttl,
             expire_wait=expire_wait,
             batch=batch,
+            api_key=api_key,
         )
     )
     click.echo(report)

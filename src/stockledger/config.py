@@ -93,8 +93,8 @@ class Settings(BaseSettings):
     body_read_timeout_seconds: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=2048, ge=1)
     # Authentication (ARCHITECTURE section 13): "required" (a Bearer API key on /graphql) or
-    # "off". Off by default until every client of this repository sends keys (issue 10).
-    auth: Literal["required", "off"] = "off"
+    # "off" (every request is ADMIN; `serve` allows it on a loopback address only).
+    auth: Literal["required", "off"] = "required"
     # Origins allowed to call the API from a browser (CORS), comma-separated; empty: none.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Requests per API key (ARCHITECTURE section 13), in the `limits` library's notation:

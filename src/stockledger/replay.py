@@ -197,7 +197,10 @@ class Replay:
 
     ``retries``: attempts per call in all (>= 1) for transport errors, ``UNAVAILABLE`` and
     ``LOCK_TIMEOUT``; ``probe``: how many calls that were not retried the idempotency check
-    sends again (every retried one is). Raises ValueError for no URL or ``retries`` < 1.
+    sends again (every retried one is). ``api_key``: the secret sent as ``Authorization:
+    Bearer`` (it needs STOCK_WRITE, RESERVATIONS_WRITE and STOCK_READ: an OPERATOR key), or
+    None for a server with ``STOCKLEDGER_AUTH=off``. Raises ValueError for no URL or
+    ``retries`` < 1.
     """
 
     def __init__(
@@ -214,7 +217,9 @@ class Replay:
         batch: int | None = None,
         retries: int = 8,
         probe: int = 20,
+        api_key: str | None = None,
     ) -> None:
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.urls = [url] if isinstance(url, str) else list(url)
         if not self.urls:
             raise ValueError("no GraphQL URL")
@@ -484,7 +489,7 @@ class Replay:
         limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
         self.running = True
         try:
-            async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            async with httpx.AsyncClient(timeout=60, limits=limits, headers=self.headers) as client:
                 self._client = client
                 return await self._run()
         finally:
@@ -666,7 +671,7 @@ class Replay:
         """
         problems = list(self.out.failures)
         limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=60, limits=limits, headers=self.headers) as client:
             self._client = client
             # Abandoned carts expire on the server's sweeper; wait for them (bounded).
             deadline = time.monotonic() + expire_wait
@@ -815,10 +820,12 @@ async def run_replay(
     abandon_ttl: int = 2,
     expire_wait: float = 15.0,
     batch: int | None = None,
+    api_key: str | None = None,
 ) -> tuple[str, list[str]]:
     """Run a replay and its checks; returns (report text, failures). ``url``: one GraphQL
     URL or several instances'. ``batch``: carts (and shipments) per reserveMany (deductMany)
-    call; None: one reserve (deduct) per order. Raises what :meth:`Replay.run` raises."""
+    call; None: one reserve (deduct) per order. ``api_key``: see :class:`Replay`. Raises
+    what :meth:`Replay.run` raises."""
     replay = Replay(
         url,
         load_orders(data, orders),
@@ -828,6 +835,7 @@ async def run_replay(
         abandon_share=abandon_share,
         abandon_ttl=abandon_ttl,
         batch=batch,
+        api_key=api_key,
     )
     elapsed = await replay.run()
     problems = await replay.check(expire_wait=expire_wait)

@@ -5,8 +5,10 @@ A missing, malformed, unknown, expired or revoked key answers HTTP 401 with
 ``WWW-Authenticate: Bearer`` (RFC 6750, section 3) and
 ``{"errors": [{"message": ..., "extensions": {"code": "UNAUTHENTICATED"}}]}``; nothing of
 GraphQL runs, introspection included. A good key is left in the request's ASGI state
-(``api_key``) for the GraphQL context, whose scopes it sets. A browser's GET of the GraphiQL
-page (no ``query``) needs no key: the page's own requests do.
+(``api_key``) for the GraphQL context, whose scopes it sets, and bound to the log lines written
+while the request runs (``observability.logs.caller``). A browser's GET of the GraphiQL
+page (no ``query``) needs no key: the page's own requests do. While the database (which holds
+the keys) is away, a key not in the cache gets HTTP 503 ``UNAVAILABLE`` with ``Retry-After``.
 
 Tenancy comes later (issue 10): until then a process serves one org, ``STOCKLEDGER_ORG_ID``,
 and a key of another org is refused here (HTTP 403, ``FORBIDDEN``).
@@ -20,6 +22,8 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from stockledger.config import Settings
+from stockledger.db.engine import is_connection_lost
+from stockledger.observability.logs import caller
 
 GRAPHQL_PATH = "/graphql"
 
@@ -44,7 +48,16 @@ class AuthMiddleware:
                 send, 401, "UNAUTHENTICATED", "an API key is needed: Authorization: Bearer <key>"
             )
             return
-        key = await scope["app"].state.api_keys.authenticate(secret)
+        try:
+            key = await scope["app"].state.api_keys.authenticate(secret)
+        except Exception as exc:
+            if not (is_connection_lost(exc) or isinstance(exc, TimeoutError)):
+                raise
+            # The key store is the database: while it is away, say so as the writes do.
+            await _refuse(
+                send, 503, "UNAVAILABLE", "the API keys cannot be read now: the database is away"
+            )
+            return
         if key is None:
             await _refuse(
                 send, 401, "UNAUTHENTICATED", "the API key is unknown, expired or revoked"
@@ -59,7 +72,11 @@ class AuthMiddleware:
             )
             return
         scope.setdefault("state", {})["api_key"] = key
-        await self.app(scope, receive, send)
+        token = caller.set((key.id, key.name, key.org))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            caller.reset(token)
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -78,7 +95,10 @@ def _is_ide_page(scope: Scope) -> bool:
 
 
 async def _refuse(send: Send, status: int, code: str, message: str) -> None:
-    body: dict[str, Any] = {"errors": [{"message": message, "extensions": {"code": code}}]}
+    extensions: dict[str, Any] = {"code": code}
+    if status == 503:
+        extensions["retryAfterMs"] = 1000  # as the writes' UNAVAILABLE carries it
+    body: dict[str, Any] = {"errors": [{"message": message, "extensions": extensions}]}
     payload = orjson.dumps(body)
     headers = [
         (b"content-type", b"application/json"),
@@ -86,5 +106,7 @@ async def _refuse(send: Send, status: int, code: str, message: str) -> None:
     ]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="stockledger"'))
+    if status == 503:
+        headers.append((b"retry-after", b"1"))  # RFC 9110 section 10.2.3, in seconds
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

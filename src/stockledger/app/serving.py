@@ -97,7 +97,11 @@ class RequestLogMiddleware:
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
         }
-        operation = (scope.get("state") or {}).get("graphql")
+        state = scope.get("state") or {}
+        key = state.get("api_key")  # AuthMiddleware's: the caller, never the secret
+        if key is not None:
+            fields.update(api_key_id=key.id, api_key_name=key.name, org=key.org)
+        operation = state.get("graphql")
         if operation is not None:
             fields.update(
                 operation_name=operation.name,

@@ -3,7 +3,9 @@
 ``configure_logging(level, fmt)`` sets up structlog and routes the standard library's logging
 (uvicorn, SQLAlchemy, ours) through the same renderer. Every line carries the process id
 (``pid``: which worker wrote it). ``request_id`` is a context variable the HTTP layer binds per
-request (``X-Request-ID``) and every line carries.
+request (``X-Request-ID``) and every line carries; ``caller`` likewise holds the API key a request
+authenticated with, so every line written for it names the key (``api_key_id``,
+``api_key_name``) and its ``org``, never the secret (ARCHITECTURE section 13).
 """
 
 from __future__ import annotations
@@ -17,12 +19,23 @@ from typing import Any
 import structlog
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# (key id, key name, org) of the request's API key; None without one (STOCKLEDGER_AUTH=off).
+caller: ContextVar[tuple[int, str, str] | None] = ContextVar("caller", default=None)
 
 
 def _add_request_id(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     rid = request_id.get()
     if rid is not None and "request_id" not in event:
         event["request_id"] = rid
+    return event
+
+
+def _add_caller(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    who = caller.get()
+    if who is not None:
+        event.setdefault("api_key_id", who[0])
+        event.setdefault("api_key_name", who[1])
+        event.setdefault("org", who[2])
     return event
 
 
@@ -40,6 +53,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         _add_request_id,
+        _add_caller,
         _add_pid,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

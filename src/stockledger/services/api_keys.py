@@ -261,21 +261,31 @@ class ApiKeys:
         )
         return made, secret
 
-    async def bootstrap_admin(self, org: str, path: Path) -> bool:
+    async def bootstrap_admin(self, org: str, path: Path) -> Path | None:
         """When no key exists at all: create one ADMIN key for ``org`` and write its secret to
         ``path`` (mode 0600, its directory made), so that a fresh install can be reached
-        (ARCHITECTURE section 13). True when it made one; False when keys exist."""
+        (ARCHITECTURE section 13); the file written, or None when keys exist. A file already
+        at ``path`` (another database's key, in a shared data directory) is never
+        overwritten: the secret goes to the first free ``<stem>-2<suffix>``, ``-3``, ...
+        instead."""
         async with self.db.read() as conn:
             existing = (await conn.execute(select(func.count()).select_from(api_key))).scalar()
         if existing:
-            return False
+            return None
         _, secret = await self.create(org, "bootstrap admin", [Scope.ADMIN])
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        target, n = path, 1
+        while True:
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                break
+            except FileExistsError:
+                n += 1
+                target = path.with_name(f"{path.stem}-{n}{path.suffix}")
         with os.fdopen(fd, "w") as handle:
             handle.write(secret + "\n")
-        os.chmod(path, 0o600)  # also when the file was there before with other bits
-        return True
+        os.chmod(target, 0o600)  # whatever the umask left
+        return target
 
     async def list(self, org: str | None = None) -> Sequence[ApiKey]:
         """Every key (of ``org``, or of all orgs), oldest first, revoked ones included."""

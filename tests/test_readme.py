@@ -1,0 +1,99 @@
+"""The README's curl examples, run as written against a fresh ``stockledger serve`` on the
+embedded default, from the directory it runs in (so ``$(cat data/admin.key)`` reads the
+bootstrap key it wrote): every answer is the one the README describes (issue 10: "The README's
+curl examples work as written with the bootstrap key")."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from server_process import base_env, running
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _commands(section: str) -> list[str]:
+    """The lines of the first ``sh`` block under the README heading ``## <section>`` (or
+    ``### <section>``)."""
+    text = README.read_text()
+    body = text[text.index(f"# {section}\n") :]
+    block = re.search(r"```sh\n(.*?)```", body, re.S)
+    assert block is not None, section
+    return [ln for ln in block.group(1).splitlines() if ln.strip()]
+
+
+def _run(commands: list[str], port: int, cwd: Path) -> list[Any]:
+    """Each ``curl`` line's answer (JSON), run by bash after the block's ``G=`` line with the
+    server's port instead of 8000."""
+    outputs = []
+    setup = f"G=http://127.0.0.1:{port}/graphql"
+    for command in commands:
+        if command.startswith("G="):
+            assert command == "G=http://127.0.0.1:8000/graphql", command
+            continue
+        assert command.startswith("curl "), command
+        done = subprocess.run(
+            ["bash", "-c", f"{setup}\n{command}"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(json.loads(done.stdout))
+    return outputs
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_curl_examples_work_as_written_with_the_bootstrap_key(tmp_path: Path) -> None:
+    with running(tmp_path, base_env(tmp_path, log_level="WARNING")) as server:
+        server.wait_ready()
+        tried = _run(_commands("Try it with curl"), server.port, tmp_path)
+        many = _run(_commands("Many carts in one request"), server.port, tmp_path)
+        again = _run(_commands("Many carts in one request"), server.port, tmp_path)
+        made = _run(_commands("Managing keys over GraphQL"), server.port, tmp_path)
+        made_again = _run(_commands("Managing keys over GraphQL"), server.port, tmp_path)
+
+    for answer in [*tried, *many, *again, *made, *made_again]:
+        assert "errors" not in answer, answer
+    restock, reserve, deduct, short, look = (a["data"] for a in tried)
+    assert restock["restock"]["__typename"] == "RestockSuccess"
+    assert reserve["reserve"]["__typename"] == "ReserveSuccess"
+    # "The third call answers, for example, ...": exactly that, on a fresh server.
+    assert deduct == {
+        "deduct": {
+            "__typename": "DeductSuccess",
+            "reservations": [{"id": "1", "status": "COMMITTED"}],
+            "balances": [{"sku": "TSHIRT-M", "onHand": 8, "reserved": 0}],
+        }
+    }
+    assert short["reserve"]["__typename"] == "InsufficientStockError"
+    assert look["balance"] == {"onHand": 8, "reserved": 0, "available": 8, "version": 3}
+    # "answers a ReserveSuccess, an InsufficientStockError ... and a ReserveSuccess. Send it
+    # again and the two successes answer replayed: true."
+    [results] = [a["data"]["reserveMany"]["results"] for a in many]
+    assert [r["__typename"] for r in results] == [
+        "ReserveSuccess",
+        "InsufficientStockError",
+        "ReserveSuccess",
+    ]
+    assert [r.get("replayed") for r in results] == [False, None, False]
+    [replayed] = [a["data"]["reserveMany"]["results"] for a in again]
+    assert [r["__typename"] for r in replayed] == [r["__typename"] for r in results]
+    assert [r.get("replayed") for r in replayed] == [True, None, True]
+    assert [r.get("reservation") for r in replayed] == [r.get("reservation") for r in results]
+
+    # The STOREFRONT key the README makes: shown once, then replayed without its secret.
+    [created] = [a["data"]["createApiKey"] for a in made]
+    assert created["__typename"] == "CreateApiKeySuccess"
+    assert sorted(created["apiKey"]["scopes"]) == ["RESERVATIONS_WRITE", "STOCK_READ"]
+    assert created["secret"].startswith("sl_") and created["replayed"] is False
+    [replayed_key] = [a["data"]["createApiKey"] for a in made_again]
+    assert (replayed_key["secret"], replayed_key["replayed"]) == (None, True)
+    assert replayed_key["apiKey"] == created["apiKey"]
