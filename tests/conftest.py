@@ -11,6 +11,7 @@ migrated once per session and each test works in its own ``org_id``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import socket
@@ -116,6 +117,27 @@ def mysql_url() -> Iterator[str]:
     upgrade(session_url)
     yield session_url
     _mysql_admin([f"DROP DATABASE IF EXISTS `{name}`"])
+
+
+@pytest.fixture
+def own_mysql_url() -> Iterator[str]:
+    """A MySQL database of this test's own (``<configured>_own_<random>``), migrated, dropped
+    afterwards: for a test whose server sweeps every org, so that no other test's due carts
+    move its counts."""
+    require_server("MariaDB/MySQL", MYSQL_URL, 3306)
+    from sqlalchemy.engine import make_url
+
+    url = make_url(MYSQL_URL)
+    name = f"{url.database}_own_{uuid.uuid4().hex[:8]}"
+    own = url.set(database=name).render_as_string(hide_password=False)
+    # In a thread: an async fixture may ask for this one inside its running event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(_mysql_admin, [f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"]).result()
+        try:
+            pool.submit(upgrade, own).result()
+            yield own
+        finally:
+            pool.submit(_mysql_admin, [f"DROP DATABASE IF EXISTS `{name}`"]).result()
 
 
 @pytest.fixture(params=["sqlite", "mysql"])

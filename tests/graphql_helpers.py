@@ -245,8 +245,8 @@ async def serve(
 
 
 async def admin_key_of(app: Starlette) -> tuple[ApiKey, str]:
-    """A new ADMIN key (and its secret) for the org of a started ``app``."""
-    org = app.state.settings.org_id
+    """A new ADMIN key (and its secret) for the org of a started ``app``'s service."""
+    org = app.state.service.org_id
     key, secret = await app.state.api_keys.create(org, "tests", [Scope.ADMIN])
     return key, str(secret)
 

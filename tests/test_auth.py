@@ -155,11 +155,21 @@ async def test_missing_or_bad_keys_answer_401(auth_gql: GraphQLClient, org_id: s
         assert (await gql.http.get(path)).status_code == 200
 
 
-async def test_a_key_of_another_org_is_refused(auth_gql: GraphQLClient) -> None:
-    secret = await _key(auth_gql, "another-org", [S.ADMIN])
-    response = await _post(auth_gql, secret, '{ balance(sku: "A") { onHand } }')
-    assert response.status_code == 403
-    assert response.json()["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+async def test_a_key_acts_for_its_own_org(auth_gql: GraphQLClient, org_id: str) -> None:
+    """Tenancy (section 13): the served org's stock is not another org's key's to see."""
+    served = await _key(auth_gql, org_id, [S.ADMIN])
+    other = await _key(auth_gql, f"{org_id}-other", [S.ADMIN])
+    query, variables = _operation("restock")
+    assert (await _post(auth_gql, served, query, variables)).status_code == 200
+    look = '{ balance(sku: "A") { onHand } viewer { org } }'
+    assert (await _post(auth_gql, served, look)).json()["data"] == {
+        "balance": {"onHand": 1},
+        "viewer": {"org": org_id},
+    }
+    assert (await _post(auth_gql, other, look)).json()["data"] == {
+        "balance": None,
+        "viewer": {"org": f"{org_id}-other"},
+    }
 
 
 @pytest.mark.parametrize("field", SCOPED)

@@ -506,7 +506,9 @@ async def test_inside_a_batch_the_earlier_arrival_wins_the_last_units(
     async def submit(sku: str, wants: list[int]) -> list[Any]:
         commands = [reserve_command(settings, f"{sku}-{i}", sku, q) for i, q in enumerate(wants)]
         batches = Batches()
-        outcomes = await service.batcher.submit_many([(c, c.balance_keys()) for c in commands])
+        outcomes = await service.batcher.submit_many(
+            org_id, [(c, c.balance_keys()) for c in commands]
+        )
         assert (batches.count, batches.commands) == (1, len(commands))
         return outcomes
 

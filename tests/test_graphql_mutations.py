@@ -462,6 +462,9 @@ class RaisingService:
         self.org_id = org_id
         self.error = error
 
+    def for_org(self, org_id: str) -> RaisingService:
+        return self  # the same errors for every org
+
     async def _raise(self, *args: Any, **kwargs: Any) -> Any:
         raise self.error
 

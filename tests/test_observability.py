@@ -36,14 +36,22 @@ async def served(settings: Settings) -> AsyncIterator[GraphQLClient]:
 
 @pytest.fixture
 async def served_settings(
-    database_url: str, org_id: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    backend: str,
+    database_url: str,
+    org_id: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Settings]:
-    """The test's backend and tenant, real Redis, short lock waits, a fast sweeper; the
-    tenant's Redis keys (locks, expiry index) are deleted afterwards."""
+    """The test's backend and tenant (on MySQL a database of its own: the served sweeper
+    sweeps every org, and other tests' due carts would move the counts), real Redis, short
+    lock waits, a fast sweeper; the tenant's Redis keys (locks, expiry index) are deleted
+    afterwards."""
     # /metrics must read this process's registry, not some multiprocess directory.
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    url = request.getfixturevalue("own_mysql_url") if backend == "mysql" else database_url
     yield app_settings(
-        database_url,
+        url,
         org_id,
         redis_url=redis_url,
         lock_wait_seconds=0.2,

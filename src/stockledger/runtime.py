@@ -83,6 +83,7 @@ async def open_runtime(
         interval=settings.sweep_interval_seconds,
         scan_interval=settings.sweep_db_scan_interval_seconds,
         batch=settings.sweep_batch_size,
+        every_org=True,  # the keys' orgs: each request acts for its key's (section 13)
     )
     try:
         yield Runtime(settings, db, redis, service, sweeper, index)

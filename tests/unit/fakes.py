@@ -117,13 +117,16 @@ class MemoryTransaction:
 
 
 class MemoryStore:
-    """One writer's store over a :class:`MemoryDatabase`."""
+    """One writer's store over a :class:`MemoryDatabase`, whose tables are org ``org_id``'s
+    (a transaction of another org is a mistake of the caller)."""
 
-    def __init__(self, db: MemoryDatabase) -> None:
+    def __init__(self, db: MemoryDatabase, org_id: str = "memory") -> None:
         self.db = db
+        self.org_id = org_id
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[MemoryTransaction]:
+    async def transaction(self, org_id: str) -> AsyncIterator[MemoryTransaction]:
+        assert org_id == self.org_id, f"a transaction of org {org_id!r} on {self.org_id!r}'s tables"
         yield MemoryTransaction(self.db)  # leaving without commit() writes nothing
 
     async def allocate_ids(self, name: str, count: int) -> range:
@@ -131,7 +134,7 @@ class MemoryStore:
         self.db.next_reservation_id += count
         return range(start, start + count)
 
-    async def committed(self, ws: WriteSet) -> bool:
+    async def committed(self, org_id: str, ws: WriteSet) -> bool:
         return all(r.id in self.db.reservations for r in ws.new_reservations) and all(
             k.idempotency_key in self.db.keys for k in ws.keys
         )

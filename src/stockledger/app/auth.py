@@ -10,8 +10,8 @@ while the request runs (``observability.logs.caller``). A browser's GET of the G
 page (no ``query``) needs no key: the page's own requests do. While the database (which holds
 the keys) is away, a key not in the cache gets HTTP 503 ``UNAVAILABLE`` with ``Retry-After``.
 
-Tenancy comes later (issue 10): until then a process serves one org, ``STOCKLEDGER_ORG_ID``,
-and a key of another org is refused here (HTTP 403, ``FORBIDDEN``).
+The key's org is the org the request acts for (tenancy: the GraphQL context's service and
+reads are that org's).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from stockledger.config import Settings
 from stockledger.db.engine import is_connection_lost
 from stockledger.observability.logs import caller
 
@@ -34,9 +33,8 @@ class AuthMiddleware:
     stay open. Reads the key store at ``app.state.api_keys``
     (:class:`~stockledger.services.api_keys.ApiKeys`)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.org_id = settings.org_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != GRAPHQL_PATH or _is_ide_page(scope):
@@ -61,14 +59,6 @@ class AuthMiddleware:
         if key is None:
             await _refuse(
                 send, 401, "UNAUTHENTICATED", "the API key is unknown, expired or revoked"
-            )
-            return
-        if key.org != self.org_id:
-            await _refuse(
-                send,
-                403,
-                "FORBIDDEN",
-                f"this key is for org {key.org!r}; this server serves another",
             )
             return
         scope.setdefault("state", {})["api_key"] = key

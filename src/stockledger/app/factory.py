@@ -142,6 +142,7 @@ def create_app(
             app.state.database = db
             app.state.service = svc
             app.state.queries = InventoryQueries(db, svc.org_id)
+            app.state.queries_by_org = {svc.org_id: app.state.queries}  # others made on use
             app.state.api_keys = ApiKeys(db)
             for hook in lifespan_hooks:
                 await stack.enter_async_context(hook(app))
@@ -186,7 +187,7 @@ def create_app(
 def _auth(settings: Settings) -> list[Middleware]:
     """The Bearer key check (:class:`AuthMiddleware`) when ``settings.auth`` is ``required``;
     none when it is off, so an open server pays no layer for it."""
-    return [Middleware(AuthMiddleware, settings=settings)] if settings.auth == "required" else []
+    return [Middleware(AuthMiddleware)] if settings.auth == "required" else []
 
 
 def _rate_limits(limiter: RateLimiter | None) -> list[Middleware]:

@@ -17,6 +17,7 @@ from strawberry.types import ExecutionResult
 from stockledger.domain.access import Scope, effective
 from stockledger.resolvers import GraphQLContext
 from stockledger.resolvers.errors import top_level_code
+from stockledger.services.queries import InventoryQueries
 
 # GraphiQL's files, vendored (static/graphiql/README.md): served at this path, no CDN.
 GRAPHIQL_ASSETS_PATH = "/graphiql"
@@ -85,11 +86,24 @@ class GraphQLView(GraphQL[GraphQLContext, None]):
     ) -> GraphQLContext:
         state: Any = request.app.state
         key = request.scope.get("state", {}).get("api_key")  # AuthMiddleware's
+        # Tenancy (ARCHITECTURE section 13): everything acts for the key's org; with no key
+        # (STOCKLEDGER_AUTH=off), for the served org.
+        service = state.service if key is None else state.service.for_org(key.org)
         return GraphQLContext(
-            service=state.service,
-            queries=state.queries,
+            service=service,
+            queries=_queries_of(state, service.org_id),
             request=request,
             response=response,
             api_key=key,
             scopes=frozenset(Scope) if key is None else effective(key.scopes),
+            key_store=state.api_keys,
         )
+
+
+def _queries_of(state: Any, org_id: str) -> InventoryQueries:
+    """The reads of ``org_id``, made once per org (``app.state.queries`` is the served org's)."""
+    known: dict[str, InventoryQueries] = state.queries_by_org
+    queries = known.get(org_id)
+    if queries is None:
+        queries = known[org_id] = InventoryQueries(state.database, org_id)
+    return queries

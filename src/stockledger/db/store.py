@@ -162,8 +162,8 @@ class _Sql:
     @functools.cache  # noqa: B019
     def select_lines(self, n: int) -> str:
         return (
-            f"SELECT {_LINE_COLUMNS} FROM reservation_line WHERE reservation_id IN "
-            f"({self.marks(n)}) ORDER BY reservation_id, location, sku"
+            f"SELECT {_LINE_COLUMNS} FROM reservation_line WHERE org_id = {self.mark} AND "
+            f"reservation_id IN ({self.marks(n)}) ORDER BY reservation_id, location, sku"
         )
 
     @functools.cache  # noqa: B019
@@ -179,7 +179,8 @@ class _Sql:
         m = self.mark
         return (
             "SELECT DISTINCT r.id, r.expires_at FROM reservation r JOIN reservation_line l "
-            f"ON l.reservation_id = r.id WHERE r.status = 'ACTIVE' AND r.expires_at <= {m} "
+            "ON l.reservation_id = r.id AND l.org_id = r.org_id "
+            f"WHERE r.status = 'ACTIVE' AND r.expires_at <= {m} "
             f"AND r.org_id = {m} AND l.quantity - l.deducted - l.released > 0 "
             f"AND ({self.pairs(n, 'l.location', 'l.sku')}) ORDER BY r.expires_at, r.id LIMIT {m}"
         )
@@ -257,15 +258,15 @@ def _ref(ref_type: str | None, ref_id: str | None) -> Reference | None:
 
 
 class SqlStore:
-    """The unit of work's statements on one connection of ``db``'s write engine, for one org.
+    """The unit of work's statements on one connection of ``db``'s write engine; each
+    transaction is one org's (every statement carries its ``org_id``: ARCHITECTURE section 13).
 
     Not safe for concurrent use: one writer task owns one store. After a lost connection the
     next :meth:`transaction` opens a fresh one.
     """
 
-    def __init__(self, db: Database, org_id: str) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
-        self.org_id = org_id
         self.sql = _sql(db.dialect)
         self._conn: AsyncConnection | None = None
         self._consecutive_ids: bool | None = None
@@ -351,12 +352,13 @@ class SqlStore:
             )
         return range(start, start + count)
 
-    async def committed(self, ws: WriteSet) -> bool:
-        """Whether the transaction that wrote ``ws`` (its COMMIT's outcome unknown) did
-        commit, by evidence no other transaction can have written: the reservations it created
-        (their ids come from this process's id block), else its key rows, else its ledger
-        entries, with its own timestamp. Any one found means all were (a transaction commits
-        whole); a transaction that wrote nothing committed nothing that matters."""
+    async def committed(self, org_id: str, ws: WriteSet) -> bool:
+        """Whether the transaction of ``org_id`` that wrote ``ws`` (its COMMIT's outcome
+        unknown) did commit, by evidence no other transaction can have written: the
+        reservations it created (their ids come from this process's id block), else its key
+        rows, else its ledger entries, with its own timestamp. Any one found means all were
+        (a transaction commits whole); a transaction that wrote nothing committed nothing that
+        matters."""
         conn = await self._connection()
         m = self.sql.mark
         async with conn.begin():
@@ -377,21 +379,22 @@ class SqlStore:
             result = await conn.exec_driver_sql(
                 f"SELECT 1 FROM {table} WHERE org_id = {m} AND created_at = {m} AND "
                 f"idempotency_key IN ({self.sql.marks(len(keys))}) LIMIT 1",
-                (self.org_id, self.time(ws.now), *keys),
+                (org_id, self.time(ws.now), *keys),
             )
             return result.first() is not None
 
     # ------------------------------------------------------------------ one batch
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SqlTransaction]:
-        """One write transaction; leaving it without :meth:`SqlTransaction.commit` rolls back.
+    async def transaction(self, org_id: str) -> AsyncIterator[SqlTransaction]:
+        """One write transaction of ``org_id``; leaving it without :meth:`SqlTransaction.commit`
+        rolls back.
 
         On SQLite the engine's "begin" hook makes it ``BEGIN IMMEDIATE``.
         """
         conn = await self._connection()
         trans = await conn.begin()
-        tx = SqlTransaction(self, conn, trans)
+        tx = SqlTransaction(self, conn, trans, org_id)
         try:
             yield tx
         finally:
@@ -416,14 +419,16 @@ class SqlStore:
 
 
 class SqlTransaction:
-    """The statements of one batch transaction (see :class:`SqlStore`)."""
+    """The statements of one batch transaction of ``org_id`` (see :class:`SqlStore`)."""
 
-    def __init__(self, store: SqlStore, conn: AsyncConnection, trans: AsyncTransaction) -> None:
+    def __init__(
+        self, store: SqlStore, conn: AsyncConnection, trans: AsyncTransaction, org_id: str
+    ) -> None:
         self.store = store
         self.conn = conn
         self.trans = trans
         self.sql = store.sql
-        self.org_id = store.org_id
+        self.org_id = org_id
 
     async def _run(self, statement: str, params: Sequence[Any]) -> Any:
         return await self.conn.exec_driver_sql(statement, tuple(params))
@@ -474,7 +479,7 @@ class SqlTransaction:
         lines: dict[int, list[ReservationLine]] = {i: [] for i in rows}
         for chunk in _chunks(sorted(rows)):
             for rid, location, sku, quantity, deducted, released in await self._run(
-                self.sql.select_lines(len(chunk)), chunk
+                self.sql.select_lines(len(chunk)), (self.org_id, *chunk)
             ):
                 lines[int(rid)].append(
                     ReservationLine(sku, location, int(quantity), int(deducted), int(released))
@@ -668,7 +673,7 @@ async def reservation_balance_keys(
         for ref_chunk in _chunks(refs):
             result = await conn.exec_driver_sql(
                 "SELECT r.ref_type, r.ref_id, l.location, l.sku FROM reservation r "
-                "JOIN reservation_line l ON l.reservation_id = r.id "
+                "JOIN reservation_line l ON l.reservation_id = r.id AND l.org_id = r.org_id "
                 f"WHERE r.org_id = {m} AND r.status = '{ACTIVE}' AND "
                 f"({sql.pairs(len(ref_chunk), 'r.ref_type', 'r.ref_id')})",
                 (org_id, *(x for r in ref_chunk for x in (r.type, r.id))),
@@ -690,7 +695,7 @@ async def any_due_holding(
     if not wanted:
         return False
     sql = _sql(db.dialect)
-    store_time = SqlStore(db, org_id).time(now)
+    store_time = SqlStore(db).time(now)
     async with db.read() as conn:
         result: Any = await conn.exec_driver_sql(
             sql.select_due_holding(len(wanted)),

@@ -102,6 +102,10 @@ class ExpiryIndex(Protocol):
 
     unindexed_until: datetime | None
 
+    def of(self, org_id: str) -> ExpiryIndex:
+        """The index of ``org_id`` (the same store; each org's expiries kept apart)."""
+        ...
+
     async def apply(self, changes: IndexChanges) -> None:
         """Record ``changes``; a failure to reach the index moves ``unindexed_until``."""
         ...
@@ -153,6 +157,9 @@ class NoExpiryIndex:
     """An expiry index that keeps nothing: expiry then relies on the database scan alone."""
 
     unindexed_until: datetime | None = None
+
+    def of(self, org_id: str) -> NoExpiryIndex:
+        return self
 
     async def apply(self, changes: IndexChanges) -> None:
         return None

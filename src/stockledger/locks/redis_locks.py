@@ -574,11 +574,23 @@ return ids
         lease: float = 5.0,
     ) -> None:
         self.redis = redis
+        self.org_id = org_id
         self.key = expiry_key(org_id)
         self.health = health or RedisHealth()
         self.lease = lease
         self._pop = _Script(redis, self._POP_DUE)
         self.unindexed_until: datetime | None = None
+        self._orgs: dict[str, RedisExpiryIndex] = {org_id: self}
+
+    def of(self, org_id: str) -> RedisExpiryIndex:
+        """The index of ``org_id``: the same client, health and lease, its own sorted set
+        (made once per org and kept)."""
+        index = self._orgs.get(org_id)
+        if index is None:
+            index = RedisExpiryIndex(self.redis, org_id, self.health, lease=self.lease)
+            index._orgs = self._orgs  # one map for the whole family
+            self._orgs[org_id] = index
+        return index
 
     async def apply(self, changes: IndexChanges) -> None:
         """Add or move the expiries of ``changes.schedule`` and forget ``changes.unschedule``."""

@@ -59,8 +59,9 @@ _DATABASE_AWAY = {"connection_lost"}
 
 
 class Batcher:
-    """Per-process queues and ``writers`` writer tasks for one org, each with its own store
-    from ``stores()`` (one database connection).
+    """Per-process queues and ``writers`` writer tasks, each with its own store from
+    ``stores()`` (one database connection), for every org: each batch is one org's (the
+    commands a writer takes are those of the org of the first one waiting).
 
     Writers start with the first command. ``clock`` is the services' UTC clock; the lock wait
     of ``locker`` (seconds) bounds each command's total time, retries included.
@@ -72,13 +73,11 @@ class Batcher:
         *,
         stores: Callable[[], Store],
         writers: int,
-        org_id: str,
         locker: BalanceLocker,
         index: ExpiryIndex,
         clock: Callable[[], datetime],
     ) -> None:
         self.settings = settings
-        self.org_id = org_id
         self.locker = locker
         self.wait = locker.wait
         self.writers = writers
@@ -87,14 +86,13 @@ class Batcher:
         self.ids = ids = IdBlocks(settings.id_block_size)
         self._stores = [stores() for _ in range(self.writers)]
         self._units = [
-            UnitOfWork(s, org_id=org_id, locker=locker, index=index, clock=clock, ids=ids)
-            for s in self._stores
+            UnitOfWork(s, locker=locker, index=index, clock=clock, ids=ids) for s in self._stores
         ]
         # The patient lane: commands that starved behind rows held elsewhere, one at a time,
         # waiting on the row locks on a connection of their own.
         self._patient_store = stores()
         self._patient_unit = UnitOfWork(
-            self._patient_store, org_id=org_id, locker=locker, index=index, clock=clock, ids=ids
+            self._patient_store, locker=locker, index=index, clock=clock, ids=ids
         )
         self._patient: collections.deque[Pending] = collections.deque()
         self._patient_wake = asyncio.Event()
@@ -111,30 +109,35 @@ class Batcher:
 
     async def submit(
         self,
+        org_id: str,
         command: Command,
         keys: Sequence[BalanceKey],
         *,
         early: bool = False,
         patience: float | None = None,
     ) -> Outcome:
-        """Run ``command`` in the next batch of its writer; its outcome once that committed.
+        """Run ``command`` for ``org_id`` in the next batch of its writer; its outcome once
+        that committed.
 
         ``keys``: the balances it touches as far as known (a hint for locks and routing).
         ``early``: settle it :class:`Busy` at its first busy key held by this process (its
         stock looked sold out: the caller reads the balance first). ``patience`` (seconds,
         default the lock wait) bounds its wait.
         """
-        return (await self.submit_many([(command, keys)], patience=patience, early=early))[0]
+        outcomes = await self.submit_many(org_id, [(command, keys)], patience=patience, early=early)
+        return outcomes[0]
 
     async def submit_many(
         self,
+        org_id: str,
         items: Sequence[tuple[Command, Sequence[BalanceKey]]],
         *,
         patience: float | None = None,
         early: bool = False,
         together: bool = False,
     ) -> list[Outcome]:
-        """Queue every command at once (in order) and return their outcomes in that order.
+        """Queue every command of ``org_id`` at once (in order) and return their outcomes in
+        that order.
 
         ``together``: all go to one writer, whose batches run one after another, so the
         commands apply in input order (an earlier one wins the last units), unless one waits
@@ -153,6 +156,7 @@ class Batcher:
                 now,
                 deadline,
                 loop.create_future(),
+                org_id,
                 early,
             )
             if together and pendings:
@@ -215,11 +219,11 @@ class Batcher:
         if p.writer is not None:
             return p.writer
         if p.keys:
-            return hash(p.keys[0]) % self.writers
+            return hash((p.org_id, p.keys[0])) % self.writers
         rid = addressed_reservation(p.command)
         if rid is not None:
-            return rid % self.writers
-        return hash(addressed_reference(p.command)) % self.writers
+            return rid % self.writers  # ids are unique across orgs
+        return hash((p.org_id, addressed_reference(p.command))) % self.writers
 
     def _enqueue(self, p: Pending, *, front: bool = False) -> None:
         i = self._writer_of(p)
@@ -239,7 +243,7 @@ class Batcher:
     def _retry_later(self, p: Pending) -> None:
         """Queue a deferred command again after a jittered backoff (1 ms growing to 20 ms)."""
         p.waits += 1
-        if p.early and self.locker.held_here(self.org_id, p.keys):
+        if p.early and self.locker.held_here(p.org_id, p.keys):
             self._settle(p, Busy(self.locker.retry_after_ms(), early=True))
             return
         if p.waits >= PATIENT_AFTER_WAITS and p.problem == "row":
@@ -250,18 +254,24 @@ class Batcher:
         asyncio.get_running_loop().call_later(delay, self._enqueue_first, p)
 
     def _take(self, queue: collections.deque[Pending]) -> list[Pending]:
-        """Whatever waits, in order, up to the caps (at least one command)."""
+        """Whatever waits of the first waiting command's org, in order, up to the caps (at
+        least one command); other orgs' commands keep their places for the next batches."""
         batch: list[Pending] = []
+        others: list[Pending] = []
         rows = 0
         while queue and len(batch) < self.max_commands:
             p = queue[0]
             if p.future.done():  # its caller went away before it ran
                 self._outstanding.discard(queue.popleft())
                 continue
+            if batch and p.org_id != batch[0].org_id:
+                others.append(queue.popleft())
+                continue
             if batch and rows + p.weight > self.max_rows:
                 break
             batch.append(queue.popleft())
             rows += p.weight
+        queue.extendleft(reversed(others))
         return batch
 
     def _settle(self, p: Pending, outcome: Outcome) -> None:

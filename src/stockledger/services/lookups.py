@@ -93,6 +93,21 @@ class SqlLookups:
             return [r.id for r in rows]
 
 
+async def due_reservations_of_every_org(
+    db: Database, now: datetime, limit: int
+) -> list[tuple[str, int]]:
+    """(org, id) of ACTIVE reservations of any org due at ``now``, soonest first (for the
+    sweeper of a server that serves every org; index (status, expires_at))."""
+    async with db.read() as conn:
+        rows = await conn.execute(
+            select(R.c.org_id, R.c.id)
+            .where(R.c.status == ACTIVE, R.c.expires_at <= to_db_time(now))
+            .order_by(R.c.expires_at)
+            .limit(limit)
+        )
+        return [(r.org_id, r.id) for r in rows]
+
+
 async def replay(
     db: Database, org_id: str, operation: str, key: str, request_hash: str
 ) -> WriteResult | None:

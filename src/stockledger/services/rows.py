@@ -142,15 +142,16 @@ async def select_balances(
 
 
 async def select_lines(
-    conn: AsyncConnection, reservation_ids: Sequence[int]
+    conn: AsyncConnection, org_id: str, reservation_ids: Sequence[int]
 ) -> dict[int, list[Any]]:
-    """Lines of the given reservations, by reservation id, each list in (location, sku) order."""
+    """Lines of the given reservations of ``org_id``, by reservation id, each list in
+    (location, sku) order."""
     out: dict[int, list[Any]] = {rid: [] for rid in reservation_ids}
     if not reservation_ids:
         return out
     stmt = (
         select(RL)
-        .where(RL.c.reservation_id.in_(list(reservation_ids)))
+        .where(RL.c.org_id == org_id, RL.c.reservation_id.in_(list(reservation_ids)))
         .order_by(RL.c.reservation_id, RL.c.location, RL.c.sku)
     )
     for row in (await conn.execute(stmt)).all():
@@ -168,7 +169,7 @@ async def select_reservations(
         await conn.execute(select(R).where(R.c.org_id == org_id, R.c.id.in_(list(reservation_ids))))
     ).all()
     by_id = {r.id: r for r in rows}
-    lines = await select_lines(conn, list(by_id))
+    lines = await select_lines(conn, org_id, list(by_id))
     return [reservation_record(by_id[i], lines[i]) for i in reservation_ids if i in by_id]
 
 

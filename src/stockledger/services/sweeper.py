@@ -30,7 +30,10 @@ class Sweeper:
     """Expires due reservations; :meth:`run_once` is one pass, :meth:`run_forever` the loop.
 
     Intervals are seconds; ``batch`` bounds the ids taken from the index (or the scan) at a
-    time.
+    time. ``every_org``: sweep every org, not only the service's (``serve`` does): the orgs
+    the service has served since it started (:meth:`InventoryService.served_orgs`) and every
+    org the database scan finds reservations due in (it scans all orgs at once, by status and
+    expiry time); each org's expiries run through that org's service and index.
     """
 
     def __init__(
@@ -41,67 +44,94 @@ class Sweeper:
         interval: float = 1.0,
         scan_interval: float = 30.0,
         batch: int = 200,
+        every_org: bool = False,
     ) -> None:
         self.service = service
         self.index: ExpiryIndex = index or NoExpiryIndex()
         self.interval = interval
         self.scan_interval = scan_interval
         self.batch = batch
+        self.every_org = every_org
+        self._found: set[str] = set()  # orgs the scan found due reservations in
         self._last_scan: float | None = None  # time.monotonic() of the last database scan
         self._last_scan_clock = datetime.min.replace(tzinfo=UTC)  # service clock, same scan
         self._scan_again = False  # a scanned expiry was busy: scan on the next pass too
         self._stopping = asyncio.Event()
 
     async def run_once(self, *, scan: bool | None = None) -> int:
-        """One pass: the due ids of the index, then (if due or ``scan``) the database scan.
+        """One pass: the due ids of each org's index, then (if due or ``scan``) the database
+        scan.
 
         Returns the number of reservations this pass expired.
         """
         expired = 0
-        while True:
-            ids = await self.index.pop_due(self.service.clock(), self.batch)
-            if not ids:
-                break
-            done, busy = await self._expire(ids)
-            expired += done
-            if busy:
-                await self.index.reschedule({i: self._later() for i in busy})
-            if len(ids) < self.batch or len(busy) == len(ids):
-                break
+        for org_id in self._orgs():
+            index = self.index.of(org_id)
+            while True:
+                ids = await index.pop_due(self.service.clock(), self.batch)
+                if not ids:
+                    break
+                done, busy = await self._expire(org_id, ids)
+                expired += done
+                if busy:
+                    await index.reschedule({i: self._later() for i in busy})
+                if len(ids) < self.batch or len(busy) == len(ids):
+                    break
         if self._scan_due(scan):
             self._last_scan = time.monotonic()
             self._last_scan_clock = self.service.clock()
             self._scan_again = False
             while True:
-                ids = await self.service.due_reservation_ids(self.batch)
-                done, busy = await self._expire(ids)
+                due = await self._due()
+                done = 0
+                for org_id in sorted({org for org, _ in due}):
+                    ids = [i for org, i in due if org == org_id]
+                    org_done, busy = await self._expire(org_id, ids)
+                    done += org_done
+                    self._scan_again = self._scan_again or bool(busy)
                 expired += done
-                self._scan_again = self._scan_again or bool(busy)
                 # A full batch that expired nothing (each busy) must not spin.
-                if len(ids) < self.batch or done == 0:
+                if len(due) < self.batch or done == 0:
                     break
         return expired
+
+    def _orgs(self) -> list[str]:
+        if not self.every_org:
+            return [self.service.org_id]
+        return sorted({*self.service.served_orgs(), *self._found})
+
+    async def _due(self) -> list[tuple[str, int]]:
+        """(org, id) of due reservations from the database, soonest first."""
+        if not self.every_org:
+            ids = await self.service.due_reservation_ids(self.batch)
+            return [(self.service.org_id, i) for i in ids]
+        due = await self.service.due_reservations_of_every_org(self.batch)
+        self._found.update(org for org, _ in due)
+        return due
 
     def _scan_due(self, scan: bool | None) -> bool:
         if scan is not None:
             return scan
-        unindexed = self.index.unindexed_until
+        unindexed = [
+            u for org in self._orgs() if (u := self.index.of(org).unindexed_until) is not None
+        ]
         return (
             self._last_scan is None
             or self._scan_again
             or time.monotonic() - self._last_scan >= self.scan_interval
-            or (unindexed is not None and self._last_scan_clock <= unindexed)
+            or (bool(unindexed) and self._last_scan_clock <= max(unindexed))
         )
 
     def _later(self) -> datetime:
         return self.service.clock() + timedelta(seconds=self.interval)
 
-    async def _expire(self, ids: list[int]) -> tuple[int, list[int]]:
-        """Expire ``ids``; returns how many this call expired and the ids that were busy."""
+    async def _expire(self, org_id: str, ids: list[int]) -> tuple[int, list[int]]:
+        """Expire ``ids`` of ``org_id``; returns how many this call expired and the ids that
+        were busy."""
         if not ids:
             return 0, []
         try:
-            expiries = await self.service.expire_many(ids)
+            expiries = await self.service.for_org(org_id).expire_many(ids)
         except Exception:  # e.g. the database is away: the ids are tried again later
             log.exception("expiring %d reservation(s) failed", len(ids))
             return 0, list(ids)

@@ -123,8 +123,9 @@ class Pending:
 
     ``keys``: the balances it will touch as far as known before locking (sorted), for the
     Redis claim and the choice of writer. ``weight``: rows it adds to a batch. ``deadline``
-    (``time.monotonic()``): when waiting for busy keys or an absent database ends. ``early``:
-    give up at the first busy key (see :class:`Busy`). ``problem``: why it last waited.
+    (``time.monotonic()``): when waiting for busy keys or an absent database ends. ``org_id``:
+    the org it acts for (a batch is one org's). ``early``: give up at the first busy key (see
+    :class:`Busy`). ``problem``: why it last waited.
     """
 
     command: Command
@@ -133,6 +134,7 @@ class Pending:
     submitted: float
     deadline: float
     future: asyncio.Future[Outcome]
+    org_id: str
     early: bool = False
     problem: str | None = None
     waits: int = 0
@@ -221,24 +223,24 @@ class _Plan:
 
 
 class UnitOfWork:
-    """Runs batches on one writer's ``store`` for one org.
+    """Runs batches on one writer's ``store``; each batch is one org's (its commands'
+    ``org_id``: their keys, rows and locks are that org's alone, ARCHITECTURE section 13).
 
-    ``locker``/``index``: the Redis locks and expiry index (no-ops without Redis). ``clock``
-    returns the current UTC time. ``ids`` hands out reservation ids.
+    ``locker``/``index``: the Redis locks and expiry index (no-ops without Redis; the index
+    of each batch's org is ``index.of(org_id)``). ``clock`` returns the current UTC time.
+    ``ids`` hands out reservation ids (one sequence for every org).
     """
 
     def __init__(
         self,
         store: Store,
         *,
-        org_id: str,
         locker: BalanceLocker,
         index: ExpiryIndex,
         clock: Callable[[], datetime],
         ids: IdBlocks,
     ) -> None:
         self.store = store
-        self.org_id = org_id
         self.locker = locker
         self.index = index
         self.clock = clock
@@ -249,13 +251,18 @@ class UnitOfWork:
 
         ``patient``: wait for rows other transactions hold instead of skipping them (for a
         command that waited too often). Raises the database's errors (nothing committed, or,
-        for a lost COMMIT, nothing known to have committed).
+        for a lost COMMIT, nothing known to have committed), and ValueError for a batch of
+        several orgs.
         """
+        org_id = batch[0].org_id
+        if any(p.org_id != org_id for p in batch):
+            raise ValueError("a batch is one org's")
+        index = self.index.of(org_id)
         # Ids first: a claim's leases are kept alive only while the batch is in the database.
         reservation_ids = await self.ids.take(
             self.store, sum(isinstance(p.command, Reserve) for p in batch)
         )
-        claim = await self.locker.claim(self.org_id, [p.keys for p in batch])
+        claim = await self.locker.claim(org_id, [p.keys for p in batch])
         result = BatchResult()
         runnable = []
         claimed_at = time.monotonic()
@@ -271,18 +278,25 @@ class UnitOfWork:
         try:
             if runnable:
                 async with self.locker.keep(claim):
-                    plan = await self._transaction(runnable, reservation_ids, patient)
+                    plan = await self._transaction(
+                        org_id, index, runnable, reservation_ids, patient
+                    )
                 result.outcomes += plan.outcomes
                 result.deferred += plan.deferred
                 changes = plan.index
         finally:
-            await self.locker.release_with(claim, self.index, changes)
+            await self.locker.release_with(claim, index, changes)
         return result
 
     async def _transaction(
-        self, batch: list[Pending], reservation_ids: list[int], patient: bool
+        self,
+        org_id: str,
+        index: ExpiryIndex,
+        batch: list[Pending],
+        reservation_ids: list[int],
+        patient: bool,
     ) -> _Plan:
-        async with self.store.transaction() as tx:
+        async with self.store.transaction(org_id) as tx:
             keyed = [p.command.idempotency_key for p in batch if not isinstance(p.command, Expire)]
             found = await tx.find_keys(keyed) if keyed else {}
             stored = {k: (v.operation, v.request_hash) for k, v in found.items()}
@@ -299,22 +313,22 @@ class UnitOfWork:
                 await tx.commit()
             except Exception as exc:
                 lost = exc
-        if lost is not None and not await self._committed_anyway(ws):
+        if lost is not None and not await self._committed_anyway(org_id, ws):
             # The COMMIT failed before it happened (or cannot be told): the batch runs again.
             # If it did commit after all, the rerun only replays, and these expiries would
             # never reach the index: have the sweeper scan for them.
-            self.index.missed(_index_changes(plan, ws))
+            index.missed(_index_changes(plan, ws))
             raise lost
         if ids:
             _fill_ledger_ids(plan, spans, ids)
         plan.index = _index_changes(plan, ws)
         return plan
 
-    async def _committed_anyway(self, ws: WriteSet) -> bool:
+    async def _committed_anyway(self, org_id: str, ws: WriteSet) -> bool:
         """Whether a batch whose COMMIT raised did commit (see ``Store.committed``)."""
         await self.store.discard()
         try:
-            return await self.store.committed(ws)
+            return await self.store.committed(org_id, ws)
         except Exception:
             log.warning("could not tell whether a batch committed; it runs again", exc_info=True)
             return False

@@ -14,6 +14,7 @@ line short (reserve, direct deduct), else LockTimeoutError.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from stockledger.observability import metrics
 from stockledger.observability.logs import get_logger
 from stockledger.services.batcher import Batcher
 from stockledger.services.errors import ServiceUnavailableError
-from stockledger.services.lookups import SqlLookups
+from stockledger.services.lookups import SqlLookups, due_reservations_of_every_org
 from stockledger.services.ports import Lookups, Store
 from stockledger.services.records import (
     AdjustResult,
@@ -114,12 +115,15 @@ class _Answer:
 
 
 class InventoryService:
-    """The stock rules of ARCHITECTURE section 3 over one :class:`Database`, for one org.
+    """The stock rules of ARCHITECTURE section 3 over one :class:`Database`, for one org
+    (``org_id``, default ``settings.org_id``); :meth:`for_org` gives the same service for
+    another org, sharing the write batches.
 
     ``clock`` returns the current UTC time (tests pass their own to control expiry).
     ``locker`` and ``expiry_index`` default to no-ops (database locks alone, expiry by scan).
     ``stores`` and ``lookups`` default to SQL over ``db`` (``tests/unit/fakes.py`` passes
-    in-memory ones; ``db`` is then unused). Quantities are units of stock; TTLs are seconds.
+    in-memory ones; ``db`` is then unused, and the service has no other org). Quantities are
+    units of stock; TTLs are seconds.
     """
 
     def __init__(
@@ -145,7 +149,7 @@ class InventoryService:
             if db is None:
                 raise ValueError("give a database, or both stores and lookups")
             sql = db
-            stores = stores or (lambda: SqlStore(sql, org_id))
+            stores = stores or (lambda: SqlStore(sql))
             lookups = lookups or SqlLookups(db, org_id)
             writers = writers or (1 if db.is_sqlite else settings.write_connections)
         self.lookups: Lookups = lookups
@@ -153,7 +157,6 @@ class InventoryService:
             settings,
             stores=stores,
             writers=writers or 1,
-            org_id=org_id,
             locker=self.locker,
             index=self.expiry_index,
             clock=clock,
@@ -162,6 +165,26 @@ class InventoryService:
         # call on busy keys reads the balance first; a stale value costs time, never
         # correctness.
         self._available_seen: dict[BalanceKey, int] = {}
+        self._orgs: dict[str, InventoryService] = {org_id: self}
+
+    def for_org(self, org_id: str) -> InventoryService:
+        """This service acting for ``org_id`` (ARCHITECTURE section 13: another org's
+        balances, reservations, ledger and idempotency keys are separate): the same write
+        batches, locker, clock and settings; reads and the expiry index of that org. Made
+        once per org and kept (one small object per org this process serves). Raises
+        ValueError for a service without a database (its lookups are one org's)."""
+        known = self._orgs.get(org_id)
+        if known is not None:
+            return known
+        if self.db is None:
+            raise ValueError("a service without a database serves one org")
+        view = copy.copy(self)  # shallow: the batcher, locker and the org map are shared
+        view.org_id = org_id
+        view.lookups = SqlLookups(self.db, org_id)
+        view.expiry_index = self.expiry_index.of(org_id)
+        view._available_seen = {}  # (location, sku) means another balance in another org
+        self._orgs[org_id] = view  # shared by every view: one per org
+        return view
 
     async def close(self) -> None:
         """Stop the batcher's writers once the queued batches ran (for at most a quarter of
@@ -423,7 +446,7 @@ class InventoryService:
             hints = await self._reservation_hints(commands)
             outcomes = iter(
                 await self.batcher.submit_many(
-                    [(c, self._keys(c, hints)) for c in commands], together=True
+                    self.org_id, [(c, self._keys(c, hints)) for c in commands], together=True
                 )
             )
         except ServiceUnavailableError as error:
@@ -473,7 +496,7 @@ class InventoryService:
         commands = [Expire(i) for i in ids]
         hints = await self._reservation_hints(commands)
         outcomes = await self.batcher.submit_many(
-            [(c, self._keys(c, hints)) for c in commands], patience=patience
+            self.org_id, [(c, self._keys(c, hints)) for c in commands], patience=patience
         )
         out = []
         for command, outcome in zip(commands, outcomes, strict=True):
@@ -487,6 +510,17 @@ class InventoryService:
     async def due_reservation_ids(self, limit: int = 1000) -> list[int]:
         """Ids of ACTIVE reservations whose expiry has passed, soonest first (the DB scan)."""
         return await self.lookups.due_reservation_ids(self.clock(), limit)
+
+    async def due_reservations_of_every_org(self, limit: int = 1000) -> list[tuple[str, int]]:
+        """(org, id) of due ACTIVE reservations of every org, soonest first (the sweeper's
+        scan when it serves every org). Raises ValueError for a service without a database."""
+        if self.db is None:
+            raise ValueError("a service without a database serves one org")
+        return await due_reservations_of_every_org(self.db, self.clock(), limit)
+
+    def served_orgs(self) -> list[str]:
+        """The orgs this service has acted for since it was made (its own first)."""
+        return list(self._orgs)
 
     async def expire_due(self, limit: int = 1000) -> list[int]:
         """Expire every due reservation found by the database scan (up to ``limit``).
@@ -528,7 +562,9 @@ class InventoryService:
         deadline = time.monotonic() + self.locker.wait
         while True:
             patience = max(0.0, deadline - time.monotonic())
-            outcome = await self.batcher.submit(command, keys, early=early, patience=patience)
+            outcome = await self.batcher.submit(
+                self.org_id, command, keys, early=early, patience=patience
+            )
             if isinstance(outcome, Busy) and outcome.early:
                 # Busy in this process, and last seen short here: read before waiting on.
                 assert isinstance(command, Reserve | DeductDirect)
