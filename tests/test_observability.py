@@ -300,6 +300,7 @@ async def test_write_log_lines(
     assert set(lines) == {restock_key, reserve_key, short_key, deduct_key}, err
     for entry in lines.values():
         assert entry["level"] == "info"
+        assert entry["org"] == org_id
         assert isinstance(entry["duration_s"], float) and 0 < entry["duration_s"] < 30
 
     def balance(qty: int, oh: tuple[int, int], rs: tuple[int, int], event: str) -> dict[str, Any]:

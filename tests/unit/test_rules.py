@@ -1537,3 +1537,15 @@ def test_applying_changes_replaces_balances_and_reservations():
     )
     assert stock.reservation(1) == reservation_after(changes, 1)
     assert stock.by_reference(ORDER) == []
+
+
+def test_a_used_key_replays_the_same_request_only():
+    """Section 5: the same (operation, request hash) replays; anything else is refused."""
+    from stockledger.domain.errors import IdempotencyKeyReusedError
+    from stockledger.domain.state import key_reused
+
+    assert key_reused("k", ("reserve", "h1"), ("reserve", "h1")) is None
+    for asked in (("reserve", "h2"), ("restock", "h1"), ("createApiKey", "h1")):
+        error = key_reused("k", ("reserve", "h1"), asked)
+        assert isinstance(error, IdempotencyKeyReusedError)
+        assert (error.idempotency_key, error.code) == ("k", "IDEMPOTENCY_KEY_REUSED")

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from stockledger.domain.errors import StockError
+from stockledger.domain.errors import IdempotencyKeyReusedError, StockError
 from stockledger.domain.model import (
     ACTIVE,
     Balance,
@@ -36,6 +36,15 @@ class KeyRow:
     operation: str
     request_hash: str
     result_ref: str | None = None
+
+
+def key_reused(
+    key: str, stored: tuple[str, str], asked: tuple[str, str]
+) -> IdempotencyKeyReusedError | None:
+    """Whether a call may replay the done call its idempotency ``key`` names: None when it
+    asks for the same (operation, request hash) as ``stored``, else the error it answers
+    (ARCHITECTURE section 5: a key used for another request is refused, never re-applied)."""
+    return None if stored == asked else IdempotencyKeyReusedError(key, stored[0])
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,8 @@ from stockledger.domain.access import (
     secret_hash,
     unusable_because,
 )
-from stockledger.domain.errors import IdempotencyKeyReusedError, NotFoundError, ValidationError
+from stockledger.domain.errors import NotFoundError, ValidationError
+from stockledger.domain.state import key_reused
 from stockledger.domain.validation import check_key, check_string, request_hash
 from stockledger.services.errors import ServiceUnavailableError
 from stockledger.services.queries import Page, check_first, decode_cursor, encode_cursor
@@ -385,8 +386,9 @@ class ApiKeys:
         ).first()
         if row is None:
             return None
-        if row.operation != operation or row.request_hash != rhash or not row.result_ref:
-            raise IdempotencyKeyReusedError(key, row.operation)
+        reused = key_reused(key, (row.operation, row.request_hash), (operation, rhash))
+        if reused is not None:
+            raise reused
         found = (
             await conn.execute(select(api_key).where(api_key.c.id == int(row.result_ref)))
         ).first()

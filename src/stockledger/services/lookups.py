@@ -18,7 +18,6 @@ from stockledger.db.engine import Database
 from stockledger.db.models import idempotency_key as K
 from stockledger.db.models import reservation as R
 from stockledger.db.store import any_due_holding, reservation_balance_keys
-from stockledger.domain.errors import IdempotencyKeyReusedError
 from stockledger.domain.model import (
     ACTIVE,
     Balance,
@@ -27,6 +26,7 @@ from stockledger.domain.model import (
     Reference,
     Reservation,
 )
+from stockledger.domain.state import key_reused
 from stockledger.services.records import (
     AdjustResult,
     DeductResult,
@@ -126,8 +126,9 @@ async def replay(
         ).first()
         if row is None:
             return None
-        if row.operation != operation or row.request_hash != request_hash:
-            raise IdempotencyKeyReusedError(key, row.operation)
+        reused = key_reused(key, (row.operation, row.request_hash), (operation, request_hash))
+        if reused is not None:
+            raise reused
         entries = await select_ledger_by_key(conn, org_id, key)
         keys = list(dict.fromkeys(e.key for e in entries))
         bal_rows = await select_balances(conn, org_id, keys, for_update=False)

@@ -45,10 +45,10 @@ from stockledger.domain.commands import (
     addressed_reservation,
     known_balance_keys,
 )
-from stockledger.domain.errors import IdempotencyKeyReusedError, InsufficientStockError
+from stockledger.domain.errors import InsufficientStockError
 from stockledger.domain.model import ACTIVE, Balance, BalanceKey, Reservation
 from stockledger.domain.rules import decide
-from stockledger.domain.state import Changes, Refusal, Stock
+from stockledger.domain.state import Changes, Refusal, Stock, key_reused
 from stockledger.locks import BalanceLocker, ExpiryIndex, IndexChanges
 from stockledger.observability import metrics
 from stockledger.services.ports import Store, StoreTransaction
@@ -410,16 +410,15 @@ class UnitOfWork:
                 key = command.idempotency_key
                 earlier = stored.get(key) or done.get(key)
                 if earlier is not None:
-                    operation, rhash = earlier
-                    if (operation, rhash) == (command.operation, command.request_hash):
+                    reused = key_reused(key, earlier, (command.operation, command.request_hash))
+                    if reused is None:
                         committed = _expired_on_replay(plan.stock, command, now)
                         if committed is not None:
                             plan.stock.apply(committed)
                             plan.applied.append((p, committed))
                         plan.outcomes.append((p, Replayed(committed)))
                     else:
-                        error = IdempotencyKeyReusedError(key, operation)
-                        plan.outcomes.append((p, Refused(Refusal(error))))
+                        plan.outcomes.append((p, Refused(Refusal(reused))))
                     continue
             new_id = next(new_ids) if isinstance(command, Reserve) else None
             try:

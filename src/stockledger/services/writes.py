@@ -747,6 +747,7 @@ class InventoryService:
                 metrics.RESERVATIONS_EXPIRED_TOTAL.inc(len(expired))
         fields: dict[str, Any] = {
             "operation": operation,
+            "org": self.org_id,  # also on the sweeper's expiries, which no key made
             "idempotency_key": key if isinstance(key, str) else repr(key),
             "reference": None if reference is None else str(reference),
             "outcome": outcome,
