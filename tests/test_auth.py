@@ -32,6 +32,7 @@ FIELD_SCOPES: dict[str, Scope | None] = {
     "release": S.RESERVATIONS_WRITE,
     "deduct": S.RESERVATIONS_WRITE,
     "extendReservation": S.RESERVATIONS_WRITE,
+    "confirmReservation": S.RESERVATIONS_WRITE,
     "reserveMany": S.RESERVATIONS_WRITE,
     "deductMany": S.RESERVATIONS_WRITE,
     "releaseMany": S.RESERVATIONS_WRITE,
@@ -70,6 +71,10 @@ def _operation(field: str) -> tuple[str, dict[str, Any]]:
         "extendReservation": (
             "ExtendReservationInput",
             {"idempotencyKey": k, "reservationId": "1", "ttlSeconds": 60},
+        ),
+        "confirmReservation": (
+            "ConfirmReservationInput",
+            {"idempotencyKey": k, "reservationId": "1"},
         ),
         "reserveMany": (
             "ReserveManyInput",

@@ -398,6 +398,86 @@ async def test_extend_reservation(gql_clock: GraphQLClient, clock: Any) -> None:
     assert (done["__typename"], done["status"]) == ("ReservationNotActiveError", "RELEASED")
 
 
+# ------------------------------------------------------------------ confirmReservation
+
+CONFIRM = """
+mutation($input: ConfirmReservationInput!) {
+  confirmReservation(input: $input) {
+    __typename
+    ... on ConfirmReservationSuccess {
+      reservations { id status expiresAt lines { sku remaining } }
+      balances { sku reserved available version committed }
+      replayed
+    }
+    ... on ReservationNotActiveError { reservationId status }
+    ... on ValidationError { field }
+    ... on NotFoundError { entity key }
+  }
+}
+"""
+COMMITTED = """
+query {
+  balances(first: 10) { edges { node { sku reserved committed version } } }
+  balance(sku: "A") { committed }
+}
+"""
+
+
+async def test_confirm_reservation(gql_clock: GraphQLClient, clock: Any) -> None:
+    gql = gql_clock
+    await gql.restock("r", line("A", 5), line("B", 5))
+    rid = (await gql.reserve("h", line("A", 2), ttlSeconds=60))["reservation"]["id"]
+    await gql.reserve("h2", line("B", 1), ttlSeconds=60)
+
+    async def confirm(**input: Any) -> dict[str, Any]:
+        result: dict[str, Any] = (await gql.data(CONFIRM, {"input": input}))["confirmReservation"]
+        return result
+
+    done = await confirm(idempotencyKey="c-1", reservationId=rid)
+    assert done == {
+        "__typename": "ConfirmReservationSuccess",
+        "reservations": [
+            {
+                "id": rid,
+                "status": "CONFIRMED",
+                "expiresAt": None,
+                "lines": [{"sku": "A", "remaining": 2}],
+            }
+        ],
+        "balances": [{"sku": "A", "reserved": 2, "available": 3, "version": 2, "committed": 2}],
+        "replayed": False,
+    }
+    replay = await confirm(idempotencyKey="c-1", reservationId=rid)
+    assert replay["replayed"] is True and replay["reservations"] == done["reservations"]
+    again = await confirm(idempotencyKey="c-2", reservationId=rid)
+    assert again == {
+        "__typename": "ReservationNotActiveError",
+        "reservationId": rid,
+        "status": "CONFIRMED",
+    }
+    both = await confirm(
+        idempotencyKey="c-3", reservationId=rid, reference={"type": "O", "id": "1"}
+    )
+    assert both == {"__typename": "ValidationError", "field": "reservationId"}
+
+    clock.advance(3600)  # past its old expiry: still held (B's is due, counted until swept)
+    data = await gql.data(COMMITTED)
+    assert [e["node"] for e in data["balances"]["edges"]] == [
+        {"sku": "A", "reserved": 2, "committed": 2, "version": 2},
+        {"sku": "B", "reserved": 1, "committed": 0, "version": 2},
+    ]
+    assert data["balance"] == {"committed": 2}
+    extend = await gql.mutate(
+        "extendReservation", idempotencyKey="e-1", reservationId=rid, ttlSeconds=60
+    )
+    assert (extend["__typename"], extend["status"]) == ("ReservationNotActiveError", "CONFIRMED")
+    await gql.ok("deduct", idempotencyKey="d-1", reservationId=rid, lines=[line("A", 1)])
+    assert (await gql.data(COMMITTED))["balance"] == {"committed": 1}
+    last = await gql.ok("deduct", idempotencyKey="d-2", reservationId=rid)
+    assert last["reservations"][0]["status"] == "COMMITTED"
+    assert (await gql.data(COMMITTED))["balance"] == {"committed": 0}
+
+
 # ------------------------------------------------------------------ LockTimeoutError
 
 

@@ -276,3 +276,69 @@ def test_replicas_that_migrate_at_once_all_succeed(empty_url: str, tmp_path: Pat
     )
     assert keys == 1
     assert sum("created the first API key" in out for out, _ in outputs) == 1
+
+
+def test_0005_keeps_every_reservation_and_line_and_its_downgrade_keeps_the_holds(
+    empty_url: str,
+) -> None:
+    """Revision 0005 rebuilds the reservation table on SQLite (batch mode), whose lines point
+    at it with ON DELETE CASCADE: every reservation and line must survive the upgrade. Its
+    downgrade turns CONFIRMED holds into ACTIVE ones that never expire, and gives an ended
+    reservation that was confirmed first an expiry, so v1's NOT NULL holds; nothing held is
+    dropped."""
+    upgrade(empty_url, "0004")
+    org, now = "m-org", "2026-12-01 10:00:00"
+    rows = [(1, "ACTIVE", f"'{now}'"), (2, "COMMITTED", f"'{now}'"), (3, "RELEASED", f"'{now}'")]
+
+    def seed(conn: Connection) -> None:
+        for rid, status, expires in rows:
+            conn.execute(
+                text(
+                    "INSERT INTO reservation (id, org_id, status, expires_at, created_at, "
+                    f"updated_at) VALUES ({rid}, '{org}', '{status}', {expires}, '{now}', '{now}')"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO reservation_line (org_id, reservation_id, location, sku, "
+                    f"quantity, deducted, released) VALUES ('{org}', {rid}, 'wh', 'A', 3, "
+                    f"{3 if status == 'COMMITTED' else 0}, {3 if status == 'RELEASED' else 0})"
+                )
+            )
+        conn.commit()
+
+    def snapshot(conn: Connection) -> tuple[list[Any], list[Any]]:
+        reservations = conn.execute(
+            text("SELECT id, status, expires_at IS NULL FROM reservation ORDER BY id")
+        ).all()
+        lines = conn.execute(
+            text(
+                "SELECT reservation_id, location, sku, quantity, deducted, released "
+                "FROM reservation_line ORDER BY reservation_id"
+            )
+        ).all()
+        return [tuple(r) for r in reservations], [tuple(r) for r in lines]
+
+    inspect_sync(empty_url, seed)
+    before = inspect_sync(empty_url, snapshot)
+    upgrade(empty_url)
+    assert inspect_sync(empty_url, snapshot) == before  # nothing lost in the rebuild
+
+    def confirm_two(conn: Connection) -> None:
+        # 1 is confirmed (a hold, no expiry); 2 was confirmed, then shipped (no expiry left).
+        conn.execute(
+            text("UPDATE reservation SET status = 'CONFIRMED', expires_at = NULL WHERE id = 1")
+        )
+        conn.execute(text("UPDATE reservation SET expires_at = NULL WHERE id = 2"))
+        conn.commit()
+
+    inspect_sync(empty_url, confirm_two)
+    downgrade(empty_url, "0004")
+    reservations, lines = inspect_sync(empty_url, snapshot)
+    assert reservations == [(1, "ACTIVE", 0), (2, "COMMITTED", 0), (3, "RELEASED", 0)]
+    assert lines == before[1]
+    far = inspect_sync(
+        empty_url,
+        lambda c: c.execute(text("SELECT expires_at FROM reservation WHERE id = 1")).one(),
+    )
+    assert str(far[0]).startswith("9999-12-31")

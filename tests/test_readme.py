@@ -57,10 +57,11 @@ def test_the_curl_examples_work_as_written_with_the_bootstrap_key(tmp_path: Path
         tried = _run(_commands("Try it with curl"), server.port, tmp_path)
         many = _run(_commands("Many carts in one request"), server.port, tmp_path)
         again = _run(_commands("Many carts in one request"), server.port, tmp_path)
+        paid = _run(_commands("Confirm a paid order"), server.port, tmp_path)
         made = _run(_commands("Managing keys over GraphQL"), server.port, tmp_path)
         made_again = _run(_commands("Managing keys over GraphQL"), server.port, tmp_path)
 
-    for answer in [*tried, *many, *again, *made, *made_again]:
+    for answer in [*tried, *many, *again, *paid, *made, *made_again]:
         assert "errors" not in answer, answer
     restock, reserve, deduct, short, look = (a["data"] for a in tried)
     assert restock["restock"]["__typename"] == "RestockSuccess"
@@ -97,3 +98,16 @@ def test_the_curl_examples_work_as_written_with_the_bootstrap_key(tmp_path: Path
     [replayed_key] = [a["data"]["createApiKey"] for a in made_again]
     assert (replayed_key["secret"], replayed_key["replayed"]) == (None, True)
     assert replayed_key["apiKey"] == created["apiKey"]
+
+    # "The second answers the reservation CONFIRMED with expiresAt: null, and the balance with
+    # committed: 2 within reserved: 4 (the batch example above holds the other 2)."
+    held, confirmed = (a["data"] for a in paid)
+    assert held["reserve"]["reservation"]["expiresAt"] is not None
+    assert confirmed["confirmReservation"] == {
+        "__typename": "ConfirmReservationSuccess",
+        "reservations": [{"status": "CONFIRMED", "expiresAt": None}],
+        "balances": [
+            {"sku": "MUG", "location": "east", "reserved": 4, "committed": 2, "available": 1}
+        ],
+        "replayed": False,
+    }

@@ -68,6 +68,8 @@ BASE_TIME = datetime(2031, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)  # microseconds on
 DEFAULT_TTL = 1800
 MAX_TTL = 7 * 24 * 3600
 ACTIVE, COMMITTED, RELEASED, EXPIRED = "ACTIVE", "COMMITTED", "RELEASED", "EXPIRED"
+CONFIRMED = "CONFIRMED"  # section 14: holds its units with no expiry until deducted or released
+HOLDING = (ACTIVE, CONFIRMED)  # release and deduct act on these; confirm and extend on ACTIVE
 
 Key = tuple[str, str]
 
@@ -98,7 +100,7 @@ class MLine:
 class MReservation:
     id: int
     reference: Reference | None
-    expires_at: datetime
+    expires_at: datetime | None  # None once CONFIRMED
     created_at: datetime
     lines: dict[Key, MLine]
     status: str = ACTIVE
@@ -139,11 +141,11 @@ class Model:
         return changed
 
     def due(self, res: MReservation) -> bool:
-        return res.status == ACTIVE and self.now >= res.expires_at
+        return res.status == ACTIVE and res.expires_at is not None and self.now >= res.expires_at
 
     def addressed(self, done: Done) -> list[MReservation]:
         """The reservations a retry of ``done`` looks at: by id that one, by reference every
-        reservation with it (the service then keeps the ACTIVE ones)."""
+        reservation with it (the service then keeps those of the statuses it acts on)."""
         if done.target is None:
             return []
         how, what = done.target
@@ -227,8 +229,9 @@ def shortages(m: Model, merged: list[tuple[Key, int]]) -> set[Key]:
     expired: set[Key] = set()
     lacking = {(s.location, s.sku) for s in short()}
     if lacking:
-        for r in sorted(m.reservations.values(), key=lambda r: (r.expires_at, r.id)):
-            if m.due(r) and any(r.lines[k].remaining for k in lacking if k in r.lines):
+        due = [r for r in m.reservations.values() if m.due(r)]  # due ones have an expiry
+        for r in sorted(due, key=lambda r: (r.expires_at, r.id)):
+            if any(r.lines[k].remaining for k in lacking if k in r.lines):
                 expired |= m.expire(r)
     still = short()
     if still:
@@ -242,8 +245,8 @@ def consume(
     lines: Sequence[Line] | None,
     operation: str,
 ) -> tuple[list[int], set[Key]]:
-    """RELEASE / DEDUCT from ACTIVE ``rows`` (oldest first); returns the ids of the reservations
-    touched, in order, and the balances changed."""
+    """RELEASE / DEDUCT from ACTIVE or CONFIRMED ``rows`` (oldest first); returns the ids of
+    the reservations touched, in order, and the balances changed."""
     take: list[tuple[MReservation, Key, int]] = []
     if lines is None:
         for r in rows:
@@ -405,11 +408,11 @@ class StockMachine(RuleBasedStateMachine):
 
     def pick_reservation(self, data: st.DataObject) -> int | str:
         ids = sorted(self.model.reservations)
-        active = [i for i in ids if self.model.reservations[i].status == ACTIVE]
+        active = [i for i in ids if self.model.reservations[i].status in HOLDING]
         missing = max(ids, default=0) + 10**9  # no reservation of this org has it
         pool = data.draw(st.integers(0, 19), label="which kind of id")
         if active and pool < 13:
-            rid: int | str = data.draw(st.sampled_from(active), label="ACTIVE id")
+            rid: int | str = data.draw(st.sampled_from(active), label="holding id")
         elif ids and pool < 18:
             rid = data.draw(st.sampled_from(ids), label="known id")
         else:
@@ -417,6 +420,19 @@ class StockMachine(RuleBasedStateMachine):
         if isinstance(rid, int) and data.draw(st.booleans(), label="id as string"):
             return str(rid)  # a GraphQL ID
         return rid
+
+    def pick_reference(self, data: st.DataObject, statuses: tuple[str, ...]) -> Reference:
+        """Mostly a reference some reservation of ``statuses`` has, else any."""
+        held = sorted(
+            {r.reference for r in self.model.reservations.values() if r.status in statuses}
+            - {None},
+            key=str,
+        )
+        if held and data.draw(st.integers(0, 9), label="held reference") < 8:
+            ref: Reference = data.draw(st.sampled_from(held), label="reference")
+        else:
+            ref = data.draw(st.sampled_from(REFS), label="reference")
+        return ref
 
     # -------------------------------------------------------------- rules
 
@@ -561,7 +577,7 @@ class StockMachine(RuleBasedStateMachine):
     )
     def consume(self, data: st.DataObject, operation: str, by: str) -> None:
         """RELEASE or DEDUCT by reservation id or by reference, all remaining or some lines."""
-        held = any(r.reference for r in self.model.reservations.values() if r.status == ACTIVE)
+        held = any(r.reference for r in self.model.reservations.values() if r.status in HOLDING)
         if self.model.reservations and (by == "id" or not held):
             self.consume_by_id(data, operation)
         else:
@@ -579,7 +595,7 @@ class StockMachine(RuleBasedStateMachine):
             res = m.reservations.get(int(rid)) if str(rid).isdigit() else None
             if res is None:
                 raise Expect(NotFoundError("Reservation", str(rid)))
-            if res.status != ACTIVE:
+            if res.status not in HOLDING:
                 raise Expect(ReservationNotActiveError(res.id, res.status))
             if m.due(res):
                 m.expire(res)
@@ -594,14 +610,7 @@ class StockMachine(RuleBasedStateMachine):
             self.check_consumed(result, *info, operation)
 
     def consume_by_reference(self, data: st.DataObject, operation: str) -> None:
-        held = sorted(
-            {r.reference for r in self.model.reservations.values() if r.status == ACTIVE} - {None},
-            key=str,
-        )
-        if held and data.draw(st.integers(0, 9), label="held reference") < 8:
-            ref = data.draw(st.sampled_from(held), label="reference")
-        else:
-            ref = data.draw(st.sampled_from(REFS), label="reference")
+        ref = self.pick_reference(data, HOLDING)
         keys = [k for r in self.model.reservations.values() if r.reference == ref for k in r.lines]
         lines = self.consume_lines(data, keys)
         key = self.new_key(data)
@@ -612,7 +621,7 @@ class StockMachine(RuleBasedStateMachine):
             rows = [
                 r
                 for _, r in sorted(m.reservations.items())
-                if r.reference == ref and r.status == ACTIVE
+                if r.reference == ref and r.status in HOLDING
             ]
             if not rows:
                 raise Expect(NotFoundError("Reservation", str(ref)))
@@ -620,10 +629,10 @@ class StockMachine(RuleBasedStateMachine):
             for r in rows:
                 if m.due(r):
                     expired |= m.expire(r)
-            active = [r for r in rows if r.status == ACTIVE]
-            if not active:
+            holding = [r for r in rows if r.status in HOLDING]
+            if not holding:
                 raise Expect(NotFoundError("Reservation", str(ref)), committed=m)
-            return (*consume(m, active, lines, operation), expired)
+            return (*consume(m, holding, lines, operation), expired)
 
         method = getattr(self.service, operation)
         result, info = self.attempt(
@@ -699,6 +708,68 @@ class StockMachine(RuleBasedStateMachine):
         )
         if result is not None:
             self.check_reservation(result.reservation)
+
+    @precondition(lambda self: self.model.reservations)
+    @rule(data=st.data(), by=st.sampled_from(["id", "id", "reference"]))
+    def confirm(self, data: st.DataObject, by: str) -> None:
+        """CONFIRM (section 14): ACTIVE reservations keep their lines and lose their expiry,
+        with no ledger entry and no change to any balance; by reference every ACTIVE one with
+        it. A past-due one is expired instead, as a release or deduct would."""
+        key = self.new_key(data)
+        if by == "id":
+            rid = self.pick_reservation(data)
+
+            def predict(m: Model) -> tuple[list[MReservation], set[Key]]:
+                res = m.reservations.get(int(rid)) if str(rid).isdigit() else None
+                if res is None:
+                    raise Expect(NotFoundError("Reservation", str(rid)))
+                if res.status != ACTIVE:
+                    raise Expect(ReservationNotActiveError(res.id, res.status))
+                if m.due(res):
+                    m.expire(res)
+                    raise Expect(ReservationNotActiveError(res.id, EXPIRED), committed=m)
+                res.status, res.expires_at = CONFIRMED, None
+                return [res], set()
+
+            call: Callable[[], Awaitable[Any]] = lambda: self.service.confirm_reservation(  # noqa: E731
+                key, reservation_id=rid
+            )
+            target: Target = ("id", rid)
+        else:
+            ref = self.pick_reference(data, (ACTIVE,))
+
+            def predict(m: Model) -> tuple[list[MReservation], set[Key]]:
+                rows = [
+                    r
+                    for _, r in sorted(m.reservations.items())
+                    if r.reference == ref and r.status == ACTIVE
+                ]
+                if not rows:
+                    raise Expect(NotFoundError("Reservation", str(ref)))
+                expired: set[Key] = set()  # past-due ones found on the way are expired first
+                for r in rows:
+                    if m.due(r):
+                        expired |= m.expire(r)
+                active = [r for r in rows if r.status == ACTIVE]
+                if not active:
+                    raise Expect(NotFoundError("Reservation", str(ref)), committed=m)
+                for r in active:
+                    r.status, r.expires_at = CONFIRMED, None
+                return active, expired
+
+            call = lambda: self.service.confirm_reservation(key, reference=ref)  # noqa: E731
+            target = ("reference", ref)
+        result, info = self.attempt(key, call, predict, target)
+        if result is not None:
+            confirmed, expired = info
+            assert [r.id for r in result.reservations] == [r.id for r in confirmed]
+            for record in result.reservations:
+                self.check_reservation(record)
+            # the balances it holds, unchanged; may include those only an expiry changed
+            held = {k for r in confirmed for k in r.lines}
+            changed = [(b.location, b.sku) for b in result.balances]
+            assert held <= set(changed) <= held | expired
+            self.check_balances(result.balances, changed)
 
     @rule(seconds=st.sampled_from(ADVANCES))
     def advance_clock(self, seconds: float) -> None:
@@ -850,7 +921,7 @@ class DatabaseMachine(StockMachine):
                 r.id: (
                     r.status,
                     None if r.ref_type is None else Reference(r.ref_type, r.ref_id),
-                    r.expires_at.replace(tzinfo=UTC),
+                    None if r.expires_at is None else r.expires_at.replace(tzinfo=UTC),
                     r.created_at.replace(tzinfo=UTC),
                 )
                 for r in await conn.execute(select(R).where(R.c.org_id == org))

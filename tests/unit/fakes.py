@@ -31,6 +31,9 @@ from stockledger.services.lookups import replayed_reservation_ids, replayed_resu
 from stockledger.services.records import WriteResult
 from stockledger.services.writes import Clock
 
+# Written out here rather than imported: these fakes check the code that defines them.
+HOLDING = (ACTIVE, "CONFIRMED")
+
 
 @dataclass
 class MemoryDatabase:
@@ -62,7 +65,7 @@ class MemoryTransaction:
         return sorted(
             r.id
             for r in self.db.reservations.values()
-            if r.reference in wanted and r.status == ACTIVE
+            if r.reference in wanted and r.status in HOLDING
         )
 
     async def lock_reservations(
@@ -81,10 +84,11 @@ class MemoryTransaction:
             r
             for r in self.db.reservations.values()
             if r.status == ACTIVE
+            and r.expires_at is not None
             and r.expires_at <= now
             and any(ln.remaining > 0 and ln.key in wanted for ln in r.lines or ())
         ]
-        return [r.id for r in sorted(due, key=lambda r: (r.expires_at, r.id))][:limit]
+        return [r.id for r in sorted(due, key=lambda r: (r.expires_at or now, r.id))][:limit]
 
     async def write(self, ws: WriteSet) -> dict[int, int]:
         for b in ws.new_balances:
@@ -159,10 +163,12 @@ class MemoryLookups:
         if (row[0], row[1]) != (operation, request_hash):
             raise IdempotencyKeyReusedError(key, row[0])
         entries = [e for e in self.db.ledger if e.idempotency_key == key]
-        keys = sorted({e.key for e in entries})
-        balances = [self.db.balances[k] for k in keys if k in self.db.balances]
         ids = replayed_reservation_ids(entries, row[2])
         reservations = [self.db.reservations[i] for i in ids if i in self.db.reservations]
+        keys = sorted({e.key for e in entries})
+        if operation == "confirm":
+            keys = sorted({ln.key for r in reservations for ln in r.lines or ()})
+        balances = [self.db.balances[k] for k in keys if k in self.db.balances]
         return replayed_result(operation, entries, balances, reservations)
 
     async def balances_and_key(
@@ -180,6 +186,7 @@ class MemoryLookups:
         wanted = set(keys)
         return any(
             r.status == ACTIVE
+            and r.expires_at is not None
             and r.expires_at <= now
             and any(ln.remaining > 0 and ln.key in wanted for ln in r.lines or ())
             for r in self.db.reservations.values()
@@ -187,9 +194,11 @@ class MemoryLookups:
 
     async def due_reservation_ids(self, now: datetime, limit: int) -> list[int]:
         due = [
-            r for r in self.db.reservations.values() if r.status == ACTIVE and r.expires_at <= now
+            r
+            for r in self.db.reservations.values()
+            if r.status == ACTIVE and r.expires_at is not None and r.expires_at <= now
         ]
-        return [r.id for r in sorted(due, key=lambda r: (r.expires_at, r.id))][:limit]
+        return [r.id for r in sorted(due, key=lambda r: (r.expires_at or now, r.id))][:limit]
 
 
 def memory_service(
@@ -219,9 +228,13 @@ def violations(db: MemoryDatabase) -> list[str]:
         total[1] += e.reserved_delta
     held: dict[BalanceKey, int] = {}
     for r in db.reservations.values():
+        if (r.status == "CONFIRMED" and r.expires_at is not None) or (
+            r.status in (ACTIVE, "EXPIRED") and r.expires_at is None
+        ):
+            out.append(f"reservation {r.id} is {r.status} with expiry {r.expires_at}")
         for ln in r.lines or ():
             left = ln.quantity - ln.deducted - ln.released
-            if r.status == ACTIVE:
+            if r.status in HOLDING:
                 held[ln.key] = held.get(ln.key, 0) + left
             elif left:
                 out.append(f"reservation {r.id} is {r.status} but still holds units")
@@ -231,7 +244,9 @@ def violations(db: MemoryDatabase) -> list[str]:
         if sums.get(key, [0, 0]) != [b.on_hand, b.reserved]:
             out.append(f"{key}: ledger sums to {sums.get(key)}, balance {b.on_hand}, {b.reserved}")
         if held.get(key, 0) != b.reserved:
-            out.append(f"{key}: ACTIVE reservations hold {held.get(key, 0)}, reserved {b.reserved}")
+            out.append(
+                f"{key}: holding reservations hold {held.get(key, 0)}, reserved {b.reserved}"
+            )
     for key in set(sums) - set(db.balances):
         out.append(f"{key}: ledger entries without a balance")
     seen: set[tuple[str, BalanceKey, int | None]] = set()

@@ -22,6 +22,7 @@ import pytest
 from stockledger.domain import rules
 from stockledger.domain.commands import (
     Adjust,
+    Confirm,
     Deduct,
     DeductDirect,
     Expire,
@@ -42,6 +43,7 @@ from stockledger.domain.errors import (
 from stockledger.domain.model import (
     ACTIVE,
     COMMITTED,
+    CONFIRMED,
     EXPIRED,
     RELEASED,
     Balance,
@@ -169,6 +171,10 @@ def extend(rid: int, ttl: int, key: str = "ex-1") -> Extend:
     return Extend.validated(key, rid, ttl, max_ttl_seconds=MAX_TTL)
 
 
+def confirm(rid: int | None = None, ref: Reference | None = None, key: str = "cf-1") -> Confirm:
+    return Confirm.validated(key, reservation_id=rid, reference=ref)
+
+
 # ---------------------------------------------------------------------------- deciding
 
 
@@ -183,7 +189,12 @@ def zero(key: BalanceKey, now: datetime) -> Balance:
 def check_entries(stock: Stock, changes: Changes, now: datetime) -> None:
     """The ledger of ``changes`` explains its balances exactly (sections 2 and 3)."""
     keys = [e.key for e in changes.entries]
-    assert [b.key for b in changes.balances] == sorted(set(keys)), "balances = keys touched"
+    shown = [b.key for b in changes.balances]
+    assert shown == sorted(shown), "balances in key order"
+    assert set(keys) <= set(shown), "every balance touched is listed"
+    for b in changes.balances:
+        if b.key not in keys:  # listed unchanged (a confirm's result shows its balances)
+            assert b == stock.balance(b.key), "a balance without entries is unchanged"
     per_reservation = [(e.key, e.reservation_id) for e in changes.entries]
     assert len(per_reservation) == len(set(per_reservation)), "one entry per balance touched"
     after = {b.key: b for b in changes.balances}
@@ -274,7 +285,7 @@ def assert_consistent(stock: Stock) -> None:
     """Invariants 1 and 3 of section 2 on the in-memory state."""
     held_by: Counter[BalanceKey] = Counter()
     for r in stock.reservations.values():
-        if r.status == ACTIVE:
+        if r.status in (ACTIVE, "CONFIRMED"):
             for ln in r.lines or ():
                 assert ln.remaining >= 0
                 held_by[ln.key] += ln.remaining
@@ -1549,3 +1560,150 @@ def test_a_used_key_replays_the_same_request_only():
         error = key_reused("k", ("reserve", "h1"), asked)
         assert isinstance(error, IdempotencyKeyReusedError)
         assert (error.idempotency_key, error.code) == ("k", "IDEMPOTENCY_KEY_REUSED")
+
+
+# ============================================================================ confirm (section 14)
+
+
+def test_confirm_by_id_drops_the_expiry_keeps_the_lines_and_writes_no_entry():
+    stock = cart_stock()
+    command = confirm(1)
+    changes = changes_of(stock, command)
+
+    r = reservation_after(changes, 1)
+    assert (r.status, r.expires_at, r.updated_at) == (CONFIRMED, None, NOW)
+    assert r.lines == stock.reservation(1).lines  # type: ignore[union-attr]
+    assert changes.entries == ()
+    # The balances it holds, listed unchanged (same version: a derived figure changes).
+    assert figures(changes) == {(LOC, "A"): (10, 4, 2), (LOC, "B"): (5, 2, 2)}
+    assert changes.answer == (1,)
+    assert changes.key_row == KeyRow("cf-1", "confirm", command.request_hash, "1")
+
+
+def test_a_confirmed_reservation_is_never_due():
+    stock = cart_stock(expires_at=NOW + timedelta(seconds=30))
+    apply(stock, confirm(1))
+    much_later = NOW + timedelta(days=365)
+    assert changes_of(stock, Expire(1), now=much_later) == Changes()
+    assert stock.due_holding([(LOC, "A")], much_later) == []
+    assert_consistent(stock)
+
+
+def test_a_confirmed_reservation_deducts_in_parts_then_commits():
+    stock = cart_stock()
+    apply(stock, confirm(1))
+    later = NOW + timedelta(hours=2)  # past its old expiry
+    first = apply(stock, deduct(1, lines=[Line("A", 3)], key="d-1"), now=later)
+    assert reservation_after(first, 1).status == CONFIRMED
+    assert reservation_after(first, 1).expires_at is None
+    assert figures(first) == {(LOC, "A"): (7, 1, 3)}
+    rest = apply(stock, deduct(1, key="d-2"), now=later)
+    assert reservation_after(rest, 1).status == COMMITTED
+    assert figures(rest) == {(LOC, "A"): (6, 0, 4), (LOC, "B"): (3, 0, 3)}
+    assert_consistent(stock)
+
+
+def test_releasing_a_confirmed_reservation_gives_its_units_back():
+    stock = cart_stock()
+    apply(stock, confirm(1))
+    changes = apply(stock, release(1))
+    assert reservation_after(changes, 1).status == RELEASED
+    assert figures(changes) == {(LOC, "A"): (10, 0, 3), (LOC, "B"): (5, 0, 3)}
+    assert_consistent(stock)
+
+
+def test_release_and_deduct_by_reference_include_confirmed_reservations():
+    stock = two_for_order()
+    apply(stock, confirm(1))
+    changes = apply(stock, deduct(ref=ORDER))
+    assert [r.id for r in changes.reservations] == [1, 2]
+    assert {r.id: r.status for r in changes.reservations} == {1: COMMITTED, 2: COMMITTED}
+    assert_consistent(stock)
+
+
+@pytest.mark.parametrize("then", ["confirm", "extend"])
+def test_confirm_and_extend_of_a_confirmed_reservation_are_refused_with_its_status(then):
+    stock = cart_stock()
+    apply(stock, confirm(1))
+    command = extend(1, 60) if then == "extend" else confirm(1, key="cf-2")
+    err = error_of(refusal_of(stock, command), ReservationNotActiveError)
+    assert (err.reservation_id, err.status) == (1, CONFIRMED)
+
+
+@pytest.mark.parametrize("first", ["release", "deduct"])
+def test_confirm_of_a_finished_reservation_is_refused_with_its_status(first):
+    stock = cart_stock()
+    apply(stock, consume(first, rid=1))
+    err = error_of(refusal_of(stock, confirm(1)), ReservationNotActiveError)
+    assert err.status == (RELEASED if first == "release" else COMMITTED)
+
+
+def test_confirm_of_an_expired_reservation_is_refused_expired():
+    stock = cart_stock(expires_at=NOW - timedelta(seconds=1))
+    apply(stock, Expire(1))
+    refusal = refusal_of(stock, confirm(1))
+    assert error_of(refusal, ReservationNotActiveError).status == EXPIRED
+    assert refusal.committed is None
+
+
+def test_confirm_of_a_past_due_reservation_expires_it_and_is_refused():
+    stock = cart_stock(expires_at=NOW)  # due: now >= expires_at
+    refusal = refusal_of(stock, confirm(1))
+    err = error_of(refusal, ReservationNotActiveError)
+    assert (err.reservation_id, err.status) == (1, EXPIRED)
+    assert refusal.committed is not None and refusal.committed.expired() == [1]
+    assert reservation_after(refusal.committed, 1).status == EXPIRED
+
+
+def test_confirm_by_reference_confirms_every_active_one_oldest_first():
+    stock = two_for_order()
+    command = confirm(ref=ORDER)
+    changes = changes_of(stock, command)
+    assert changes.answer == (1, 2)
+    assert {r.id: (r.status, r.expires_at) for r in changes.reservations} == {
+        1: (CONFIRMED, None),
+        2: (CONFIRMED, None),
+    }
+    assert changes.entries == ()
+    assert changes.key_row == KeyRow("cf-1", "confirm", command.request_hash, "1,2")
+    assert stock.reservation(3).status == ACTIVE  # type: ignore[union-attr]
+
+
+def test_confirm_by_reference_skips_confirmed_ones_and_expires_due_ones():
+    stock = stock_with(
+        bal("A", 10, 6, version=3),
+        reservations=(
+            resv(1, rline("A", 1), reference=ORDER, status=CONFIRMED),
+            resv(2, rline("A", 2), reference=ORDER, expires_at=NOW - timedelta(seconds=1)),
+            resv(3, rline("A", 3), reference=ORDER),
+        ),
+    )
+    stock.reservations[1] = dataclasses.replace(stock.reservations[1], expires_at=None)
+    changes = changes_of(stock, confirm(ref=ORDER))
+    assert changes.answer == (3,)
+    assert {r.id: r.status for r in changes.reservations} == {2: EXPIRED, 3: CONFIRMED}
+    assert changes.expired() == [2]
+
+
+def test_confirm_by_reference_with_nothing_active_is_not_found():
+    stock = cart_stock(status=CONFIRMED, reference=ORDER)
+    err = error_of(refusal_of(stock, confirm(ref=ORDER)), NotFoundError)
+    assert err.key == "ORDER:o-1"
+
+
+def test_confirm_of_an_unknown_reservation_is_not_found():
+    error_of(refusal_of(cart_stock(), confirm(99)), NotFoundError)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"reservation_id": "1", "reference": ORDER}], ids=["neither", "both"]
+)
+def test_confirm_needs_exactly_one_of_id_and_reference(kw):
+    with pytest.raises(ValidationError) as err:
+        Confirm.validated("cf-1", **kw)
+    assert err.value.field == "reservationId"
+
+
+def test_confirm_payload_differs_by_id_and_by_reference():
+    assert confirm(1).request_hash != confirm(ref=ORDER).request_hash
+    assert confirm(1).request_hash == confirm(1, key="other").request_hash

@@ -98,7 +98,8 @@ reservation = Table(
     Column("status", String(16), nullable=False),
     Column("ref_type", ExactString(NAME_LENGTH), nullable=True),
     Column("ref_id", ExactString(NAME_LENGTH), nullable=True),
-    Column("expires_at", Timestamp, nullable=False),
+    # NULL once CONFIRMED (no expiry; migration 0005).
+    Column("expires_at", Timestamp, nullable=True),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     CheckConstraint(_in("status", RESERVATION_STATUSES), name="status_known"),
@@ -134,8 +135,9 @@ idempotency_key = Table(
     Column("operation", String(32), nullable=False),
     Column("request_hash", String(64), nullable=False),
     # The result is found through the ledger entries that carry the key; this column holds
-    # what the ledger cannot tell (the reservation an extend acted on).
-    Column("result_ref", String(64), nullable=True),
+    # what the ledger cannot tell (the reservation an extend acted on, the reservations a
+    # confirm acted on, comma-separated; 1024 since migration 0005).
+    Column("result_ref", String(1024), nullable=True),
     Column("created_at", Timestamp, nullable=False),
     PrimaryKeyConstraint("org_id", "idempotency_key"),
     **_mysql_opts,

@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncTransaction
 
 from stockledger.db.engine import Database
 from stockledger.domain.model import (
-    ACTIVE,
+    HOLDING_STATUSES,
     Balance,
     BalanceKey,
     LedgerEntry,
@@ -57,6 +57,8 @@ MAX_ROWS_PER_STATEMENT = 500
 
 _BALANCE_COLUMNS = "location, sku, on_hand, reserved, version, updated_at"
 _RESERVATION_COLUMNS = "id, status, ref_type, ref_id, expires_at, created_at, updated_at"
+# The statuses whose reservations hold stock, as an SQL list: ('ACTIVE', 'CONFIRMED').
+_HOLDING = "(" + ", ".join(f"'{s}'" for s in HOLDING_STATUSES) + ")"
 _LINE_COLUMNS = "reservation_id, location, sku, quantity, deducted, released"
 _LEDGER_INSERT = (
     "org_id, location, sku, event_type, on_hand_delta, reserved_delta, on_hand_after, "
@@ -170,7 +172,7 @@ class _Sql:
     def select_by_reference(self, n: int) -> str:
         return (
             "SELECT id FROM reservation WHERE org_id = "
-            f"{self.mark} AND status = 'ACTIVE' AND ({self.pairs(n, 'ref_type', 'ref_id')}) "
+            f"{self.mark} AND status IN {_HOLDING} AND ({self.pairs(n, 'ref_type', 'ref_id')}) "
             "ORDER BY id"
         )
 
@@ -313,6 +315,15 @@ class SqlStore:
         self._last_time = (value, param)
         return param
 
+    def maybe_time(self, value: datetime | None) -> Any:
+        """:meth:`time`, or NULL for None (a CONFIRMED reservation's expiry)."""
+        return None if value is None else self.time(value)
+
+    @staticmethod
+    def maybe_from_db_time(value: Any) -> datetime | None:
+        """:meth:`from_db_time`, or None for NULL."""
+        return None if value is None else SqlStore.from_db_time(value)
+
     @staticmethod
     def from_db_time(value: Any) -> datetime:
         """A stored timestamp (datetime, or text on SQLite) as an aware UTC datetime."""
@@ -443,7 +454,8 @@ class SqlTransaction:
         return out
 
     async def active_reservation_ids(self, references: Sequence[Reference]) -> list[int]:
-        """Ids of the ACTIVE reservations with any of ``references`` (not locked)."""
+        """Ids of the holding (ACTIVE or CONFIRMED) reservations with any of ``references``
+        (not locked)."""
         ids: list[int] = []
         for chunk in _chunks(sorted(set(references), key=lambda r: (r.type, r.id))):
             params = [self.org_id, *(x for r in chunk for x in (r.type, r.id))]
@@ -490,7 +502,7 @@ class SqlTransaction:
                 id=i,
                 status=row[1],
                 reference=_ref(row[2], row[3]),
-                expires_at=t(row[4]),
+                expires_at=self.store.maybe_from_db_time(row[4]),
                 created_at=t(row[5]),
                 updated_at=t(row[6]),
                 lines=tuple(lines[i]),
@@ -587,7 +599,7 @@ class SqlTransaction:
                 r.status,
                 ref_type,
                 ref_id,
-                t(r.expires_at),
+                self.store.maybe_time(r.expires_at),
                 t(r.created_at),
                 t(r.updated_at),
             ]
@@ -653,7 +665,7 @@ class SqlTransaction:
 async def reservation_balance_keys(
     db: Database, org_id: str, ids: Sequence[int], references: Sequence[Reference]
 ) -> dict[int | Reference, list[BalanceKey]]:
-    """The balances held by reservations ``ids`` and by the ACTIVE reservations with
+    """The balances held by reservations ``ids`` and by the ACTIVE or CONFIRMED ones with
     ``references``: a hint read (no lock) that tells which Redis locks and which writer a
     release, deduct, extend or expire will need. Unknown ones map to nothing."""
     out: dict[int | Reference, list[BalanceKey]] = {}
@@ -674,7 +686,7 @@ async def reservation_balance_keys(
             result = await conn.exec_driver_sql(
                 "SELECT r.ref_type, r.ref_id, l.location, l.sku FROM reservation r "
                 "JOIN reservation_line l ON l.reservation_id = r.id AND l.org_id = r.org_id "
-                f"WHERE r.org_id = {m} AND r.status = '{ACTIVE}' AND "
+                f"WHERE r.org_id = {m} AND r.status IN {_HOLDING} AND "
                 f"({sql.pairs(len(ref_chunk), 'r.ref_type', 'r.ref_id')})",
                 (org_id, *(x for r in ref_chunk for x in (r.type, r.id))),
             )

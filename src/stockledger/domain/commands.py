@@ -198,8 +198,8 @@ class Reserve:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """RELEASE units held by a reservation (by id) or by every ACTIVE reservation with a
-    reference, oldest first. ``cart`` None: everything remaining."""
+    """RELEASE units held by a reservation (by id) or by every ACTIVE or CONFIRMED reservation
+    with a reference, oldest first. ``cart`` None: everything remaining."""
 
     operation: ClassVar[str] = "release"
     idempotency_key: str
@@ -319,6 +319,34 @@ class Extend:
 
 
 @dataclass(frozen=True, slots=True)
+class Confirm:
+    """CONFIRM an ACTIVE reservation (by id) or every ACTIVE one with a reference: it keeps its
+    lines and loses its expiry (part LOCATIONS, ARCHITECTURE section 14). No quantity changes."""
+
+    operation: ClassVar[str] = "confirm"
+    idempotency_key: str
+    reservation_id: int | None
+    reference: Reference | None
+    request_hash: str
+
+    @classmethod
+    def validated(
+        cls, idempotency_key: Any, *, reservation_id: Any = None, reference: Reference | None = None
+    ) -> Confirm:
+        key = check_key(idempotency_key)
+        if (reservation_id is None) == (reference is None):
+            raise ValidationError(
+                "give exactly one of reservationId and reference", "reservationId"
+            )
+        rid_text = None if reservation_id is None else check_reservation_id(reservation_id)
+        reference = check_reference(reference)
+        payload = {"reservationId": rid_text, "reference": reference_payload(reference)}
+        rhash = request_hash(cls.operation, payload)
+        rid = None if rid_text is None else _reservation_number(rid_text)
+        return cls(key, rid, reference, rhash)
+
+
+@dataclass(frozen=True, slots=True)
 class Expire:
     """EXPIRE one reservation if it is ACTIVE and due; the sweeper's command.
 
@@ -336,7 +364,7 @@ class Expire:
         return expire_key(self.reservation_id)
 
 
-Command = Restock | Adjust | Reserve | Release | Deduct | DeductDirect | Extend | Expire
+Command = Restock | Adjust | Reserve | Release | Deduct | DeductDirect | Extend | Confirm | Expire
 """Every write command."""
 
 
@@ -349,13 +377,14 @@ def known_balance_keys(command: Command) -> list[BalanceKey]:
 
 def addressed_reservation(command: Command) -> int | None:
     """The reservation id a command addresses, if any."""
-    if isinstance(command, Release | Deduct | Extend | Expire):
+    if isinstance(command, Release | Deduct | Extend | Confirm | Expire):
         return command.reservation_id
     return None
 
 
 def addressed_reference(command: Command) -> Reference | None:
-    """The reference whose ACTIVE reservations a release or deduct addresses, if any."""
-    if isinstance(command, Release | Deduct):
+    """The reference whose holding (ACTIVE or CONFIRMED) reservations a release, deduct or
+    confirm addresses, if any (a confirm acts on the ACTIVE ones alone)."""
+    if isinstance(command, Release | Deduct | Confirm):
         return command.reference
     return None

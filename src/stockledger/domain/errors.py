@@ -81,7 +81,8 @@ class IdempotencyKeyReusedError(StockError):
 
 
 class ReservationNotActiveError(StockError):
-    """The reservation is ``status`` (COMMITTED, RELEASED or EXPIRED), not ACTIVE."""
+    """The reservation is ``status`` (COMMITTED, RELEASED or EXPIRED; CONFIRMED for a confirm
+    or an extend), not ACTIVE."""
 
     code = "RESERVATION_NOT_ACTIVE"
 

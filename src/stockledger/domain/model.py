@@ -15,7 +15,11 @@ BalanceKey = tuple[str, str]
 """(location, sku): identifies a balance within an org, and is the sort and lock order."""
 
 ACTIVE, COMMITTED, RELEASED, EXPIRED = "ACTIVE", "COMMITTED", "RELEASED", "EXPIRED"
-RESERVATION_STATUSES = (ACTIVE, COMMITTED, RELEASED, EXPIRED)
+CONFIRMED = "CONFIRMED"
+"""Holds stock with no expiry (part LOCATIONS); ends COMMITTED or RELEASED."""
+RESERVATION_STATUSES = (ACTIVE, CONFIRMED, COMMITTED, RELEASED, EXPIRED)
+HOLDING_STATUSES = (ACTIVE, CONFIRMED)
+"""The statuses whose reservations hold stock: their lines' remaining is part of reserved."""
 LEDGER_EVENT_TYPES = ("RESTOCK", "ADJUST", "RESERVE", "RELEASE", "EXPIRE", "DEDUCT")
 EXPIRE_KEY_PREFIX = "expire:"
 """EXPIRE entries carry the key ``expire:<reservation id>`` (ARCHITECTURE section 11)."""
@@ -93,7 +97,7 @@ class ReservationLine:
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """A hold on stock for a reference until ``expires_at``.
+    """A hold on stock for a reference until ``expires_at`` (None once CONFIRMED: no expiry).
 
     ``lines`` is in (location, sku) order, or None where a read did not load them (GraphQL
     loads lines in batches).
@@ -102,14 +106,19 @@ class Reservation:
     id: int
     status: str
     reference: Reference | None
-    expires_at: datetime
+    expires_at: datetime | None
     created_at: datetime
     updated_at: datetime
     lines: tuple[ReservationLine, ...] | None = None
 
     def is_due(self, now: datetime) -> bool:
         """ACTIVE and ``now >= expires_at`` (section 11: expired when now >= expires_at)."""
-        return self.status == ACTIVE and now >= self.expires_at
+        return self.status == ACTIVE and self.expires_at is not None and now >= self.expires_at
+
+    @property
+    def holding(self) -> bool:
+        """ACTIVE or CONFIRMED: its remaining units are part of its balances' reserved."""
+        return self.status in HOLDING_STATUSES
 
     def holds(self) -> list[BalanceKey]:
         """The balances this reservation still holds units of (remaining > 0)."""

@@ -9,6 +9,7 @@
 | EXPIRE | reservation ACTIVE and expires_at <= now | reserved -= remaining, status EXPIRED |
 | DEDUCT q, reserved | q <= line remaining | reserved -= q, on_hand -= q |
 | DEDUCT q, direct | available >= q | on_hand -= q |
+| CONFIRM (section 14) | reservation ACTIVE and not due | status CONFIRMED, no expiry; no entry |
 
 Each rule is a pure function of the locked state (:class:`~stockledger.domain.state.Stock`),
 the command and the time: it returns the command's
@@ -27,6 +28,7 @@ from datetime import datetime, timedelta
 from stockledger.domain.commands import (
     Adjust,
     Command,
+    Confirm,
     Deduct,
     DeductDirect,
     Expire,
@@ -46,7 +48,9 @@ from stockledger.domain.errors import (
 from stockledger.domain.model import (
     ACTIVE,
     COMMITTED,
+    CONFIRMED,
     EXPIRED,
+    HOLDING_STATUSES,
     RELEASED,
     BalanceKey,
     Reference,
@@ -54,7 +58,15 @@ from stockledger.domain.model import (
     ReservationLine,
     expire_key,
 )
-from stockledger.domain.state import Changes, Decision, Draft, KeyRow, Refusal, Stock
+from stockledger.domain.state import (
+    MAX_RESULT_REF,
+    Changes,
+    Decision,
+    Draft,
+    KeyRow,
+    Refusal,
+    Stock,
+)
 from stockledger.domain.validation import MAX_BALANCE, Cart
 
 
@@ -77,6 +89,8 @@ def decide(
         return deduct_direct(stock, command, now)
     if isinstance(command, Extend):
         return extend(stock, command, now)
+    if isinstance(command, Confirm):
+        return confirm(stock, command, now)
     return expire(stock, command, now)
 
 
@@ -183,14 +197,16 @@ def deduct_direct(stock: Stock, command: DeductDirect, now: datetime) -> Decisio
 
 def consume(stock: Stock, command: Release | Deduct, now: datetime) -> Decision:
     """RELEASE q (reserved -= q) or DEDUCT q, reserved (reserved -= q, on_hand -= q), with
-    q <= line remaining, from one reservation or from every ACTIVE reservation with a
-    reference, oldest first (section 11, "By reference").
+    q <= line remaining, from one ACTIVE or CONFIRMED reservation or from every such
+    reservation with a reference, oldest first (section 11, "By reference"; section 14).
 
     No lines: everything remaining. A reservation left with nothing remaining is COMMITTED
-    if any of it was deducted, else RELEASED.
+    if any of it was deducted, else RELEASED; one with units left keeps its status.
     """
     draft = Draft(stock, now, command.idempotency_key)
-    found = _addressed(stock, draft, command.reservation_id, command.reference, now)
+    found = _addressed(
+        stock, draft, command.reservation_id, command.reference, now, HOLDING_STATUSES
+    )
     if isinstance(found, Refusal):
         return found
     take = _take(found, command.cart)
@@ -226,7 +242,7 @@ def consume(stock: Stock, command: Release | Deduct, now: datetime) -> Decision:
                 )
                 line = dataclasses.replace(line, released=line.released + q)
             lines.append(line)
-        status = ACTIVE
+        status = reservation.status
         if all(line.remaining == 0 for line in lines):
             status = COMMITTED if any(line.deducted > 0 for line in lines) else RELEASED
         after = dataclasses.replace(reservation, status=status, updated_at=now, lines=tuple(lines))
@@ -239,7 +255,7 @@ def extend(stock: Stock, command: Extend, now: datetime) -> Decision:
     """Set an ACTIVE reservation's expiry to now + ttl (shorter or longer). No ledger entry:
     no quantity changes; the key row remembers which reservation it was."""
     draft = Draft(stock, now, command.idempotency_key)
-    found = _addressed(stock, draft, command.reservation_id, None, now)
+    found = _addressed(stock, draft, command.reservation_id, None, now, (ACTIVE,))
     if isinstance(found, Refusal):
         return found
     reservation = dataclasses.replace(
@@ -250,6 +266,35 @@ def extend(stock: Stock, command: Extend, now: datetime) -> Decision:
         command.idempotency_key, command.operation, command.request_hash, str(reservation.id)
     )
     return draft.changes(answer=(reservation.id,), key_row=row)
+
+
+def confirm(stock: Stock, command: Confirm, now: datetime) -> Decision:
+    """CONFIRM (section 14): an ACTIVE reservation, or every ACTIVE one with a reference
+    (oldest first), becomes CONFIRMED: it keeps its lines and loses its expiry. No ledger
+    entry and no version change, since no quantity changes; the key row remembers which
+    reservations it was, and the result lists their balances as they are.
+
+    A due one is expired instead, as a release, deduct or extend does (:func:`_addressed`).
+    """
+    draft = Draft(stock, now, command.idempotency_key)
+    found = _addressed(stock, draft, command.reservation_id, command.reference, now, (ACTIVE,))
+    if isinstance(found, Refusal):
+        return found
+    result_ref = ",".join(str(r.id) for r in found)
+    if len(result_ref) > MAX_RESULT_REF:
+        return Refusal(
+            ValidationError(
+                f"confirms more reservations ({len(found)}) than one call may", "reference"
+            )
+        )
+    for reservation in found:
+        draft.save(
+            dataclasses.replace(reservation, status=CONFIRMED, expires_at=None, updated_at=now)
+        )
+        for line in reservation.lines or ():
+            draft.show(line.key)
+    row = KeyRow(command.idempotency_key, command.operation, command.request_hash, result_ref)
+    return draft.changes(answer=[r.id for r in found], key_row=row)
 
 
 def expire(stock: Stock, command: Expire, now: datetime) -> Changes:
@@ -328,26 +373,29 @@ def _addressed(
     reservation_id: int | None,
     reference: Reference | None,
     now: datetime,
+    statuses: tuple[str, ...],
 ) -> list[Reservation] | Refusal:
-    """The ACTIVE reservations a release, deduct or extend acts on, oldest first.
+    """The reservations of ``statuses`` a release, deduct, extend or confirm acts on, oldest
+    first (release and deduct: ACTIVE or CONFIRMED; extend and confirm: ACTIVE, section 14).
 
-    By id: NotFoundError, ReservationNotActiveError, or, when it is past due but not yet
-    swept, it is expired and the call refused with status EXPIRED (that expiry commits). By
-    reference: the due ones are expired and the rest acted on; none ACTIVE is NotFoundError
-    (``TYPE:ID``), and so is none left after expiring, with the expiry committed.
+    By id: NotFoundError, ReservationNotActiveError (another status), or, when it is past
+    due but not yet swept, it is expired and the call refused with status EXPIRED (that
+    expiry commits). By reference: the due ones are expired and the rest acted on; none of
+    ``statuses`` is NotFoundError (``TYPE:ID``), and so is none left after expiring, with the
+    expiry committed.
     """
     if reservation_id is not None:
         reservation = draft.reservation(reservation_id)
         if reservation is None:
             return Refusal(NotFoundError("Reservation", str(reservation_id)))
-        if reservation.status != ACTIVE:
+        if reservation.status not in statuses:
             return Refusal(ReservationNotActiveError(reservation.id, reservation.status))
         if reservation.is_due(now):
             _expire(draft, reservation)
             return Refusal(ReservationNotActiveError(reservation.id, EXPIRED), draft.changes())
         return [reservation]
     assert reference is not None  # the command constructors require one of the two
-    rows = stock.by_reference(reference)
+    rows = [r for r in stock.by_reference(reference) if r.status in statuses]
     if not rows:
         return Refusal(NotFoundError("Reservation", str(reference)))
     for reservation in rows:

@@ -15,7 +15,6 @@ from datetime import datetime
 
 from stockledger.domain.errors import IdempotencyKeyReusedError, StockError
 from stockledger.domain.model import (
-    ACTIVE,
     Balance,
     BalanceKey,
     LedgerEntry,
@@ -23,13 +22,17 @@ from stockledger.domain.model import (
     Reservation,
 )
 
+MAX_RESULT_REF = 1024
+"""Width of the key row's ``result_ref`` column (migration 0005)."""
+
 
 @dataclass(frozen=True, slots=True)
 class KeyRow:
     """The idempotency key row a successful command writes (ARCHITECTURE section 5).
 
     ``result_ref`` holds what the ledger cannot tell about the result (the reservation an
-    extend acted on, which writes no ledger entry).
+    extend acted on, or the comma-separated ids a confirm acted on: they write no ledger
+    entry); at most :data:`MAX_RESULT_REF` characters (the column's width).
     """
 
     idempotency_key: str
@@ -110,9 +113,10 @@ class Stock:
         return self.reservations.get(reservation_id)
 
     def by_reference(self, reference: Reference) -> list[Reservation]:
-        """The ACTIVE reservations with ``reference``, oldest first (created_at, then id)."""
+        """The holding (ACTIVE or CONFIRMED) reservations with ``reference``, oldest first
+        (created_at, then id)."""
         found = (self.reservations[i] for i in self._by_reference.get(reference, ()))
-        return sorted((r for r in found if r.status == ACTIVE), key=lambda r: (r.created_at, r.id))
+        return sorted((r for r in found if r.holding), key=lambda r: (r.created_at, r.id))
 
     def due_holding(self, keys: Iterable[BalanceKey], now: datetime) -> list[Reservation]:
         """ACTIVE reservations due at ``now`` that still hold units of one of ``keys``,
@@ -123,7 +127,7 @@ class Stock:
             for r in self.reservations.values()
             if r.is_due(now) and any(k in wanted for k in r.holds())
         ]
-        return sorted(due, key=lambda r: (r.expires_at, r.id))
+        return sorted(due, key=lambda r: (r.expires_at or now, r.id))
 
     def add(
         self, reservations: Iterable[Reservation] = (), balances: Iterable[Balance] = ()
@@ -224,6 +228,13 @@ class Draft:
     def save(self, reservation: Reservation) -> None:
         """Record a created or changed reservation (its after-state)."""
         self._reservations[reservation.id] = reservation
+
+    def show(self, key: BalanceKey) -> None:
+        """List a balance among the changes unchanged (no entry, no version change): the
+        result of a confirm shows the balances of what it confirmed."""
+        found = self._balances.get(key) or self.stock.balance(key)
+        if found is not None:
+            self._balances[key] = found
 
     def changes(self, *, answer: Iterable[int] = (), key_row: KeyRow | None = None) -> Changes:
         return Changes(

@@ -20,6 +20,9 @@ from stockledger.schema import (
     AdjustInput,
     AdjustResult,
     AdjustSuccess,
+    ConfirmReservationInput,
+    ConfirmReservationResult,
+    ConfirmReservationSuccess,
     CreateApiKeyInput,
     CreateApiKeyResult,
     DeductInput,
@@ -97,6 +100,14 @@ def _deduct(x: r.DeductResult) -> DeductSuccess:
 def _extend(x: r.ExtendResult) -> ExtendReservationSuccess:
     return ExtendReservationSuccess(
         reservation=convert.reservation(x.reservation), replayed=x.replayed
+    )
+
+
+def _confirm(x: r.ConfirmResult) -> ConfirmReservationSuccess:
+    return ConfirmReservationSuccess(
+        reservations=convert.reservations(x.reservations),
+        balances=convert.balances(x.balances),
+        replayed=x.replayed,
     )
 
 
@@ -183,6 +194,21 @@ class Mutation:
         )
         return await mutation_result(info, call, _extend, ExtendReservationResult)
 
+    @strawberry.mutation(
+        description="CONFIRM an ACTIVE reservation (or every ACTIVE one with a reference): it "
+        "keeps its lines and loses its expiry, until deducted or released.",
+        permission_classes=[needs(Scope.RESERVATIONS_WRITE)],
+    )
+    async def confirm_reservation(
+        self, info: Info, input: ConfirmReservationInput
+    ) -> ConfirmReservationResult:
+        call = info.context.service.confirm_reservation(
+            input.idempotency_key,
+            reservation_id=opt(input.reservation_id),
+            reference=convert.reference_in(input.reference),
+        )
+        return await mutation_result(info, call, _confirm, ConfirmReservationResult)
+
     # -------------------------------------------------------------- part BATCH
 
     @strawberry.mutation(
@@ -260,6 +286,7 @@ _RESULTS = {
     "release": ReleaseResult,
     "deduct": DeductResult,
     "extend": ExtendReservationResult,
+    "confirm": ConfirmReservationResult,
 }
 
 

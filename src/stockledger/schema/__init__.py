@@ -33,6 +33,7 @@ from stockledger.schema.errors import (
 from stockledger.schema.inputs import (
     AdjustInput,
     BalanceFilter,
+    ConfirmReservationInput,
     DeductInput,
     DeductManyInput,
     ExtendReservationInput,
@@ -49,6 +50,8 @@ from stockledger.schema.inputs import (
 from stockledger.schema.results import (
     AdjustResult,
     AdjustSuccess,
+    ConfirmReservationResult,
+    ConfirmReservationSuccess,
     DeductManyResult,
     DeductResult,
     DeductSuccess,
@@ -112,6 +115,9 @@ __all__ = [
     "DeductSuccess",
     "Error",
     "ErrorCode",
+    "ConfirmReservationInput",
+    "ConfirmReservationResult",
+    "ConfirmReservationSuccess",
     "ExtendReservationInput",
     "ExtendReservationResult",
     "ExtendReservationSuccess",

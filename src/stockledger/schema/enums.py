@@ -42,6 +42,9 @@ class ReservationStatus(Enum):
     EXPIRED = strawberry.enum_value(
         "EXPIRED", description="the TTL ran out; the remainder was released by the service"
     )
+    CONFIRMED = strawberry.enum_value(
+        "CONFIRMED", description="holds stock with no expiry; ends COMMITTED (deducted) or RELEASED"
+    )
 
 
 @strawberry.enum

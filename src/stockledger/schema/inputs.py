@@ -116,6 +116,17 @@ class ExtendReservationInput:
     ttl_seconds: int = strawberry.field(description="The new expiry is now + ttlSeconds.")
 
 
+@strawberry.input(
+    description="Exactly one of reservationId and reference (every ACTIVE reservation with it). "
+    "The lines keep their remaining units; only the expiry goes. Deduct and release work on it "
+    "as before."
+)
+class ConfirmReservationInput:
+    idempotency_key: str
+    reservation_id: strawberry.ID | None = strawberry.UNSET
+    reference: ReferenceInput | None = strawberry.UNSET
+
+
 # Part BATCH (schema-v2.graphql): many carts in one request, each its own call.
 
 

@@ -62,6 +62,13 @@ class ExtendReservationSuccess:
     replayed: bool
 
 
+@strawberry.type
+class ConfirmReservationSuccess:
+    reservations: list[Reservation]
+    balances: list[Balance]
+    replayed: bool
+
+
 RestockResult = Annotated[
     RestockSuccess | ValidationError | IdempotencyKeyReusedError | LockTimeoutError,
     strawberry.union("RestockResult"),
@@ -112,6 +119,15 @@ ExtendReservationResult = Annotated[
     | IdempotencyKeyReusedError
     | LockTimeoutError,
     strawberry.union("ExtendReservationResult"),
+]
+ConfirmReservationResult = Annotated[
+    ConfirmReservationSuccess
+    | NotFoundError
+    | ReservationNotActiveError
+    | ValidationError
+    | IdempotencyKeyReusedError
+    | LockTimeoutError,
+    strawberry.union("ConfirmReservationResult"),
 ]
 
 

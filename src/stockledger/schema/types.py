@@ -1,5 +1,7 @@
 """Object types of the contract (plain data; ``resolvers/convert.py`` builds them from records).
 
+``Balance.committed`` is loaded through the request's DataLoader
+(``info.context.committed_units``, keyed by (location, sku)), one query per response.
 Reservation ``lines`` come preloaded when the service returned them (every mutation result
 does); otherwise they are loaded through the request's DataLoader
 (``info.context.reservation_lines``, keyed by reservation id), one query per page.
@@ -8,10 +10,18 @@ does); otherwise they are loaded through the request's DataLoader
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import strawberry
 
 from stockledger.schema.enums import LedgerEventType, ReservationStatus
+
+
+async def _committed_units(root: Balance, info: strawberry.Info[Any, Any]) -> int:
+    """``Balance.committed``: one query for every balance of the response (the request's
+    DataLoader)."""
+    units: int = await info.context.committed_units.load((root.location, root.sku))
+    return units
 
 
 @strawberry.type(description="Stock of one SKU at one location. available = onHand - reserved.")
@@ -26,6 +36,12 @@ class Balance:
         "compare-and-set."
     )
     updated_at: datetime
+
+    committed: int = strawberry.field(
+        resolver=_committed_units,
+        description="Units held by CONFIRMED reservations: a part of reserved, sold but not "
+        "shipped.",
+    )
 
 
 @strawberry.type(
@@ -73,7 +89,9 @@ class Reservation:
     id: strawberry.ID
     status: ReservationStatus
     reference: Reference | None
-    expires_at: datetime
+    expires_at: datetime | None = strawberry.field(
+        description="When it expires unless released, deducted or extended; null once CONFIRMED."
+    )
     created_at: datetime
     updated_at: datetime
     # The numeric id for the DataLoader, and the lines when the record came with them.

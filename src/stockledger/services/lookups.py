@@ -3,7 +3,7 @@
 A replay answers a key already done with the current state of what that call changed
 (ARCHITECTURE section 5): the key row stores the operation and the request hash; the result is
 found through the ledger entries that carry the key (indexed), plus ``result_ref`` for an
-extend, which writes no entry.
+extend or a confirm, which write no entry.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from stockledger.domain.model import (
 from stockledger.domain.state import key_reused
 from stockledger.services.records import (
     AdjustResult,
+    ConfirmResult,
     DeductResult,
     ExtendResult,
     ReleaseResult,
@@ -130,19 +131,21 @@ async def replay(
         if reused is not None:
             raise reused
         entries = await select_ledger_by_key(conn, org_id, key)
-        keys = list(dict.fromkeys(e.key for e in entries))
-        bal_rows = await select_balances(conn, org_id, keys, for_update=False)
-        balances = [balance_record(bal_rows[k]) for k in sorted(keys) if k in bal_rows]
         ids = replayed_reservation_ids(entries, row.result_ref)
         reservations = await select_reservations(conn, org_id, ids)
+        keys = list(dict.fromkeys(e.key for e in entries))
+        if operation == "confirm":  # no entries: the balances its reservations hold
+            keys = list(dict.fromkeys(ln.key for r in reservations for ln in r.lines or ()))
+        bal_rows = await select_balances(conn, org_id, keys, for_update=False)
+        balances = [balance_record(bal_rows[k]) for k in sorted(keys) if k in bal_rows]
     return replayed_result(operation, entries, balances, reservations)
 
 
 def replayed_reservation_ids(entries: Sequence[LedgerEntry], result_ref: str | None) -> list[int]:
     """The reservations a done call's result lists: those its ledger entries name, in order,
-    or the one its key row names (an extend writes no entry)."""
+    or those its key row names, comma-separated (an extend or a confirm writes no entry)."""
     if result_ref:
-        return [int(result_ref)]
+        return [int(i) for i in result_ref.split(",")]
     return list(dict.fromkeys(e.reservation_id for e in entries if e.reservation_id))
 
 
@@ -166,6 +169,8 @@ def replayed_result(
         return DeductResult(reservations, balances, entries, True)
     if operation == "extend":
         return ExtendResult(reservations[0], True)
+    if operation == "confirm":
+        return ConfirmResult(reservations, balances, True)
     raise ValueError(f"no replay for operation {operation!r}")
 
 

@@ -2,8 +2,11 @@
 
 1. 0 <= reserved <= on_hand for every balance.
 2. on_hand = sum(on_hand_delta) and reserved = sum(reserved_delta) over the balance's ledger.
-3. reserved = sum(remaining) over the balance's ACTIVE reservation lines.
-4. A key's effects appear at most once: every client key's ledger entries come from one call,
+3. reserved = sum(remaining) over the balance's ACTIVE and CONFIRMED reservation lines, and
+   a reservation of any other status holds nothing.
+4. A CONFIRMED reservation has no expiry (expires_at NULL); an ACTIVE or EXPIRED one has one
+   (a COMMITTED or RELEASED one has one unless it was confirmed first).
+5. A key's effects appear at most once: every client key's ledger entries come from one call,
    i.e. share one ``created_at``, and each balance appears at most once per (key, reservation).
 """
 
@@ -16,6 +19,7 @@ from stockledger.db.models import inventory_balance as B
 from stockledger.db.models import inventory_ledger as L
 from stockledger.db.models import reservation as R
 from stockledger.db.models import reservation_line as RL
+from stockledger.domain.model import ACTIVE, CONFIRMED, EXPIRED, HOLDING_STATUSES
 
 
 async def find_violations(db: Database, org_id: str) -> list[str]:
@@ -48,7 +52,7 @@ async def find_violations(db: Database, org_id: str) -> list[str]:
                     func.sum(RL.c.quantity - RL.c.deducted - RL.c.released).label("held"),
                 )
                 .join(R, R.c.id == RL.c.reservation_id)
-                .where(R.c.org_id == org_id, R.c.status == "ACTIVE")
+                .where(R.c.org_id == org_id, R.c.status.in_(HOLDING_STATUSES))
                 .group_by(RL.c.location, RL.c.sku)
             )
         }
@@ -72,9 +76,18 @@ async def find_violations(db: Database, org_id: str) -> list[str]:
             await conn.execute(
                 select(R.c.id, R.c.status)
                 .join(RL, R.c.id == RL.c.reservation_id)
-                .where(R.c.org_id == org_id, R.c.status != "ACTIVE")
+                .where(R.c.org_id == org_id, R.c.status.not_in(HOLDING_STATUSES))
                 .group_by(R.c.id, R.c.status)
                 .having(func.sum(RL.c.quantity - RL.c.deducted - RL.c.released) != 0)
+            )
+        )
+        misdated = list(
+            await conn.execute(
+                select(R.c.id, R.c.status, R.c.expires_at).where(
+                    R.c.org_id == org_id,
+                    ((R.c.status == CONFIRMED) & R.c.expires_at.is_not(None))
+                    | (R.c.status.in_((ACTIVE, EXPIRED)) & R.c.expires_at.is_(None)),
+                )
             )
         )
     for key, row in sorted(balances.items()):
@@ -89,7 +102,8 @@ async def find_violations(db: Database, org_id: str) -> list[str]:
             )
         if held.get(key, 0) != row.reserved:
             out.append(
-                f"{name}: ACTIVE reservations hold {held.get(key, 0)}, reserved is {row.reserved}"
+                f"{name}: ACTIVE and CONFIRMED reservations hold {held.get(key, 0)}, "
+                f"reserved is {row.reserved}"
             )
     for key in set(sums) - set(balances):
         out.append(f"{key[0]}/{key[1]}: ledger entries without a balance")
@@ -101,4 +115,6 @@ async def find_violations(db: Database, org_id: str) -> list[str]:
         out.append(f"key {s.idempotency_key!r}: entries written by more than one call")
     for res in inactive_held:
         out.append(f"reservation {res.id} is {res.status} but still holds units")
+    for bad in misdated:
+        out.append(f"reservation {bad.id} is {bad.status} with expiry {bad.expires_at}")
     return out

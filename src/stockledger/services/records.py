@@ -55,8 +55,23 @@ class ExtendResult:
     replayed: bool
 
 
+@dataclass(frozen=True)
+class ConfirmResult:
+    """The reservations a confirm made CONFIRMED, and the balances they hold (unchanged)."""
+
+    reservations: list[Reservation]
+    balances: list[Balance]
+    replayed: bool
+
+
 WriteResult = (
-    RestockResult | AdjustResult | ReserveResult | ReleaseResult | DeductResult | ExtendResult
+    RestockResult
+    | AdjustResult
+    | ReserveResult
+    | ReleaseResult
+    | DeductResult
+    | ExtendResult
+    | ConfirmResult
 )
 
 

@@ -143,8 +143,9 @@ class Sweeper:
         for e in expiries:
             if e.expired is not None:
                 count += 1
-                lag = (now - e.expired.expires_at).total_seconds()
-                metrics.EXPIRY_BACKLOG_SECONDS.observe(max(lag, 0.0))
+                if e.expired.expires_at is not None:  # always: only a due one expires
+                    lag = (now - e.expired.expires_at).total_seconds()
+                    metrics.EXPIRY_BACKLOG_SECONDS.observe(max(lag, 0.0))
         return count
 
     async def run_forever(self) -> None:

@@ -34,6 +34,7 @@ from stockledger.db.store import Locked, WriteSet
 from stockledger.domain.commands import (
     Adjust,
     Command,
+    Confirm,
     Deduct,
     DeductDirect,
     Expire,
@@ -334,8 +335,8 @@ class UnitOfWork:
             return False
 
     async def _lock(self, tx: StoreTransaction, batch: list[Pending], patient: bool) -> _Loaded:
-        """Lock what the batch addresses: reservations (by id, and the ACTIVE ones of each
-        reference), then every balance those and the commands touch, in key order."""
+        """Lock what the batch addresses: reservations (by id, and the ACTIVE and CONFIRMED ones
+        of each reference), then every balance those and the commands touch, in key order."""
         ids = {i for p in batch if (i := addressed_reservation(p.command)) is not None}
         refs = [ref for p in batch if (ref := addressed_reference(p.command)) is not None]
         if refs:
@@ -447,7 +448,7 @@ class UnitOfWork:
     @staticmethod
     def _touches_busy(command: Command, loaded: _Loaded) -> bool:
         """Whether a command needs a row another transaction holds (it waits for a later
-        batch). By reference it touches every ACTIVE reservation with it."""
+        batch). By reference it touches every ACTIVE or CONFIRMED reservation with it."""
         if not loaded.busy_reservations and not loaded.busy_balances:
             return False
         rid = addressed_reservation(command)
@@ -457,9 +458,7 @@ class UnitOfWork:
             if loaded.busy_reservations:
                 return True  # a busy row may be one of this reference's (its status unknown)
             ids += [
-                r.id
-                for r in loaded.reservations.values()
-                if r.reference == reference and r.status == ACTIVE
+                r.id for r in loaded.reservations.values() if r.reference == reference and r.holding
             ]
         if any(i in loaded.busy_reservations for i in ids):
             return True
@@ -508,9 +507,9 @@ class UnitOfWork:
 
 
 def _expired_on_replay(stock: Stock, command: Command, now: datetime) -> Changes | None:
-    """What a retry of a done release, deduct or extend commits anyway: the expiry of the
-    reservations it addresses when every one of them is past due (section 11, "Expiry")."""
-    if not isinstance(command, Release | Deduct | Extend):
+    """What a retry of a done release, deduct, extend or confirm commits anyway: the expiry of
+    the reservations it addresses when every one of them is past due (section 11, "Expiry")."""
+    if not isinstance(command, Release | Deduct | Extend | Confirm):
         return None
     decision = decide(stock, command, now)
     return decision.committed if isinstance(decision, Refusal) else None
@@ -530,12 +529,13 @@ def _fill_ledger_ids(plan: _Plan, spans: dict[Pending, int], ids: dict[int, int]
 
 
 def _index_changes(plan: _Plan, ws: WriteSet) -> IndexChanges:
-    """Expiries to add or move (reservations left ACTIVE) and to forget (no longer ACTIVE),
+    """Expiries to add or move (reservations left ACTIVE) and to forget (no longer ACTIVE:
+    a CONFIRMED one leaves the index too, it has no expiry),
     from the final state of what the batch wrote; an expire that found its reservation not
     due puts it back at its expiry (a stale index entry), one that found it gone forgets it."""
     changes = IndexChanges()
     for r in [*ws.new_reservations, *ws.reservations]:
-        if r.status == ACTIVE:
+        if r.status == ACTIVE and r.expires_at is not None:
             changes.schedule[r.id] = r.expires_at
         else:
             changes.unschedule.append(r.id)
@@ -544,7 +544,7 @@ def _index_changes(plan: _Plan, ws: WriteSet) -> IndexChanges:
         if isinstance(command, Expire) and isinstance(outcome, Applied):
             if not outcome.changes.reservations:
                 found = plan.stock.reservation(command.reservation_id)
-                if found is not None and found.status == ACTIVE:
+                if found is not None and found.status == ACTIVE and found.expires_at is not None:
                     changes.schedule[found.id] = found.expires_at
                 else:
                     changes.unschedule.append(command.reservation_id)

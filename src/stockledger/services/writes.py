@@ -1,4 +1,4 @@
-"""The write services: restock, adjust, reserve, release, deduct, extend and expire.
+"""The write services: restock, adjust, reserve, release, deduct, extend, confirm and expire.
 
 Each public coroutine builds its validated command (``domain/commands.py``: nothing invalid
 reaches a store), hands it to the batcher (``services/batcher.py``), which applies it with
@@ -27,6 +27,7 @@ from stockledger.db.store import SqlStore
 from stockledger.domain.commands import (
     Adjust,
     Command,
+    Confirm,
     Deduct,
     DeductDirect,
     Expire,
@@ -56,6 +57,7 @@ from stockledger.services.lookups import SqlLookups, due_reservations_of_every_o
 from stockledger.services.ports import Lookups, Store
 from stockledger.services.records import (
     AdjustResult,
+    ConfirmResult,
     ConsumeRequest,
     DeductResult,
     ExtendResult,
@@ -299,11 +301,11 @@ class InventoryService:
     ) -> ReleaseResult:
         """RELEASE reserved units back to available: ``reserved -= quantity``.
 
-        Address exactly one of ``reservation_id`` or ``reference`` (every ACTIVE reservation
-        with it, oldest first). No ``lines``: everything remaining. Raises ValidationError
-        (also for more than a line's remaining), NotFoundError, ReservationNotActiveError
-        (EXPIRED when found past expiry, which is then expired), IdempotencyKeyReusedError,
-        LockTimeoutError, ServiceUnavailableError.
+        Address exactly one of ``reservation_id`` or ``reference`` (every ACTIVE or CONFIRMED
+        reservation with it, oldest first). No ``lines``: everything remaining. Raises
+        ValidationError (also for more than a line's remaining), NotFoundError,
+        ReservationNotActiveError (EXPIRED when found past expiry, which is then expired),
+        IdempotencyKeyReusedError, LockTimeoutError, ServiceUnavailableError.
         """
         return cast(
             ReleaseResult,
@@ -362,6 +364,33 @@ class InventoryService:
                 None,
                 lambda: Extend.validated(
                     idempotency_key, reservation_id, ttl_seconds, max_ttl_seconds=max_ttl
+                ),
+            ),
+        )
+
+    async def confirm_reservation(
+        self,
+        idempotency_key: str,
+        *,
+        reservation_id: str | int | None = None,
+        reference: Reference | None = None,
+    ) -> ConfirmResult:
+        """CONFIRM an ACTIVE reservation, or every ACTIVE one with ``reference`` (exactly one
+        of the two): it keeps its lines, loses its expiry and is never swept; deduct and
+        release end it as before (ARCHITECTURE section 14). No ledger entry, no version change.
+
+        Raises ValidationError, NotFoundError, ReservationNotActiveError (its status; EXPIRED
+        when found past expiry, which is then expired), IdempotencyKeyReusedError,
+        LockTimeoutError, ServiceUnavailableError.
+        """
+        return cast(
+            ConfirmResult,
+            await self._write(
+                "confirm",
+                idempotency_key,
+                reference,
+                lambda: Confirm.validated(
+                    idempotency_key, reservation_id=reservation_id, reference=reference
                 ),
             ),
         )
@@ -755,6 +784,9 @@ class InventoryService:
         }
         if isinstance(command, Expire):
             fields["reservation_id"] = command.reservation_id
+        if isinstance(command, Confirm) and committed is not None:
+            # A confirm writes no entry: the line names the reservations it confirmed.
+            fields["reservation_ids"] = list(committed.answer)
         if committed is not None:
             fields["balances"] = [
                 {
@@ -799,4 +831,6 @@ def _result(command: Command, changes: Changes) -> Any:
         return DeductResult(answered, balances, own, False)
     if isinstance(command, Extend):
         return ExtendResult(answered[0], False)
+    if isinstance(command, Confirm):
+        return ConfirmResult(answered, balances, False)
     return answered[0]  # Expire: the expired reservation
