@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import redis.asyncio as aioredis
 
 from stockledger.config import Settings
 from stockledger.db.engine import Database, create_database
@@ -204,6 +205,17 @@ def drop_org_keys(redis_url: str, org_id: str) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture
+async def redis(redis_url: str, org_id: str) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client on the test Redis; this test's org keys are deleted afterwards."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    keys = [k async for k in client.scan_iter(match=f"stockledger:{{{org_id}}}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ RELEASED; ``committed`` (the read path) follows it; the invariants hold after ev
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import redis.asyncio as aioredis
 from conftest import Clock
@@ -49,16 +47,6 @@ async def ledger_count(db: Database, org_id: str) -> int:
 
 async def no_violations(db: Database, org_id: str) -> None:
     assert await find_violations(db, org_id) == []
-
-
-@pytest.fixture
-async def redis(redis_url: str, org_id: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    keys = [k async for k in client.scan_iter(match=f"stockledger:{{{org_id}}}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 async def test_a_confirmed_reservation_survives_its_old_expiry_with_the_sweeper_running(

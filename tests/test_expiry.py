@@ -7,7 +7,6 @@ import asyncio
 import random
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -37,17 +36,6 @@ from stockledger.services.sweeper import Sweeper
 
 def expired_total() -> float:
     return REGISTRY.get_sample_value("inventory_reservations_expired_total") or 0.0
-
-
-@pytest.fixture
-async def redis(redis_url: str, org_id: str) -> AsyncIterator[aioredis.Redis]:
-    """A client on the test Redis (db 15); this test's org keys are deleted afterwards."""
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    keys = [k async for k in client.scan_iter(match=f"stockledger:{{{org_id}}}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 @pytest.fixture

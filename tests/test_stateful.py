@@ -143,6 +143,20 @@ class Model:
     def due(self, res: MReservation) -> bool:
         return res.status == ACTIVE and res.expires_at is not None and self.now >= res.expires_at
 
+    def by_id(self, rid: int | str, statuses: tuple[str, ...]) -> MReservation:
+        """The reservation a call by id acts on, or the refusal it gets (raised): unknown ->
+        NotFoundError; not of ``statuses`` -> ReservationNotActiveError; past due -> it is
+        expired (that commits) and the call refused with status EXPIRED (section 11)."""
+        res = self.reservations.get(int(rid)) if str(rid).isdigit() else None
+        if res is None:
+            raise Expect(NotFoundError("Reservation", str(rid)))
+        if res.status not in statuses:
+            raise Expect(ReservationNotActiveError(res.id, res.status))
+        if self.due(res):
+            self.expire(res)
+            raise Expect(ReservationNotActiveError(res.id, EXPIRED), committed=self)
+        return res
+
     def addressed(self, done: Done) -> list[MReservation]:
         """The reservations a retry of ``done`` looks at: by id that one, by reference every
         reservation with it (the service then keeps those of the statuses it acts on)."""
@@ -163,7 +177,8 @@ class Done:
 
     call: Callable[[], Awaitable[Any]]
     result: Any
-    target: Target  # the reservation(s) a release, deduct or extend addressed
+    target: Target  # the reservation(s) a release, deduct, extend or confirm addressed
+    acts_on: tuple[str, ...] = (ACTIVE,)  # the statuses it acts on (release, deduct: HOLDING)
 
 
 class Expect(Exception):
@@ -356,9 +371,11 @@ class StockMachine(RuleBasedStateMachine):
         call: Callable[[], Awaitable[Any]],
         predict: Callable[[Model], Any],
         target: Target = None,
+        acts_on: tuple[str, ...] = (ACTIVE,),
     ) -> tuple[Any, Any]:
         """Predict on a copy of the model, make the call, and compare. Returns (result, info)
-        on success and (None, None) on the predicted failure."""
+        on success and (None, None) on the predicted failure. ``acts_on``: the statuses of the
+        reservations the call acts on (what a retry of it looks at)."""
         m = self.model.copy()
         try:
             info = predict(m)
@@ -382,7 +399,7 @@ class StockMachine(RuleBasedStateMachine):
         if key is not None:
             if key in self.failed_keys:
                 self.failed_keys.remove(key)
-            self.done[key] = Done(call, result, target)
+            self.done[key] = Done(call, result, target, acts_on)
         return result, info
 
     def check_balances(self, records: Sequence[Any], keys: Sequence[Key]) -> None:
@@ -592,19 +609,16 @@ class StockMachine(RuleBasedStateMachine):
         def predict(m: Model) -> tuple[list[int], set[Key], set[Key]]:
             if lines == []:
                 raise Expect(ValidationError("", "lines"))
-            res = m.reservations.get(int(rid)) if str(rid).isdigit() else None
-            if res is None:
-                raise Expect(NotFoundError("Reservation", str(rid)))
-            if res.status not in HOLDING:
-                raise Expect(ReservationNotActiveError(res.id, res.status))
-            if m.due(res):
-                m.expire(res)
-                raise Expect(ReservationNotActiveError(res.id, EXPIRED), committed=m)
+            res = m.by_id(rid, HOLDING)
             return (*consume(m, [res], lines, operation), set())
 
         method = getattr(self.service, operation)
         result, info = self.attempt(
-            key, lambda: method(key, reservation_id=rid, lines=lines), predict, ("id", rid)
+            key,
+            lambda: method(key, reservation_id=rid, lines=lines),
+            predict,
+            ("id", rid),
+            HOLDING,
         )
         if result is not None:
             self.check_consumed(result, *info, operation)
@@ -636,7 +650,11 @@ class StockMachine(RuleBasedStateMachine):
 
         method = getattr(self.service, operation)
         result, info = self.attempt(
-            key, lambda: method(key, reference=ref, lines=lines), predict, ("reference", ref)
+            key,
+            lambda: method(key, reference=ref, lines=lines),
+            predict,
+            ("reference", ref),
+            HOLDING,
         )
         if result is not None:
             self.check_consumed(result, *info, operation)
@@ -693,14 +711,7 @@ class StockMachine(RuleBasedStateMachine):
         def predict(m: Model) -> None:
             if not 1 <= ttl <= MAX_TTL:
                 raise Expect(ValidationError("", "ttlSeconds"))
-            res = m.reservations.get(int(rid)) if str(rid).isdigit() else None
-            if res is None:
-                raise Expect(NotFoundError("Reservation", str(rid)))
-            if res.status != ACTIVE:
-                raise Expect(ReservationNotActiveError(res.id, res.status))
-            if m.due(res):
-                m.expire(res)
-                raise Expect(ReservationNotActiveError(res.id, EXPIRED), committed=m)
+            res = m.by_id(rid, (ACTIVE,))
             res.expires_at = m.now + timedelta(seconds=ttl)
 
         result, _ = self.attempt(
@@ -720,14 +731,7 @@ class StockMachine(RuleBasedStateMachine):
             rid = self.pick_reservation(data)
 
             def predict(m: Model) -> tuple[list[MReservation], set[Key]]:
-                res = m.reservations.get(int(rid)) if str(rid).isdigit() else None
-                if res is None:
-                    raise Expect(NotFoundError("Reservation", str(rid)))
-                if res.status != ACTIVE:
-                    raise Expect(ReservationNotActiveError(res.id, res.status))
-                if m.due(res):
-                    m.expire(res)
-                    raise Expect(ReservationNotActiveError(res.id, EXPIRED), committed=m)
+                res = m.by_id(rid, (ACTIVE,))
                 res.status, res.expires_at = CONFIRMED, None
                 return [res], set()
 
@@ -840,7 +844,9 @@ class StockMachine(RuleBasedStateMachine):
         else:
             key = data.draw(st.sampled_from(sorted(self.done)), label="done key")
         done = self.done[key]
-        rows = [r for r in m.addressed(done) if r.status == ACTIVE]
+        # What a fresh call would be refused after expiring: every reservation it would act
+        # on past due. A CONFIRMED one a release or deduct acts on is never due.
+        rows = [r for r in m.addressed(done) if r.status in done.acts_on]
         if rows and all(m.due(r) for r in rows):
             for r in rows:
                 m.expire(r)
