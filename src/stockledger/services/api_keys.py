@@ -46,9 +46,9 @@ from stockledger.domain.access import (
     unusable_because,
 )
 from stockledger.domain.errors import NotFoundError, ValidationError
-from stockledger.domain.state import key_reused
 from stockledger.domain.validation import check_key, check_string, request_hash
 from stockledger.services.errors import ServiceUnavailableError
+from stockledger.services.lookups import done_call
 from stockledger.services.queries import Page, check_first, decode_cursor, encode_cursor
 from stockledger.services.rows import to_db_time, utcnow
 
@@ -376,19 +376,9 @@ class ApiKeys:
         """The key a done call with idempotency ``key`` (of ``org``) acted on, as it is now,
         or None when no call used ``key``. Raises IdempotencyKeyReusedError when one did for
         another operation or request."""
-        K = idempotency_key
-        row = (
-            await conn.execute(
-                select(K.c.operation, K.c.request_hash, K.c.result_ref).where(
-                    K.c.org_id == org, K.c.idempotency_key == key
-                )
-            )
-        ).first()
+        row = await done_call(conn, org, key, operation, rhash)
         if row is None:
             return None
-        reused = key_reused(key, (row.operation, row.request_hash), (operation, rhash))
-        if reused is not None:
-            raise reused
         found = (
             await conn.execute(select(api_key).where(api_key.c.id == int(row.result_ref)))
         ).first()

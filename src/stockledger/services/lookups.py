@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stockledger.db.engine import Database
@@ -118,20 +119,11 @@ async def replay(
     was done with another operation or payload.
     """
     async with db.read() as conn:
-        row = (
-            await conn.execute(
-                select(K.c.operation, K.c.request_hash, K.c.result_ref).where(
-                    K.c.org_id == org_id, K.c.idempotency_key == key
-                )
-            )
-        ).first()
-        if row is None:
+        found = await done_call(conn, org_id, key, operation, request_hash)
+        if found is None:
             return None
-        reused = key_reused(key, (row.operation, row.request_hash), (operation, request_hash))
-        if reused is not None:
-            raise reused
         entries = await select_ledger_by_key(conn, org_id, key)
-        ids = replayed_reservation_ids(entries, row.result_ref)
+        ids = replayed_reservation_ids(entries, found.result_ref)
         reservations = await select_reservations(conn, org_id, ids)
         keys = list(dict.fromkeys(e.key for e in entries))
         if operation == "confirm":  # no entries: the balances its reservations hold
@@ -172,6 +164,28 @@ def replayed_result(
     if operation == "confirm":
         return ConfirmResult(reservations, balances, True)
     raise ValueError(f"no replay for operation {operation!r}")
+
+
+async def done_call(
+    conn: AsyncConnection, org_id: str, key: str, operation: str, request_hash: str
+) -> Row[Any, Any, Any] | None:
+    """The key row (``operation``, ``request_hash``, ``result_ref``) of the done call with
+    idempotency ``key`` in ``org_id``, read on ``conn``; None when no call used ``key``.
+    Raises IdempotencyKeyReusedError when it was used for another operation or request
+    (:func:`~stockledger.domain.state.key_reused`, ARCHITECTURE section 5)."""
+    row = (
+        await conn.execute(
+            select(K.c.operation, K.c.request_hash, K.c.result_ref).where(
+                K.c.org_id == org_id, K.c.idempotency_key == key
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    reused = key_reused(key, (row.operation, row.request_hash), (operation, request_hash))
+    if reused is not None:
+        raise reused
+    return row
 
 
 async def key_done(conn: AsyncConnection, org_id: str, key: str) -> bool:
