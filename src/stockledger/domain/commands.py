@@ -11,17 +11,22 @@ Quantities are units of stock, TTLs seconds.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from stockledger.domain.errors import NotFoundError, ValidationError
-from stockledger.domain.model import BalanceKey, Reference, expire_key
+from stockledger.domain.ids import TRANSFER, typed_number_of
+from stockledger.domain.model import LOCATION_TYPES, BalanceKey, Line, Reference, expire_key
 from stockledger.domain.validation import (
     MAX_BALANCE,
+    MAX_LINES,
     MAX_QUANTITY,
     Cart,
+    canonical_reservation_id,
     check_key,
     check_lines,
+    check_quantity,
     check_reference,
     check_reservation_id,
     check_string,
@@ -267,7 +272,7 @@ def _consume_input(
     reference = check_reference(reference)
     cart = None if lines is None else check_lines(lines)
     payload = {
-        "reservationId": rid_text,
+        "reservationId": None if rid_text is None else canonical_reservation_id(rid_text),
         "reference": reference_payload(reference),
         "lines": lines_payload(cart),
     }
@@ -314,7 +319,8 @@ class Extend:
         key = check_key(idempotency_key)
         text = check_reservation_id(reservation_id)
         ttl = check_ttl(ttl_seconds, max_ttl_seconds)
-        rhash = request_hash(cls.operation, {"reservationId": text, "ttl": ttl})
+        payload = {"reservationId": canonical_reservation_id(text), "ttl": ttl}
+        rhash = request_hash(cls.operation, payload)
         return cls(key, _reservation_number(text), ttl, rhash)
 
 
@@ -340,7 +346,8 @@ class Confirm:
             )
         rid_text = None if reservation_id is None else check_reservation_id(reservation_id)
         reference = check_reference(reference)
-        payload = {"reservationId": rid_text, "reference": reference_payload(reference)}
+        rid_hashed = None if rid_text is None else canonical_reservation_id(rid_text)
+        payload = {"reservationId": rid_hashed, "reference": reference_payload(reference)}
         rhash = request_hash(cls.operation, payload)
         rid = None if rid_text is None else _reservation_number(rid_text)
         return cls(key, rid, reference, rhash)
@@ -364,21 +371,259 @@ class Expire:
         return expire_key(self.reservation_id)
 
 
-Command = Restock | Adjust | Reserve | Release | Deduct | DeductDirect | Extend | Confirm | Expire
+@dataclass(frozen=True, slots=True)
+class CreateLocation:
+    """Register location ``code`` (unique per org) with a name and a type (part LOCATIONS)."""
+
+    operation: ClassVar[str] = "createLocation"
+    idempotency_key: str
+    code: str
+    name: str
+    type: str
+    request_hash: str
+    reference: ClassVar[None] = None
+
+    @classmethod
+    def validated(cls, idempotency_key: Any, code: Any, name: Any, type: Any) -> CreateLocation:
+        key = check_key(idempotency_key)
+        code = check_string(code, "code")
+        name = check_string(name, "name")
+        if type not in LOCATION_TYPES:
+            raise ValidationError(f"must be one of {', '.join(LOCATION_TYPES)}", "type")
+        payload = {"code": code, "name": name, "type": type}
+        return cls(key, code, name, type, request_hash(cls.operation, payload))
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateLocation:
+    """Rename, deactivate or reactivate location ``code`` (at least one of the two)."""
+
+    operation: ClassVar[str] = "updateLocation"
+    idempotency_key: str
+    code: str
+    name: str | None
+    active: bool | None
+    request_hash: str
+    reference: ClassVar[None] = None
+
+    @classmethod
+    def validated(
+        cls, idempotency_key: Any, code: Any, *, name: Any = None, active: Any = None
+    ) -> UpdateLocation:
+        key = check_key(idempotency_key)
+        code = check_string(code, "code")
+        if name is None and active is None:
+            raise ValidationError("give name or active (or both)", "name")
+        if name is not None:
+            name = check_string(name, "name")
+        if active is not None and not isinstance(active, bool):
+            raise ValidationError("must be a boolean", "active")
+        payload = {"code": code, "name": name, "active": active}
+        return cls(key, code, name, active, request_hash(cls.operation, payload))
+
+
+SkuQuantities = tuple[tuple[str, int], ...]
+"""(sku, units) per SKU of a transfer's lines: summed per SKU, sorted by SKU."""
+
+
+def check_transfer_lines(lines: Any, field: str = "lines") -> tuple[SkuQuantities, dict[str, int]]:
+    """1 to 500 lines of (sku, quantity), each valid; lines of one SKU summed. Also returns
+    the index of each SKU's first line in the input (for errors that name the client's line).
+
+    Raises ValidationError naming the line at fault (or ``lines`` itself).
+    """
+    if lines is None:
+        raise ValidationError("is required", field)
+    if len(lines) == 0:
+        raise ValidationError("must not be empty", field)
+    if len(lines) > MAX_LINES:
+        raise ValidationError(f"must have at most {MAX_LINES} lines, got {len(lines)}", field)
+    merged: dict[str, int] = {}
+    first_index: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        sku = check_string(line.sku, f"{field}.{i}.sku")
+        first_index.setdefault(sku, i)
+        merged[sku] = merged.get(sku, 0) + check_quantity(line.quantity, f"{field}.{i}.quantity")
+        if merged[sku] > MAX_QUANTITY:
+            raise ValidationError(
+                f"lines for {sku} add up to more than {MAX_QUANTITY}", f"{field}.{i}.quantity"
+            )
+    return tuple(sorted(merged.items())), first_index
+
+
+@dataclass(frozen=True, slots=True)
+class TransferStock:
+    """TRANSFER on-hand units from one location to another (section 14): TRANSFER_OUT at the
+    source and, unless ``in_transit``, TRANSFER_IN at the destination in the same transaction.
+    ``cart`` holds the source's lines (the availability rule is the source's)."""
+
+    operation: ClassVar[str] = "transfer"
+    idempotency_key: str
+    from_location: str
+    to_location: str
+    cart: Cart
+    in_transit: bool
+    reference: Reference | None
+    reason: str | None
+    request_hash: str
+
+    @classmethod
+    def validated(
+        cls,
+        idempotency_key: Any,
+        from_location: Any,
+        to_location: Any,
+        lines: Any,
+        *,
+        in_transit: Any = False,
+        reference: Reference | None = None,
+        reason: Any = None,
+    ) -> TransferStock:
+        key = check_key(idempotency_key)
+        source = check_string(from_location, "fromLocation")
+        destination = check_string(to_location, "toLocation")
+        if source == destination:
+            raise ValidationError("must differ from fromLocation", "toLocation")
+        skus, _ = check_transfer_lines(lines)
+        if not isinstance(in_transit, bool):
+            raise ValidationError("must be a boolean", "inTransit")
+        reference = check_reference(reference)
+        if reason is not None:
+            reason = check_string(reason, "reason")
+        # The source's lines in the client's order, so an error can name the line it sent.
+        cart = check_lines([Line(line.sku, line.quantity, source) for line in lines])
+        payload = {
+            "from": source,
+            "to": destination,
+            "lines": [list(x) for x in skus],
+            "inTransit": in_transit,
+            "reference": reference_payload(reference),
+            "reason": reason,
+        }
+        rhash = request_hash(cls.operation, payload)
+        return cls(key, source, destination, cart, in_transit, reference, reason, rhash)
+
+    def balance_keys(self) -> list[BalanceKey]:
+        """Source and destination balances of every SKU, sorted (the lock order)."""
+        return sorted(
+            {
+                (loc, ln.sku)
+                for ln in self.cart.lines
+                for loc in (self.from_location, self.to_location)
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveTransfer:
+    """RECEIVE in-transit units at the destination: TRANSFER_IN there. ``lines`` None: every
+    unit remaining."""
+
+    operation: ClassVar[str] = "receiveTransfer"
+    idempotency_key: str
+    transfer_id: int
+    lines: SkuQuantities | None
+    request_hash: str
+    first_index: dict[str, int] = dataclasses.field(default_factory=dict, compare=False)
+    reference: ClassVar[None] = None
+
+    def path(self, sku: str, attr: str) -> str:
+        """The input path of ``attr`` on the first line of ``sku``, e.g. ``lines.2.quantity``."""
+        return f"lines.{self.first_index.get(sku, 0)}.{attr}"
+
+    @classmethod
+    def validated(
+        cls, idempotency_key: Any, transfer_id: Any, lines: Any = None
+    ) -> ReceiveTransfer:
+        key = check_key(idempotency_key)
+        text = check_string(transfer_id, "transferId")
+        skus, first_index = (None, {}) if lines is None else check_transfer_lines(lines)
+        number = _transfer_number(text)
+        payload = {"transferId": number, "lines": None if skus is None else [list(x) for x in skus]}
+        return cls(key, number, skus, request_hash(cls.operation, payload), first_index)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTransfer:
+    """CANCEL a transfer: every unit still in transit goes back to the source (TRANSFER_IN
+    there), with a reason."""
+
+    operation: ClassVar[str] = "cancelTransfer"
+    idempotency_key: str
+    transfer_id: int
+    reason: str
+    request_hash: str
+    reference: ClassVar[None] = None
+
+    @classmethod
+    def validated(cls, idempotency_key: Any, transfer_id: Any, reason: Any) -> CancelTransfer:
+        key = check_key(idempotency_key)
+        text = check_string(transfer_id, "transferId")
+        reason = check_string(reason, "reason")
+        number = _transfer_number(text)
+        payload = {"transferId": number, "reason": reason}
+        return cls(key, number, reason, request_hash(cls.operation, payload))
+
+
+def _transfer_number(text: str) -> int:
+    """The number behind a transfer's opaque id (``domain/ids.py``); NotFoundError when it
+    names no transfer. Called after the whole input is validated."""
+    number = typed_number_of(TRANSFER, text)
+    if number is None:
+        raise NotFoundError("Transfer", text)
+    return number
+
+
+Command = (
+    Restock
+    | Adjust
+    | Reserve
+    | Release
+    | Deduct
+    | DeductDirect
+    | Extend
+    | Confirm
+    | Expire
+    | CreateLocation
+    | UpdateLocation
+    | TransferStock
+    | ReceiveTransfer
+    | CancelTransfer
+)
 """Every write command."""
+
+TransferCommand = TransferStock | ReceiveTransfer | CancelTransfer
+LocationCommand = CreateLocation | UpdateLocation
 
 
 def known_balance_keys(command: Command) -> list[BalanceKey]:
-    """The balances a command names in its input (reservation-addressed ones name none)."""
-    if isinstance(command, Restock | Adjust | Reserve | DeductDirect):
+    """The balances a command names in its input (reservation- and transfer-addressed ones
+    name none: their balances are the reservation's or the transfer's)."""
+    if isinstance(command, Restock | Adjust | Reserve | DeductDirect | TransferStock):
         return command.balance_keys()
     return []
+
+
+def named_locations(command: Command) -> list[str]:
+    """The location codes a command names in its input (the unit of work loads them)."""
+    if isinstance(command, TransferStock):
+        return [command.from_location, command.to_location]
+    if isinstance(command, CreateLocation | UpdateLocation):
+        return [command.code]
+    return sorted({loc for loc, _sku in known_balance_keys(command)})
 
 
 def addressed_reservation(command: Command) -> int | None:
     """The reservation id a command addresses, if any."""
     if isinstance(command, Release | Deduct | Extend | Confirm | Expire):
         return command.reservation_id
+    return None
+
+
+def addressed_transfer(command: Command) -> int | None:
+    """The transfer id a receive or cancel addresses, if any."""
+    if isinstance(command, ReceiveTransfer | CancelTransfer):
+        return command.transfer_id
     return None
 
 

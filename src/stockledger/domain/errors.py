@@ -113,3 +113,28 @@ class LockTimeoutError(StockError):
     def __init__(self, retry_after_ms: int, message: str | None = None) -> None:
         super().__init__(message or f"stock is busy, retry in {retry_after_ms} ms")
         self.retry_after_ms = retry_after_ms
+
+
+class TransferNotOpenError(StockError):
+    """The transfer is ``status`` (RECEIVED or CANCELLED): nothing of it is in transit to
+    receive or cancel (schema-v2, part LOCATIONS)."""
+
+    code = "TRANSFER_NOT_OPEN"
+
+    def __init__(self, transfer_id: int, status: str) -> None:
+        super().__init__(f"transfer {transfer_id} is {status}: nothing of it is in transit")
+        self.transfer_id = transfer_id
+        self.status = status
+
+
+class LocationUnavailableError(StockError):
+    """``location`` is inactive where the operation needs an active one, or (``exists``
+    False) is not registered where locations must be (ARCHITECTURE section 14)."""
+
+    code = "LOCATION_UNAVAILABLE"
+
+    def __init__(self, location: str, exists: bool) -> None:
+        why = "is inactive" if exists else "is not a registered location"
+        super().__init__(f"location {location!r} {why}")
+        self.location = location
+        self.exists = exists

@@ -20,7 +20,29 @@ CONFIRMED = "CONFIRMED"
 RESERVATION_STATUSES = (ACTIVE, CONFIRMED, COMMITTED, RELEASED, EXPIRED)
 HOLDING_STATUSES = (ACTIVE, CONFIRMED)
 """The statuses whose reservations hold stock: their lines' remaining is part of reserved."""
-LEDGER_EVENT_TYPES = ("RESTOCK", "ADJUST", "RESERVE", "RELEASE", "EXPIRE", "DEDUCT")
+LEDGER_EVENT_TYPES = (
+    "RESTOCK",
+    "ADJUST",
+    "RESERVE",
+    "RELEASE",
+    "EXPIRE",
+    "DEDUCT",
+    "TRANSFER_OUT",
+    "TRANSFER_IN",
+)
+WAREHOUSE, STORE, VIRTUAL = "WAREHOUSE", "STORE", "VIRTUAL"
+LOCATION_TYPES = (WAREHOUSE, STORE, VIRTUAL)
+DEFAULT_LOCATION = "default"
+"""The location every org has from the migration on, and that a line names by default."""
+IN_TRANSIT, PARTIALLY_RECEIVED, RECEIVED, CANCELLED = (
+    "IN_TRANSIT",
+    "PARTIALLY_RECEIVED",
+    "RECEIVED",
+    "CANCELLED",
+)
+TRANSFER_STATUSES = (IN_TRANSIT, PARTIALLY_RECEIVED, RECEIVED, CANCELLED)
+OPEN_TRANSFER_STATUSES = (IN_TRANSIT, PARTIALLY_RECEIVED)
+"""The statuses of a transfer with units still in transit (receivable, cancellable)."""
 EXPIRE_KEY_PREFIX = "expire:"
 """EXPIRE entries carry the key ``expire:<reservation id>`` (ARCHITECTURE section 11)."""
 
@@ -145,7 +167,65 @@ class LedgerEntry:
     reason: str | None
     idempotency_key: str
     created_at: datetime
+    transfer_id: int | None = None
 
     @property
     def key(self) -> BalanceKey:
         return (self.location, self.sku)
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """A place that holds stock (ARCHITECTURE section 14): ``code`` is unique per org and is
+    what every balance's ``location`` names; ``type`` is one of :data:`LOCATION_TYPES`. An
+    inactive one takes no new stock, but what it holds can still leave."""
+
+    code: str
+    name: str
+    type: str
+    active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TransferLine:
+    """Units of one SKU on their way: ``quantity`` sent, ``received`` at the destination,
+    ``returned`` to the source by a cancel."""
+
+    sku: str
+    quantity: int
+    received: int
+    returned: int
+
+    @property
+    def remaining(self) -> int:
+        """Units still in transit: quantity - received - returned."""
+        return self.quantity - self.received - self.returned
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A move of on-hand units from ``from_location`` to ``to_location`` (section 14).
+    ``lines`` is in SKU order, one per SKU."""
+
+    id: int
+    status: str
+    from_location: str
+    to_location: str
+    lines: tuple[TransferLine, ...]
+    reference: Reference | None
+    reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def open(self) -> bool:
+        """Units still in transit: IN_TRANSIT or PARTIALLY_RECEIVED."""
+        return self.status in OPEN_TRANSFER_STATUSES
+
+    def balance_keys(self) -> list[BalanceKey]:
+        """The balances it moves units between, sorted (the lock order)."""
+        return sorted(
+            {(loc, ln.sku) for ln in self.lines for loc in (self.from_location, self.to_location)}
+        )

@@ -10,6 +10,15 @@
 | DEDUCT q, reserved | q <= line remaining | reserved -= q, on_hand -= q |
 | DEDUCT q, direct | available >= q | on_hand -= q |
 | CONFIRM (section 14) | reservation ACTIVE and not due | status CONFIRMED, no expiry; no entry |
+| TRANSFER q (section 14) | available >= q at the source, every line | TRANSFER_OUT: on_hand -= q |
+| ... immediate | | and TRANSFER_IN: destination on_hand += q |
+| RECEIVE q | transfer open; q <= line remaining | TRANSFER_IN: destination on_hand += q |
+| CANCEL | transfer open | TRANSFER_IN of every remaining unit back at the source |
+
+Locations (section 14): a restock, adjust or transfer to an unknown code registers it (a
+WAREHOUSE named after the code) unless locations must be registered; then any write naming an
+unknown code is LocationUnavailableError. An inactive location takes no restock, no transfer in
+(a receipt included) and no reserve; everything else still works there.
 
 Each rule is a pure function of the locked state (:class:`~stockledger.domain.state.Stock`),
 the command and the time: it returns the command's
@@ -27,35 +36,50 @@ from datetime import datetime, timedelta
 
 from stockledger.domain.commands import (
     Adjust,
+    CancelTransfer,
     Command,
     Confirm,
+    CreateLocation,
     Deduct,
     DeductDirect,
     Expire,
     Extend,
+    ReceiveTransfer,
     Release,
     Reserve,
     Restock,
+    TransferStock,
+    UpdateLocation,
 )
 from stockledger.domain.errors import (
     InsufficientStockError,
+    LocationUnavailableError,
     NotFoundError,
     ReservationNotActiveError,
     Shortage,
+    TransferNotOpenError,
     ValidationError,
     VersionConflictError,
 )
 from stockledger.domain.model import (
     ACTIVE,
+    CANCELLED,
     COMMITTED,
     CONFIRMED,
+    DEFAULT_LOCATION,
     EXPIRED,
     HOLDING_STATUSES,
+    IN_TRANSIT,
+    PARTIALLY_RECEIVED,
+    RECEIVED,
     RELEASED,
     BalanceKey,
+    Location,
     Reference,
     Reservation,
     ReservationLine,
+    Transfer,
+    TransferLine,
     expire_key,
 )
 from stockledger.domain.state import (
@@ -71,10 +95,27 @@ from stockledger.domain.validation import MAX_BALANCE, Cart
 
 
 def decide(
-    stock: Stock, command: Command, now: datetime, *, new_reservation_id: int | None = None
+    stock: Stock,
+    command: Command,
+    now: datetime,
+    *,
+    new_reservation_id: int | None = None,
+    new_transfer_id: int | None = None,
 ) -> Decision:
     """The rule for ``command`` at ``now``. A reserve needs ``new_reservation_id``, the id its
-    reservation gets (the unit of work hands out ids)."""
+    reservation gets, and a transfer ``new_transfer_id`` (the unit of work hands out ids)."""
+    if isinstance(command, TransferStock):
+        if new_transfer_id is None:
+            raise ValueError("a transfer needs the id of the transfer it creates")
+        return transfer(stock, command, now, new_transfer_id)
+    if isinstance(command, ReceiveTransfer):
+        return receive_transfer(stock, command, now)
+    if isinstance(command, CancelTransfer):
+        return cancel_transfer(stock, command, now)
+    if isinstance(command, CreateLocation):
+        return create_location(stock, command, now)
+    if isinstance(command, UpdateLocation):
+        return update_location(stock, command, now)
     if isinstance(command, Restock):
         return restock(stock, command, now)
     if isinstance(command, Adjust):
@@ -94,7 +135,9 @@ def decide(
     return expire(stock, command, now)
 
 
-def key_row(command: Restock | Adjust | Reserve | Release | Deduct | DeductDirect) -> KeyRow:
+def key_row(
+    command: Restock | Adjust | Reserve | Release | Deduct | DeductDirect | TransferStock,
+) -> KeyRow:
     return KeyRow(command.idempotency_key, command.operation, command.request_hash)
 
 
@@ -105,6 +148,10 @@ def restock(stock: Stock, command: Restock, now: datetime) -> Decision:
     32-bit (GraphQL spec, "Int"), so such a balance could not be returned.
     """
     draft = Draft(stock, now, command.idempotency_key)
+    for code in _codes(command.cart):
+        unavailable = _location_check(draft, code, registers=True, needs_active=True)
+        if unavailable is not None:
+            return Refusal(unavailable)
     for line in command.cart.lines:
         if draft.balance(line.key).on_hand + line.quantity > MAX_BALANCE:
             return Refusal(
@@ -131,6 +178,9 @@ def adjust(stock: Stock, command: Adjust, now: datetime) -> Decision:
     entry (section 11: a count that found nothing wrong is an audit event).
     """
     draft = Draft(stock, now, command.idempotency_key)
+    unavailable = _location_check(draft, command.location, registers=True, needs_active=False)
+    if unavailable is not None:
+        return Refusal(unavailable)
     key = (command.location, command.sku)
     balance = draft.balance(key)
     if command.expected_version is not None and command.expected_version != balance.version:
@@ -156,6 +206,10 @@ def reserve(stock: Stock, command: Reserve, now: datetime, reservation_id: int) 
     expired first, so expired holds never refuse a cart (see :func:`_short_lines`).
     """
     draft = Draft(stock, now, command.idempotency_key)
+    for code in _codes(command.cart):
+        unavailable = _location_check(draft, code, registers=False, needs_active=True)
+        if unavailable is not None:
+            return Refusal(unavailable)
     shortages = _short_lines(stock, draft, command.cart)
     if shortages:
         return Refusal(InsufficientStockError(shortages), _committed(draft))
@@ -185,8 +239,13 @@ def reserve(stock: Stock, command: Reserve, now: datetime, reservation_id: int) 
 
 
 def deduct_direct(stock: Stock, command: DeductDirect, now: datetime) -> Decision:
-    """DEDUCT q, direct: available >= q on every line, else nothing; on_hand -= q."""
+    """DEDUCT q, direct: available >= q on every line, else nothing; on_hand -= q. Works at
+    an inactive location (a closing store can be emptied)."""
     draft = Draft(stock, now, command.idempotency_key)
+    for code in _codes(command.cart):
+        unavailable = _location_check(draft, code, registers=False, needs_active=False)
+        if unavailable is not None:
+            return Refusal(unavailable)
     shortages = _short_lines(stock, draft, command.cart)
     if shortages:
         return Refusal(InsufficientStockError(shortages), _committed(draft))
@@ -297,6 +356,192 @@ def confirm(stock: Stock, command: Confirm, now: datetime) -> Decision:
     return draft.changes(answer=[r.id for r in found], key_row=row)
 
 
+def create_location(stock: Stock, command: CreateLocation, now: datetime) -> Decision:
+    """Register a location: its code must be new in the org (a ValidationError otherwise;
+    rename or reactivate with :func:`update_location`). It starts active."""
+    draft = Draft(stock, now, command.idempotency_key)
+    if draft.location(command.code) is not None:
+        return Refusal(ValidationError(f"location {command.code!r} already exists", "code"))
+    draft.register(Location(command.code, command.name, command.type, True, now, now))
+    return draft.changes(key_row=_location_key_row(command))
+
+
+def update_location(stock: Stock, command: UpdateLocation, now: datetime) -> Decision:
+    """Rename, deactivate or reactivate a location (NotFoundError when it is not registered).
+    Deactivating leaves its stock where it is: it can still be released, deducted, adjusted
+    or moved out (section 14)."""
+    draft = Draft(stock, now, command.idempotency_key)
+    found = draft.location(command.code)
+    if found is None:
+        return Refusal(NotFoundError("Location", command.code))
+    draft.register(
+        dataclasses.replace(
+            found,
+            name=found.name if command.name is None else command.name,
+            active=found.active if command.active is None else command.active,
+            updated_at=now,
+        )
+    )
+    return draft.changes(key_row=_location_key_row(command))
+
+
+def transfer(stock: Stock, command: TransferStock, now: datetime, transfer_id: int) -> Decision:
+    """TRANSFER q per line: available >= q at the source on every line, else nothing
+    (reserved units stay where they are; due holds there are expired first, as for a
+    reserve). TRANSFER_OUT at the source; immediate: TRANSFER_IN at the destination and the
+    transfer is RECEIVED; ``in_transit``: IN_TRANSIT, the destination balance created if
+    missing (nothing on hand, no entry) so it shows the units as incoming.
+
+    The destination must take stock (active; an unknown one is registered, unless locations
+    must be); the source may be inactive but must be registered where locations must be.
+    """
+    draft = Draft(stock, now, command.idempotency_key)
+    for code, registers, needs_active in (
+        (command.from_location, False, False),
+        (command.to_location, True, True),
+    ):
+        unavailable = _location_check(draft, code, registers=registers, needs_active=needs_active)
+        if unavailable is not None:
+            return Refusal(unavailable)
+    shortages = _short_lines(stock, draft, command.cart)
+    if shortages:
+        return Refusal(InsufficientStockError(shortages), _committed(draft))
+    lines = []
+    for line in command.cart.lines:
+        destination = (command.to_location, line.sku)
+        if not command.in_transit and (
+            draft.balance(destination).on_hand + line.quantity > MAX_BALANCE
+        ):
+            return Refusal(
+                ValidationError(
+                    f"on hand of {command.to_location}/{line.sku} would exceed {MAX_BALANCE}",
+                    command.cart.path(line.key, "quantity"),
+                )
+            )
+        lines.append(TransferLine(line.sku, line.quantity, 0, 0))
+    moved = Transfer(
+        id=transfer_id,
+        status=IN_TRANSIT,
+        from_location=command.from_location,
+        to_location=command.to_location,
+        lines=tuple(lines),
+        reference=command.reference,
+        reason=command.reason,
+        created_at=now,
+        updated_at=now,
+    )
+    for sent in moved.lines:
+        _transfer_move(
+            draft, moved, command.from_location, sent.sku, "TRANSFER_OUT", -sent.quantity
+        )
+    if command.in_transit:
+        for sent in moved.lines:
+            draft.ensure((command.to_location, sent.sku))
+    else:
+        for sent in moved.lines:
+            _transfer_move(
+                draft, moved, command.to_location, sent.sku, "TRANSFER_IN", sent.quantity
+            )
+        moved = dataclasses.replace(
+            moved,
+            status=RECEIVED,
+            lines=tuple(dataclasses.replace(ln, received=ln.quantity) for ln in moved.lines),
+        )
+    draft.save_transfer(moved)
+    return draft.changes(answer=(transfer_id,), key_row=key_row(command))
+
+
+def receive_transfer(stock: Stock, command: ReceiveTransfer, now: datetime) -> Decision:
+    """RECEIVE: TRANSFER_IN at the destination of each line's units (no lines: everything
+    remaining), at most the line's remaining (a ValidationError naming the line otherwise,
+    section 11 "Over-asking"). The transfer must be open (TransferNotOpenError) and the
+    destination active (LocationUnavailableError). It is RECEIVED once nothing remains, else
+    PARTIALLY_RECEIVED."""
+    draft = Draft(stock, now, command.idempotency_key)
+    found = _open_transfer(draft, command.transfer_id)
+    if isinstance(found, Refusal):
+        return found
+    unavailable = _location_check(draft, found.to_location, registers=False, needs_active=True)
+    if unavailable is not None:
+        return Refusal(unavailable)
+    if command.lines is None:
+        wanted = {ln.sku: ln.remaining for ln in found.lines if ln.remaining > 0}
+    else:
+        wanted = dict(command.lines)
+        by_sku = {ln.sku: ln for ln in found.lines}
+        for sku, quantity in command.lines:
+            line = by_sku.get(sku)
+            if line is None:
+                return Refusal(
+                    ValidationError(f"the transfer moves no {sku}", command.path(sku, "sku"))
+                )
+            if quantity > line.remaining:
+                return Refusal(
+                    ValidationError(
+                        f"only {line.remaining} units of {sku} remain in transit, {quantity} asked",
+                        command.path(sku, "quantity"),
+                    )
+                )
+    lines = []
+    for line in found.lines:
+        q = wanted.get(line.sku, 0)
+        if q:
+            key = (found.to_location, line.sku)
+            if draft.balance(key).on_hand + q > MAX_BALANCE:
+                return Refusal(
+                    ValidationError(
+                        f"on hand of {found.to_location}/{line.sku} would exceed {MAX_BALANCE}",
+                        "lines",
+                    )
+                )
+            _transfer_move(draft, found, found.to_location, line.sku, "TRANSFER_IN", q)
+            line = dataclasses.replace(line, received=line.received + q)
+        lines.append(line)
+    status = RECEIVED if all(ln.remaining == 0 for ln in lines) else PARTIALLY_RECEIVED
+    draft.save_transfer(
+        dataclasses.replace(found, status=status, lines=tuple(lines), updated_at=now)
+    )
+    row = KeyRow(command.idempotency_key, command.operation, command.request_hash, str(found.id))
+    return draft.changes(answer=(found.id,), key_row=row)
+
+
+def cancel_transfer(stock: Stock, command: CancelTransfer, now: datetime) -> Decision:
+    """CANCEL: every unit still in transit goes back to the source (TRANSFER_IN there, even
+    when the source is inactive: section 14), counted as ``returned``; the transfer is
+    CANCELLED. It must be open (TransferNotOpenError)."""
+    draft = Draft(stock, now, command.idempotency_key)
+    found = _open_transfer(draft, command.transfer_id)
+    if isinstance(found, Refusal):
+        return found
+    lines = []
+    for line in found.lines:
+        if line.remaining > 0:
+            key = (found.from_location, line.sku)
+            if draft.balance(key).on_hand + line.remaining > MAX_BALANCE:
+                return Refusal(
+                    ValidationError(
+                        f"on hand of {found.from_location}/{line.sku} would exceed {MAX_BALANCE}",
+                        "transferId",
+                    )
+                )
+            _transfer_move(
+                draft,
+                found,
+                found.from_location,
+                line.sku,
+                "TRANSFER_IN",
+                line.remaining,
+                reason=command.reason,
+            )
+            line = dataclasses.replace(line, returned=line.returned + line.remaining)
+        lines.append(line)
+    draft.save_transfer(
+        dataclasses.replace(found, status=CANCELLED, lines=tuple(lines), updated_at=now)
+    )
+    row = KeyRow(command.idempotency_key, command.operation, command.request_hash, str(found.id))
+    return draft.changes(answer=(found.id,), key_row=row)
+
+
 def expire(stock: Stock, command: Expire, now: datetime) -> Changes:
     """EXPIRE: a reservation ACTIVE and due (now >= expires_at) gives its remaining back.
 
@@ -311,6 +556,76 @@ def expire(stock: Stock, command: Expire, now: datetime) -> Changes:
 
 
 # ---------------------------------------------------------------------------- shared steps
+
+
+def _codes(cart: Cart) -> list[str]:
+    """The locations of a cart's lines, each once, in line order."""
+    return list(dict.fromkeys(line.location for line in cart.lines))
+
+
+def _location_check(
+    draft: Draft, code: str, *, registers: bool, needs_active: bool
+) -> LocationUnavailableError | None:
+    """Whether a write may name location ``code`` (section 14). Unknown: ``default`` is
+    registered (every org has it); another, where locations
+    must be registered, is LocationUnavailableError (``exists`` False); else ``registers``
+    (restock, adjust, transfer to) registers it, and otherwise the write goes on and finds
+    nothing there (a reserve is then short). Inactive: LocationUnavailableError when the
+    write ``needs_active`` (restock, transfer in, receipt, reserve)."""
+    found = draft.location(code)
+    if found is None:
+        if code == DEFAULT_LOCATION:
+            # Every org has `default` (section 14); one that came after the migration gets
+            # it on the first write naming it.
+            draft.register_unknown(code)
+            return None
+        if draft.stock.locations_required:
+            return LocationUnavailableError(code, exists=False)
+        if registers:
+            draft.register_unknown(code)
+        return None
+    if needs_active and not found.active:
+        return LocationUnavailableError(code, exists=True)
+    return None
+
+
+def _location_key_row(command: CreateLocation | UpdateLocation) -> KeyRow:
+    """A location command's key row: it writes no ledger entry, so the row names the code."""
+    return KeyRow(command.idempotency_key, command.operation, command.request_hash, command.code)
+
+
+def _open_transfer(draft: Draft, transfer_id: int) -> Transfer | Refusal:
+    """The open transfer a receive or cancel acts on: NotFoundError, or TransferNotOpenError
+    when it is RECEIVED or CANCELLED."""
+    found = draft.transfer(transfer_id)
+    if found is None:
+        return Refusal(NotFoundError("Transfer", str(transfer_id)))
+    if not found.open:
+        return Refusal(TransferNotOpenError(found.id, found.status))
+    return found
+
+
+def _transfer_move(
+    draft: Draft,
+    moved: Transfer,
+    location: str,
+    sku: str,
+    event_type: str,
+    on_hand_delta: int,
+    *,
+    reason: str | None = None,
+) -> None:
+    """One TRANSFER_OUT or TRANSFER_IN entry of ``moved`` (it carries the transfer's id and
+    reference)."""
+    draft.move(
+        (location, sku),
+        event_type,
+        on_hand_delta,
+        0,
+        reference=moved.reference,
+        reason=reason if reason is not None else moved.reason,
+        transfer_id=moved.id,
+    )
 
 
 def _expire(draft: Draft, reservation: Reservation) -> None:

@@ -15,11 +15,14 @@ from datetime import datetime
 
 from stockledger.domain.errors import IdempotencyKeyReusedError, StockError
 from stockledger.domain.model import (
+    WAREHOUSE,
     Balance,
     BalanceKey,
     LedgerEntry,
+    Location,
     Reference,
     Reservation,
+    Transfer,
 )
 
 MAX_RESULT_REF = 1024
@@ -54,10 +57,11 @@ def key_reused(
 class Changes:
     """What one command changes, all of it written in the batch's transaction.
 
-    ``balances``: the after-state of every balance it touched, in key order. ``reservations``:
-    the after-state of every reservation it created or changed. ``answer``: the ids of the
-    reservations its result lists, in the result's order. ``key_row``: None for the
-    service's own expiry, and for what a refused command still commits.
+    ``balances``: the after-state of every balance it touched, in key order. ``reservations``,
+    ``transfers``, ``locations``: the after-state of every one it created or changed.
+    ``answer``: the ids of the reservations (or, for a transfer command, the transfer) its
+    result lists, in the result's order. ``key_row``: None for the service's own expiry, and
+    for what a refused command still commits.
     """
 
     entries: tuple[LedgerEntry, ...] = ()
@@ -65,6 +69,8 @@ class Changes:
     reservations: tuple[Reservation, ...] = ()
     answer: tuple[int, ...] = ()
     key_row: KeyRow | None = None
+    transfers: tuple[Transfer, ...] = ()
+    locations: tuple[Location, ...] = ()
 
     def expired(self) -> list[int]:
         """Ids of the reservations these changes expire (EXPIRE entries)."""
@@ -91,20 +97,32 @@ Decision = Changes | Refusal
 
 
 class Stock:
-    """Balances by (location, sku) and reservations by id, as loaded under lock.
+    """Balances by (location, sku), reservations and transfers by id, and locations by code,
+    as loaded under lock.
 
-    A balance absent here was never stocked; a reservation absent here does not exist in this
-    org (or was not loaded: the unit of work loads everything its commands address).
+    A balance absent here was never stocked; a reservation or transfer absent here does not
+    exist in this org, and a location absent here is not registered (or was not loaded: the
+    unit of work loads everything its commands address). ``locations_required``: writes may
+    name registered locations only (``STOCKLEDGER_REQUIRE_REGISTERED_LOCATIONS``, section 14).
     """
 
     def __init__(
-        self, balances: Iterable[Balance] = (), reservations: Iterable[Reservation] = ()
+        self,
+        balances: Iterable[Balance] = (),
+        reservations: Iterable[Reservation] = (),
+        *,
+        locations: Iterable[Location] = (),
+        transfers: Iterable[Transfer] = (),
+        locations_required: bool = False,
     ) -> None:
         self.balances: dict[BalanceKey, Balance] = {b.key: b for b in balances}
         self.reservations: dict[int, Reservation] = {}
         self._by_reference: dict[Reference, set[int]] = {}
         for r in reservations:
             self._put(r)
+        self.locations: dict[str, Location] = {loc.code: loc for loc in locations}
+        self.transfers: dict[int, Transfer] = {t.id: t for t in transfers}
+        self.locations_required = locations_required
 
     def balance(self, key: BalanceKey) -> Balance | None:
         return self.balances.get(key)
@@ -144,6 +162,10 @@ class Stock:
             self.balances[b.key] = b
         for r in changes.reservations:
             self._put(r)
+        for t in changes.transfers:
+            self.transfers[t.id] = t
+        for loc in changes.locations:
+            self.locations[loc.code] = loc
 
     def _put(self, reservation: Reservation) -> None:
         self.reservations[reservation.id] = reservation
@@ -164,6 +186,8 @@ class Draft:
         self.key = key
         self._balances: dict[BalanceKey, Balance] = {}
         self._reservations: dict[int, Reservation] = {}
+        self._transfers: dict[int, Transfer] = {}
+        self._locations: dict[str, Location] = {}
         self._entries: list[LedgerEntry] = []
 
     def balance(self, key: BalanceKey) -> Balance:
@@ -175,6 +199,34 @@ class Draft:
 
     def reservation(self, reservation_id: int) -> Reservation | None:
         return self._reservations.get(reservation_id) or self.stock.reservation(reservation_id)
+
+    def transfer(self, transfer_id: int) -> Transfer | None:
+        return self._transfers.get(transfer_id) or self.stock.transfers.get(transfer_id)
+
+    def location(self, code: str) -> Location | None:
+        """The registered location ``code`` as this command sees it, or None."""
+        return self._locations.get(code) or self.stock.locations.get(code)
+
+    def register(self, location: Location) -> None:
+        """Record a created or changed location (its after-state)."""
+        self._locations[location.code] = location
+
+    def register_unknown(self, code: str) -> Location:
+        """Register ``code`` as a WAREHOUSE named after it (section 14: a restock, adjust or
+        transfer to an unknown code creates it)."""
+        location = Location(code, code, WAREHOUSE, True, self.now, self.now)
+        self.register(location)
+        return location
+
+    def save_transfer(self, transfer: Transfer) -> None:
+        """Record a created or changed transfer (its after-state)."""
+        self._transfers[transfer.id] = transfer
+
+    def ensure(self, key: BalanceKey) -> None:
+        """Create a missing balance with nothing in it, and no entry: an in-transit transfer's
+        destination, so that it shows its incoming (section 14)."""
+        if self._balances.get(key) is None and self.stock.balance(key) is None:
+            self._balances[key] = Balance(key[1], key[0], 0, 0, 0, self.now)
 
     @property
     def touched(self) -> bool:
@@ -191,6 +243,7 @@ class Draft:
         reference: Reference | None = None,
         reason: str | None = None,
         idempotency_key: str | None = None,
+        transfer_id: int | None = None,
     ) -> None:
         """Apply deltas (units) to one balance and record its ledger entry.
 
@@ -222,6 +275,7 @@ class Draft:
                 reason=reason,
                 idempotency_key=idempotency_key or self.key,
                 created_at=self.now,
+                transfer_id=transfer_id,
             )
         )
 
@@ -243,4 +297,6 @@ class Draft:
             reservations=tuple(self._reservations.values()),
             answer=tuple(answer),
             key_row=key_row,
+            transfers=tuple(self._transfers.values()),
+            locations=tuple(self._locations.values()),
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stockledger.domain.errors import ValidationError
+from stockledger.domain.ids import RESERVATION, typed_number_of
 from stockledger.domain.model import EXPIRE_KEY_PREFIX, BalanceKey, Line, Reference
 
 MAX_STRING_LENGTH = 255
@@ -143,17 +144,31 @@ def check_ttl(value: Any, maximum: int, field: str = "ttlSeconds") -> int:
 
 
 def check_reservation_id(value: Any, field: str = "reservationId") -> str:
-    """A reservation id as given (a string); an id that is no number is simply not found."""
+    """A reservation id as given (a string, per :func:`check_string`); an id that names no
+    reservation (see :func:`parse_reservation_id`) is simply not found later."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     return check_string(value, field)
 
 
 def parse_reservation_id(value: str) -> int | None:
-    """The numeric id behind an ``ID`` string, or None when it cannot name a reservation."""
+    """The reservation number behind an ``ID`` string, or None when it cannot name one.
+
+    Accepted: the opaque global id of a Reservation (``domain/ids.py``), and the v1 numeric id
+    (ASCII digits, at most 18; deprecated, accepted until v3). Anything else, another type's
+    global id included, is None (the callers answer NotFoundError or nothing found).
+    """
     if value.isascii() and value.isdigit() and len(value) <= 18:
         return int(value)
-    return None
+    return typed_number_of(RESERVATION, value)
+
+
+def canonical_reservation_id(value: str) -> str:
+    """The spelling of a checked reservation id that the idempotency hash covers: the number's
+    decimal digits whether the client sent the global id or the v1 numeric id (so a retry
+    that switches spelling replays), else the text as given (it names no reservation)."""
+    number = parse_reservation_id(value)
+    return value if number is None else str(number)
 
 
 def request_hash(operation: str, payload: dict[str, Any]) -> str:
