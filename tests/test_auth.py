@@ -25,6 +25,7 @@ FIELD_SCOPES: dict[str, Scope | None] = {
     "balances": S.STOCK_READ,
     "reservation": S.STOCK_READ,
     "reservations": S.STOCK_READ,
+    "node": S.STOCK_READ,
     "ledger": S.LEDGER_READ,
     "restock": S.STOCK_WRITE,
     "adjust": S.STOCK_WRITE,
@@ -40,7 +41,18 @@ FIELD_SCOPES: dict[str, Scope | None] = {
     "apiKeys": S.ADMIN,
     "createApiKey": S.ADMIN,
     "revokeApiKey": S.ADMIN,
+    "location": S.STOCK_READ,
+    "locations": S.STOCK_READ,
+    "stockLevels": S.STOCK_READ,
+    "transfer": S.STOCK_READ,
+    "transfers": S.STOCK_READ,
+    "createLocation": S.ADMIN,
+    "updateLocation": S.ADMIN,
+    "receiveTransfer": S.STOCK_WRITE,
+    "cancelTransfer": S.STOCK_WRITE,
 }
+# `transfer` is a query (STOCK_READ) and a mutation (STOCK_WRITE) of the same name.
+MUTATION_SCOPES = {"transfer": S.STOCK_WRITE}
 SCOPED = sorted(f for f, scope in FIELD_SCOPES.items() if scope is not None)
 UNSCOPED = sorted(f for f, scope in FIELD_SCOPES.items() if scope is None)
 
@@ -53,9 +65,15 @@ def _operation(field: str) -> tuple[str, dict[str, Any]]:
         "balances": "{ balances(first: 1) { edges { cursor } } }",
         "reservation": '{ reservation(id: "1") { id } }',
         "reservations": "{ reservations(first: 1) { edges { cursor } } }",
+        "node": '{ node(id: "UmVzZXJ2YXRpb246MQ") { id } }',  # Reservation 1's global id
         "ledger": "{ ledger(first: 1) { edges { cursor } } }",
         "viewer": "{ viewer { org scopes apiKey { id } } }",
         "apiKeys": "{ apiKeys(first: 1) { edges { cursor } } }",
+        "location": '{ location(code: "default") { code } }',
+        "locations": "{ locations(first: 1) { edges { cursor } } }",
+        "stockLevels": '{ stockLevels(sku: "A") { onHand } }',
+        "transfer": '{ transfer(id: "VHJhbnNmZXI6MQ") { id } }',  # Transfer 1's global id
+        "transfers": "{ transfers(first: 1) { edges { cursor } } }",
     }
     if field in reads:
         return reads[field], {}
@@ -91,6 +109,22 @@ def _operation(field: str) -> tuple[str, dict[str, Any]]:
         ),
         # An id no key has: the allowed call answers NotFoundError and revokes nothing.
         "revokeApiKey": ("RevokeApiKeyInput", {"idempotencyKey": k, "id": "999999999999"}),
+        "createLocation": (
+            "CreateLocationInput",
+            {"idempotencyKey": k, "code": f"probe-{k}", "name": "probe"},
+        ),
+        "updateLocation": (
+            "UpdateLocationInput",
+            {"idempotencyKey": k, "code": "no-such-location", "name": "probe"},
+        ),
+        "receiveTransfer": (
+            "ReceiveTransferInput",
+            {"idempotencyKey": k, "transferId": "VHJhbnNmZXI6MQ"},
+        ),
+        "cancelTransfer": (
+            "CancelTransferInput",
+            {"idempotencyKey": k, "transferId": "VHJhbnNmZXI6MQ", "reason": "probe"},
+        ),
     }
     input_type, value = inputs[field]
     return (
@@ -192,6 +226,28 @@ async def test_each_root_field_needs_its_scope(
     assert refused["errors"][0]["path"] == [field]
     allowed = (await _post(auth_gql, with_it, query, variables)).json()
     assert "FORBIDDEN" not in str(allowed.get("errors")), allowed
+
+
+async def test_the_transfer_mutation_needs_stock_write(
+    auth_gql: GraphQLClient, org_id: str
+) -> None:
+    """`transfer` names a query (STOCK_READ, in the table above) and a mutation."""
+    needed = MUTATION_SCOPES["transfer"]
+    without = await _key(auth_gql, org_id, [s for s in Scope if s not in (needed, S.ADMIN)])
+    with_it = await _key(auth_gql, org_id, [needed])
+    query = "mutation($i: TransferInput!) { transfer(input: $i) { __typename } }"
+    variables = {
+        "i": {
+            "idempotencyKey": uuid.uuid4().hex,
+            "fromLocation": "default",
+            "toLocation": "elsewhere",
+            "lines": [{"sku": "A", "quantity": 1}],
+        }
+    }
+    refused = (await _post(auth_gql, without, query, variables)).json()
+    assert [e["extensions"]["code"] for e in refused["errors"]] == ["FORBIDDEN"], refused
+    allowed = (await _post(auth_gql, with_it, query, variables)).json()
+    assert allowed["data"]["transfer"]["__typename"] == "InsufficientStockError", allowed
 
 
 def test_only_the_viewer_needs_no_scope() -> None:

@@ -27,6 +27,7 @@ from stockledger.db.models import idempotency_key as K
 from stockledger.db.models import inventory_ledger as L
 from stockledger.db.models import reservation as R
 from stockledger.db.models import reservation_line as RL
+from stockledger.domain.ids import reservation_global_id
 from stockledger.services.reconcile import find_violations
 
 # batch field -> (input type, list field, the single mutation each item is)
@@ -588,9 +589,10 @@ async def test_release_many_and_deduct_many_answer_each_item(
     assert (released[1]["reservationId"], released[1]["status"]) == (r4, "RELEASED")
     assert (released[2]["reservationId"], released[2]["status"]) == (r6, "COMMITTED")
     assert released[1]["code"] == "RESERVATION_NOT_ACTIVE"
+    # a v1 numeric id that names nothing: the key is its opaque id, as Reservation.id
     assert (released[3]["entity"], released[3]["key"], released[3]["code"]) == (
         "Reservation",
-        "999999999",
+        reservation_global_id(999999999),
         "NOT_FOUND",
     )
     assert released[4]["key"] == "ORDER:nope"
@@ -645,7 +647,7 @@ async def test_release_many_and_deduct_many_answer_each_item(
     assert shortages(deducted[4]) == [
         {"sku": "B", "location": "wh2", "requested": 100, "available": 13}
     ]
-    assert deducted[5]["key"] == "888888888"
+    assert deducted[5]["key"] == reservation_global_id(888888888)
     assert deducted[6]["key"] == "ORDER:o1"  # committed by ded-0: none ACTIVE is left
     assert reservation_state(deducted[7]) == [(r3, "COMMITTED", [("B", 4, 4, 0, 0)])]
     assert bal(deducted[7]) == [("B", 13, 0)]

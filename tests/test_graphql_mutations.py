@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import event
 
 from stockledger.db.engine import Database
+from stockledger.domain.ids import reservation_global_id
 from stockledger.locks import Claim
 from stockledger.services import errors as e
 
@@ -264,9 +265,10 @@ async def test_release_by_reference_and_errors(gql: GraphQLClient) -> None:
 
     missing = await gql.mutate("release", idempotencyKey="x1", reservationId="999999999")
     assert missing["__typename"] == "NotFoundError"
+    # a v1 numeric id that names nothing: the key is its opaque id, as Reservation.id
     assert (missing["entity"], missing["key"], missing["code"]) == (
         "Reservation",
-        "999999999",
+        reservation_global_id(999999999),
         "NOT_FOUND",
     )
     no_ref = await gql.mutate(
@@ -570,7 +572,7 @@ DOMAIN_ERRORS: dict[str, tuple[Exception, dict[str, Any]]] = {
     ),
     "ReservationNotActiveError": (
         e.ReservationNotActiveError(77, "EXPIRED"),
-        {"reservationId": "77", "status": "EXPIRED"},
+        {"reservationId": reservation_global_id(77), "status": "EXPIRED"},
     ),
     "VersionConflictError": (
         e.VersionConflictError(3, 5),

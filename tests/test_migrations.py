@@ -342,3 +342,87 @@ def test_0005_keeps_every_reservation_and_line_and_its_downgrade_keeps_the_holds
         lambda c: c.execute(text("SELECT expires_at FROM reservation WHERE id = 1")).one(),
     )
     assert str(far[0]).startswith("9999-12-31")
+
+
+def test_0006_registers_every_named_location_and_keeps_the_ledger_append_only(
+    empty_url: str,
+) -> None:
+    """Revision 0006 registers every location a balance names and `default` of every org it
+    finds; on SQLite it rebuilds the ledger (a new event type CHECK): every entry survives,
+    and so do the append-only triggers. Its downgrade refuses while transfer entries exist."""
+    upgrade(empty_url, "0005")
+    now = "2026-12-01 10:00:00"
+
+    def seed(conn: Connection) -> None:
+        for org, location, sku in (("m-org", "wh", "A"), ("m-org", "store", "A")):
+            conn.execute(
+                text(
+                    "INSERT INTO inventory_balance (org_id, location, sku, on_hand, reserved, "
+                    f"version, updated_at) VALUES ('{org}', '{location}', '{sku}', 3, 0, 1, "
+                    f"'{now}')"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO inventory_ledger (org_id, location, sku, event_type, "
+                    "on_hand_delta, reserved_delta, on_hand_after, reserved_after, "
+                    f"idempotency_key, created_at) VALUES ('{org}', '{location}', '{sku}', "
+                    f"'RESTOCK', 3, 0, 3, 0, 'k-{location}', '{now}')"
+                )
+            )
+        conn.execute(
+            text(
+                "INSERT INTO api_key (org_id, name, prefix, secret_sha256, scopes, created_at) "
+                f"VALUES ('keys-only', 'k', 'sl_x', '{'0' * 64}', 'ADMIN', '{now}')"
+            )
+        )
+        conn.commit()
+
+    def ledger(conn: Connection) -> list[Any]:
+        return [tuple(r) for r in conn.execute(text("SELECT * FROM inventory_ledger ORDER BY id"))]
+
+    inspect_sync(empty_url, seed)
+    before = inspect_sync(empty_url, ledger)
+    upgrade(empty_url)
+    after = inspect_sync(empty_url, ledger)
+    assert [row[:-1] for row in after] == before  # the same rows, transfer_id (NULL) added
+    assert [row[-1] for row in after] == [None, None]
+    assert inspect_sync(empty_url, trigger_names) == set(
+        LEDGER_TRIGGER_NAMES[dialect_of(empty_url)]
+    )
+    registered = inspect_sync(
+        empty_url,
+        lambda c: sorted(
+            tuple(r)
+            for r in c.execute(text("SELECT org_id, code, name, type, active FROM location"))
+        ),
+    )
+    assert registered == [
+        ("default", "default", "default", "WAREHOUSE", 1),
+        ("keys-only", "default", "default", "WAREHOUSE", 1),
+        ("m-org", "default", "default", "WAREHOUSE", 1),
+        ("m-org", "store", "store", "WAREHOUSE", 1),
+        ("m-org", "wh", "wh", "WAREHOUSE", 1),
+    ]
+
+    def update_an_entry(conn: Connection) -> None:
+        conn.execute(text("UPDATE inventory_ledger SET on_hand_delta = 4"))
+
+    with pytest.raises(Exception, match="append-only"):
+        inspect_sync(empty_url, update_an_entry)
+
+    def post_a_transfer(conn: Connection) -> None:
+        conn.execute(
+            text(
+                "INSERT INTO inventory_ledger (org_id, location, sku, event_type, on_hand_delta, "
+                "reserved_delta, on_hand_after, reserved_after, idempotency_key, created_at, "
+                f"transfer_id) VALUES ('m-org', 'wh', 'A', 'TRANSFER_OUT', -1, 0, 2, 0, 't', "
+                f"'{now}', 1)"
+            )
+        )
+        conn.commit()
+
+    inspect_sync(empty_url, post_a_transfer)
+    with pytest.raises(RuntimeError, match="transfer entries"):
+        downgrade(empty_url, "0005")
+    assert revision_of(empty_url) == head_revision()

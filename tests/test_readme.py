@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from server_process import base_env, running
 
+from stockledger.domain.ids import location_global_id, reservation_global_id, transfer_global_id
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -58,19 +60,21 @@ def test_the_curl_examples_work_as_written_with_the_bootstrap_key(tmp_path: Path
         many = _run(_commands("Many carts in one request"), server.port, tmp_path)
         again = _run(_commands("Many carts in one request"), server.port, tmp_path)
         paid = _run(_commands("Confirm a paid order"), server.port, tmp_path)
+        moved = _run(_commands("Locations and transfers"), server.port, tmp_path)
         made = _run(_commands("Managing keys over GraphQL"), server.port, tmp_path)
         made_again = _run(_commands("Managing keys over GraphQL"), server.port, tmp_path)
 
-    for answer in [*tried, *many, *again, *paid, *made, *made_again]:
+    for answer in [*tried, *many, *again, *paid, *moved, *made, *made_again]:
         assert "errors" not in answer, answer
     restock, reserve, deduct, short, look = (a["data"] for a in tried)
     assert restock["restock"]["__typename"] == "RestockSuccess"
     assert reserve["reserve"]["__typename"] == "ReserveSuccess"
-    # "The third call answers, for example, ...": exactly that, on a fresh server.
+    # "The third call answers, for example, ...": exactly that, on a fresh server (reservation
+    # 1's id is opaque: its global id).
     assert deduct == {
         "deduct": {
             "__typename": "DeductSuccess",
-            "reservations": [{"id": "1", "status": "COMMITTED"}],
+            "reservations": [{"id": reservation_global_id(1), "status": "COMMITTED"}],
             "balances": [{"sku": "TSHIRT-M", "onHand": 8, "reserved": 0}],
         }
     }
@@ -111,3 +115,74 @@ def test_the_curl_examples_work_as_written_with_the_bootstrap_key(tmp_path: Path
         ],
         "replayed": False,
     }
+
+    # "The transfer answers IN_TRANSIT with the source down to 5 on hand and store-1 at 0 on
+    # hand, incoming: 3; stockLevels totals the SKU ... (onHand: 5, incoming: 3) ..."
+    created, sent, levels, part, cancelled, closed, refused = (a["data"] for a in moved)
+    assert created["createLocation"]["location"] == {
+        "id": location_global_id("store-1"),
+        "code": "store-1",
+        "name": "Main Street",
+        "type": "STORE",
+        "active": True,
+    }
+    first = transfer_global_id(1)
+    assert sent["transfer"] == {
+        "__typename": "TransferSuccess",
+        "transfer": {
+            "id": first,
+            "status": "IN_TRANSIT",
+            "lines": [{"sku": "TSHIRT-M", "quantity": 3, "remaining": 3}],
+        },
+        "balances": [
+            {"location": "default", "onHand": 5, "incoming": 0},
+            {"location": "store-1", "onHand": 0, "incoming": 3},
+        ],
+    }
+    assert levels["stockLevels"] == {
+        "onHand": 5,
+        "reserved": 1,
+        "available": 4,
+        "incoming": 3,
+        "locations": [
+            {"location": "default", "onHand": 5, "reserved": 1, "incoming": 0},
+            {"location": "store-1", "onHand": 0, "reserved": 0, "incoming": 3},
+        ],
+    }
+    assert part["receiveTransfer"]["transfer"] == {
+        "status": "PARTIALLY_RECEIVED",
+        "lines": [{"received": 2, "remaining": 1}],
+    }
+    assert part["receiveTransfer"]["ledgerEntries"] == [
+        {"eventType": "TRANSFER_IN", "location": "store-1", "onHandDelta": 2, "transferId": first}
+    ]
+    assert cancelled["cancelTransfer"]["transfer"] == {
+        "status": "CANCELLED",
+        "lines": [{"received": 2, "returned": 1, "remaining": 0}],
+    }
+    assert closed["updateLocation"]["location"] == {"active": False}
+    assert refused["restock"] == {
+        "__typename": "LocationUnavailableError",
+        "location": "store-1",
+        "exists": True,
+    }
+
+
+def test_the_apollo_possible_types_are_the_schemas() -> None:
+    """The README's `possibleTypes` lists (Apollo Client needs every member of each union and
+    interface it names) are exactly the exported schema's."""
+    from graphql import GraphQLInterfaceType, GraphQLUnionType, build_schema
+
+    text = README.read_text()
+    block = re.search(r"const possibleTypes = \{(.*?)\n\};", text, re.S)
+    assert block is not None
+    listed = {
+        name: set(re.findall(r'"(\w+)"', members))
+        for name, members in re.findall(r"(\w+): \[(.*?)\]", block.group(1), re.S)
+    }
+    assert {"Node", "Error", "ReserveResult", "TransferResult"} <= set(listed)
+    schema = build_schema((README.parent / "schema.graphql").read_text())
+    for name, members in listed.items():
+        abstract = schema.type_map[name]
+        assert isinstance(abstract, GraphQLUnionType | GraphQLInterfaceType), name
+        assert members == {t.name for t in schema.get_possible_types(abstract)}, name

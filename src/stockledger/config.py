@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # Requests per API key (ARCHITECTURE section 13), in the `limits` library's notation:
     # "1000/second", "10/second;500/minute" (each must pass); empty turns rate limits off.
     rate_limit: str = "1000/second"
+    # Locations (ARCHITECTURE section 14): true makes every write naming an unregistered
+    # location answer LocationUnavailableError instead of registering it as a WAREHOUSE.
+    require_registered_locations: bool = False
 
     # SIGTERM ends `serve` within this bound (seconds): in-flight requests get half of it,
     # the sweeper and the write batches a quarter; past it the process exits anyway.

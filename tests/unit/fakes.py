@@ -23,8 +23,10 @@ from stockledger.domain.model import (
     Balance,
     BalanceKey,
     LedgerEntry,
+    Location,
     Reference,
     Reservation,
+    Transfer,
 )
 from stockledger.services import InventoryService
 from stockledger.services.lookups import replayed_reservation_ids, replayed_result
@@ -43,6 +45,9 @@ class MemoryDatabase:
     reservations: dict[int, Reservation] = field(default_factory=dict)
     ledger: list[LedgerEntry] = field(default_factory=list)
     keys: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)
+    locations: dict[str, Location] = field(default_factory=dict)
+    transfers: dict[int, Transfer] = field(default_factory=dict)
+    next_ids: dict[str, int] = field(default_factory=dict)
     next_reservation_id: int = 1
     next_ledger_id: int = 1
     commits: int = 0
@@ -78,6 +83,12 @@ class MemoryTransaction:
     ) -> Locked[BalanceKey, Balance]:
         return Locked({k: self.db.balances[k] for k in keys if k in self.db.balances})
 
+    async def lock_transfers(self, ids: Sequence[int], *, wait: bool) -> Locked[int, Transfer]:
+        return Locked({i: self.db.transfers[i] for i in ids if i in self.db.transfers})
+
+    async def lock_locations(self, codes: Sequence[str], *, update: bool) -> dict[str, Location]:
+        return {c: self.db.locations[c] for c in codes if c in self.db.locations}
+
     async def due_holding(self, keys: Sequence[BalanceKey], now: datetime, limit: int) -> list[int]:
         wanted = set(keys)
         due = [
@@ -95,6 +106,10 @@ class MemoryTransaction:
             assert b.key not in self.db.balances, f"balance {b.key} exists"
         for k in ws.keys:
             assert k.idempotency_key not in self.db.keys, f"key {k.idempotency_key} exists"
+        for loc in ws.new_locations:
+            assert loc.code not in self.db.locations, f"location {loc.code} exists"
+        for t in ws.new_transfers:
+            assert t.id not in self.db.transfers, f"transfer {t.id} exists"
         self.staged = ws
         first = self.db.next_ledger_id
         self.db.next_ledger_id += len(ws.entries)  # ids are never reused, as AUTO_INCREMENT
@@ -112,6 +127,10 @@ class MemoryTransaction:
                 self.db.balances[b.key] = b
             for r in [*ws.new_reservations, *ws.reservations]:
                 self.db.reservations[r.id] = r
+            for loc in [*ws.new_locations, *ws.locations]:
+                self.db.locations[loc.code] = loc
+            for t in [*ws.new_transfers, *ws.transfers]:
+                self.db.transfers[t.id] = t
             for e, ledger_id in zip(ws.entries, self.ids, strict=True):
                 self.db.ledger.append(replace(e, id=ledger_id))
             for k in ws.keys:
@@ -134,8 +153,12 @@ class MemoryStore:
         yield MemoryTransaction(self.db)  # leaving without commit() writes nothing
 
     async def allocate_ids(self, name: str, count: int) -> range:
-        start = self.db.next_reservation_id
-        self.db.next_reservation_id += count
+        if name == "reservation":
+            start = self.db.next_reservation_id
+            self.db.next_reservation_id += count
+        else:
+            start = self.db.next_ids.get(name, 1)
+            self.db.next_ids[name] = start + count
         return range(start, start + count)
 
     async def committed(self, org_id: str, ws: WriteSet) -> bool:
@@ -181,6 +204,9 @@ class MemoryLookups:
         self, ids: Sequence[int], references: Sequence[Reference]
     ) -> dict[int | Reference, list[BalanceKey]]:
         return {}  # one writer, no Redis locks: nothing to route or claim
+
+    async def transfer_keys(self, ids: Sequence[int]) -> dict[int, list[BalanceKey]]:
+        return {}  # as reservation_keys
 
     async def any_due_holding(self, keys: Sequence[BalanceKey], now: datetime) -> bool:
         wanted = set(keys)

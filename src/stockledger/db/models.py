@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     ForeignKeyConstraint,
@@ -22,7 +23,12 @@ from sqlalchemy import (
 )
 
 from stockledger.db.types import BigId, ExactString, Timestamp
-from stockledger.domain.model import LEDGER_EVENT_TYPES, RESERVATION_STATUSES
+from stockledger.domain.model import (
+    LEDGER_EVENT_TYPES,
+    LOCATION_TYPES,
+    RESERVATION_STATUSES,
+    TRANSFER_STATUSES,
+)
 
 NAME_LENGTH = 255  # SKU, location, reference type/id, reason, idempotency key (section 11)
 ORG_LENGTH = 64
@@ -79,6 +85,8 @@ inventory_ledger = Table(
     Column("reason", ExactString(NAME_LENGTH), nullable=True),
     Column("idempotency_key", ExactString(NAME_LENGTH), nullable=False),
     Column("created_at", Timestamp, nullable=False),
+    # The transfer a TRANSFER_OUT / TRANSFER_IN entry moves units for (migration 0006).
+    Column("transfer_id", BigInteger, nullable=True),
     CheckConstraint(_in("event_type", LEDGER_EVENT_TYPES), name="event_type_known"),
     Index("ix_inventory_ledger_balance", "org_id", "location", "sku", "id"),
     Index("ix_inventory_ledger_sku", "org_id", "sku", "id"),
@@ -86,6 +94,7 @@ inventory_ledger = Table(
     Index("ix_inventory_ledger_reservation", "reservation_id", "id"),
     Index("ix_inventory_ledger_reference", "org_id", "ref_type", "ref_id", "id"),
     Index("ix_inventory_ledger_key", "org_id", "idempotency_key", "id"),
+    Index("ix_inventory_ledger_transfer", "transfer_id", "id"),
     sqlite_autoincrement=True,  # ids never reused, so ledger ids are monotonic
     **_mysql_opts,
 )
@@ -140,6 +149,61 @@ idempotency_key = Table(
     Column("result_ref", String(1024), nullable=True),
     Column("created_at", Timestamp, nullable=False),
     PrimaryKeyConstraint("org_id", "idempotency_key"),
+    **_mysql_opts,
+)
+
+# Locations (ARCHITECTURE section 14): what every balance's ``location`` names, per org.
+location = Table(
+    "location",
+    metadata,
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("code", ExactString(NAME_LENGTH), nullable=False),
+    Column("name", ExactString(NAME_LENGTH), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("active", Boolean(create_constraint=False), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    PrimaryKeyConstraint("org_id", "code"),
+    CheckConstraint(_in("type", LOCATION_TYPES), name="type_known"),
+    **_mysql_opts,
+)
+
+# Transfers between locations; ids from the ``transfer`` id block, like reservations'.
+transfer = Table(
+    "transfer",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=False),
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("from_location", ExactString(NAME_LENGTH), nullable=False),
+    Column("to_location", ExactString(NAME_LENGTH), nullable=False),
+    Column("ref_type", ExactString(NAME_LENGTH), nullable=True),
+    Column("ref_id", ExactString(NAME_LENGTH), nullable=True),
+    Column("reason", ExactString(NAME_LENGTH), nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    CheckConstraint(_in("status", TRANSFER_STATUSES), name="status_known"),
+    # Listing by org (newest first) and the open ones' incoming at a destination.
+    Index("ix_transfer_org", "org_id", "id"),
+    Index("ix_transfer_open", "org_id", "status", "to_location"),
+    **_mysql_opts,
+)
+
+transfer_line = Table(
+    "transfer_line",
+    metadata,
+    Column("transfer_id", BigInteger, nullable=False),
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("sku", ExactString(NAME_LENGTH), nullable=False),
+    Column("quantity", BigInteger, nullable=False),
+    Column("received", BigInteger, nullable=False),
+    Column("returned", BigInteger, nullable=False),
+    PrimaryKeyConstraint("transfer_id", "sku"),
+    ForeignKeyConstraint(["transfer_id"], ["transfer.id"], ondelete="CASCADE"),
+    CheckConstraint("quantity > 0", name="quantity_positive"),
+    CheckConstraint("received >= 0 AND returned >= 0", name="counts_nonnegative"),
+    CheckConstraint("received + returned <= quantity", name="within_quantity"),
+    Index("ix_transfer_line_sku", "org_id", "sku"),
     **_mysql_opts,
 )
 

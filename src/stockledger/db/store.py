@@ -40,9 +40,12 @@ from stockledger.domain.model import (
     Balance,
     BalanceKey,
     LedgerEntry,
+    Location,
     Reference,
     Reservation,
     ReservationLine,
+    Transfer,
+    TransferLine,
 )
 from stockledger.domain.state import KeyRow
 
@@ -50,7 +53,7 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 # The tables whose ids come from id blocks (the sequence is named after its table).
-_SEQUENCES = frozenset({"reservation"})
+_SEQUENCES = frozenset({"reservation", "transfer"})
 # Rows per multi-row statement: keeps every statement far below SQLite's 32,766 parameters
 # (SQLite docs, "Limits In SQLite", SQLITE_MAX_VARIABLE_NUMBER) and MySQL's packet size.
 MAX_ROWS_PER_STATEMENT = 500
@@ -62,8 +65,14 @@ _HOLDING = "(" + ", ".join(f"'{s}'" for s in HOLDING_STATUSES) + ")"
 _LINE_COLUMNS = "reservation_id, location, sku, quantity, deducted, released"
 _LEDGER_INSERT = (
     "org_id, location, sku, event_type, on_hand_delta, reserved_delta, on_hand_after, "
-    "reserved_after, reservation_id, ref_type, ref_id, reason, idempotency_key, created_at"
+    "reserved_after, reservation_id, ref_type, ref_id, reason, idempotency_key, created_at, "
+    "transfer_id"
 )
+_LOCATION_COLUMNS = "code, name, type, active, created_at, updated_at"
+_TRANSFER_COLUMNS = (
+    "id, status, from_location, to_location, ref_type, ref_id, reason, created_at, updated_at"
+)
+_TRANSFER_LINE_COLUMNS = "transfer_id, sku, quantity, received, returned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +105,14 @@ class WriteSet:
     lines: list[tuple[int, ReservationLine]] = field(default_factory=list)
     entries: list[LedgerEntry] = field(default_factory=list)
     keys: list[KeyRow] = field(default_factory=list)
-    # Keys whose ledger entries need their ids in the results (restock, adjust, deduct).
+    # Keys whose ledger entries need their ids in the results (restock, adjust, deduct,
+    # transfers).
     keys_needing_ids: set[str] = field(default_factory=set)
+    new_locations: list[Location] = field(default_factory=list)
+    locations: list[Location] = field(default_factory=list)
+    new_transfers: list[Transfer] = field(default_factory=list)
+    transfers: list[Transfer] = field(default_factory=list)
+    transfer_lines: list[tuple[int, TransferLine]] = field(default_factory=list)
 
 
 class _Sql:
@@ -225,8 +240,71 @@ class _Sql:
         )
 
     @functools.cache  # noqa: B019
+    def select_locations(self, n: int, lock: str) -> str:
+        """``lock`` "share": a stock write reads them (a concurrent deactivation waits for
+        it); "update": a location command changes them. SQLite has no row locks."""
+        suffix = {"share": " LOCK IN SHARE MODE", "update": " FOR UPDATE"}[lock]
+        if not self.mysql:
+            suffix = ""
+        return (
+            f"SELECT {_LOCATION_COLUMNS} FROM location WHERE org_id = {self.mark} AND "
+            f"code IN ({self.marks(n)}) ORDER BY code{suffix}"
+        )
+
+    @functools.cache  # noqa: B019
+    def insert_locations(self, n: int) -> str:
+        return f"INSERT INTO location (org_id, {_LOCATION_COLUMNS}) VALUES {self.values(n, 7)}"
+
+    @functools.cache  # noqa: B019
+    def update_locations(self, n: int) -> str:
+        """One statement for ``n`` locked locations (see :meth:`upsert`)."""
+        return self.insert_locations(n) + self.upsert(
+            "org_id, code", ["name", "active", "updated_at"]
+        )
+
+    @functools.cache  # noqa: B019
+    def select_transfers(self, n: int, lock: str) -> str:
+        suffix = {"none": "", "wait": " FOR UPDATE", "skip": " FOR UPDATE SKIP LOCKED"}[lock]
+        if not self.mysql:
+            suffix = ""
+        return (
+            f"SELECT {_TRANSFER_COLUMNS} FROM transfer "
+            f"WHERE org_id = {self.mark} AND id IN ({self.marks(n)}) ORDER BY id{suffix}"
+        )
+
+    @functools.cache  # noqa: B019
+    def select_transfer_lines(self, n: int) -> str:
+        return (
+            f"SELECT {_TRANSFER_LINE_COLUMNS} FROM transfer_line WHERE org_id = {self.mark} "
+            f"AND transfer_id IN ({self.marks(n)}) ORDER BY transfer_id, sku"
+        )
+
+    @functools.cache  # noqa: B019
+    def insert_transfers(self, n: int) -> str:
+        return f"INSERT INTO transfer (org_id, {_TRANSFER_COLUMNS}) VALUES {self.values(n, 10)}"
+
+    @functools.cache  # noqa: B019
+    def update_transfers(self, n: int) -> str:
+        """One statement for ``n`` locked transfers (see :meth:`upsert`)."""
+        return self.insert_transfers(n) + self.upsert("id", ["status", "updated_at"])
+
+    @functools.cache  # noqa: B019
+    def insert_transfer_lines(self, n: int) -> str:
+        return (
+            f"INSERT INTO transfer_line (org_id, {_TRANSFER_LINE_COLUMNS}) "
+            f"VALUES {self.values(n, 6)}"
+        )
+
+    @functools.cache  # noqa: B019
+    def update_transfer_lines(self, n: int) -> str:
+        """One statement for ``n`` lines of locked transfers (see :meth:`upsert`)."""
+        return self.insert_transfer_lines(n) + self.upsert(
+            "transfer_id, sku", ["received", "returned"]
+        )
+
+    @functools.cache  # noqa: B019
     def insert_ledger(self, n: int) -> str:
-        return f"INSERT INTO inventory_ledger ({_LEDGER_INSERT}) VALUES {self.values(n, 14)}"
+        return f"INSERT INTO inventory_ledger ({_LEDGER_INSERT}) VALUES {self.values(n, 15)}"
 
     @functools.cache  # noqa: B019
     def select_ledger_ids(self, n: int) -> str:
@@ -540,6 +618,70 @@ class SqlTransaction:
             busy = frozenset((row[0], row[1]) for row in exist)
         return Locked(found, busy)
 
+    async def lock_locations(self, codes: Sequence[str], *, update: bool) -> dict[str, Location]:
+        """This org's registered locations of ``codes``, read under a shared lock (``update``:
+        an exclusive one, for a location command), in code order. Unregistered ones are
+        absent."""
+        wanted = sorted(set(codes))
+        found: dict[str, Location] = {}
+        t = self.store.from_db_time
+        for chunk in _chunks(wanted):
+            result = await self._run(
+                self.sql.select_locations(len(chunk), "update" if update else "share"),
+                (self.org_id, *chunk),
+            )
+            for code, name, type_, active, created_at, updated_at in result:
+                found[code] = Location(
+                    code, name, type_, bool(active), t(created_at), t(updated_at)
+                )
+        return found
+
+    async def lock_transfers(self, ids: Sequence[int], *, wait: bool) -> Locked[int, Transfer]:
+        """Lock this org's transfers of ``ids`` in id order, with their lines (``wait`` False
+        skips rows another transaction holds: ``busy``)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return Locked({})
+        rows: dict[int, Any] = {}
+        lock = "wait" if wait else "skip"
+        for chunk in _chunks(wanted):
+            result = await self._run(
+                self.sql.select_transfers(len(chunk), lock), (self.org_id, *chunk)
+            )
+            for row in result:
+                rows[int(row[0])] = row
+        busy: frozenset[int] = frozenset()
+        missing = [i for i in wanted if i not in rows]
+        if missing and self.sql.mysql and not wait:
+            exist = await self._run(
+                self.sql.select_transfers(len(missing), "none"), (self.org_id, *missing)
+            )
+            busy = frozenset(int(row[0]) for row in exist)
+        lines: dict[int, list[TransferLine]] = {i: [] for i in rows}
+        for chunk in _chunks(sorted(rows)):
+            for tid, sku, quantity, received, returned in await self._run(
+                self.sql.select_transfer_lines(len(chunk)), (self.org_id, *chunk)
+            ):
+                lines[int(tid)].append(
+                    TransferLine(sku, int(quantity), int(received), int(returned))
+                )
+        t = self.store.from_db_time
+        found = {
+            i: Transfer(
+                id=i,
+                status=row[1],
+                from_location=row[2],
+                to_location=row[3],
+                lines=tuple(lines[i]),
+                reference=_ref(row[4], row[5]),
+                reason=row[6],
+                created_at=t(row[7]),
+                updated_at=t(row[8]),
+            )
+            for i, row in rows.items()
+        }
+        return Locked(found, busy)
+
     async def due_holding(self, keys: Sequence[BalanceKey], now: datetime, limit: int) -> list[int]:
         """Ids of ACTIVE reservations due at ``now`` that hold units of any of ``keys``,
         soonest first (not locked; uses the (status, expires_at) index)."""
@@ -578,6 +720,7 @@ class SqlTransaction:
                 await self._run(statement(len(chunk)), params)
         for chunk in _chunks(ws.reservations):
             await self._run(sql.update_reservations(len(chunk)), self._reservation_rows(chunk))
+        await self._write_locations_and_transfers(ws)
         ids = await self._insert_ledger(ws)
         # In key order, like every row lock: two batches holding copies of the same keys then
         # wait for each other in one order, never in a cycle.
@@ -587,6 +730,59 @@ class SqlTransaction:
                 params += [org, k.idempotency_key, k.operation, k.request_hash, k.result_ref, now]
             await self._run(sql.insert_keys(len(chunk)), params)
         return ids
+
+    async def _write_locations_and_transfers(self, ws: WriteSet) -> None:
+        sql, org, t = self.sql, self.org_id, self.store.time
+        for statement, locations in (
+            (sql.insert_locations, ws.new_locations),
+            (sql.update_locations, ws.locations),
+        ):
+            for chunk in _chunks(locations):
+                params: list[Any] = []
+                for loc in chunk:
+                    params += [
+                        org,
+                        loc.code,
+                        loc.name,
+                        loc.type,
+                        loc.active,
+                        t(loc.created_at),
+                        t(loc.updated_at),
+                    ]
+                await self._run(statement(len(chunk)), params)
+        for statement, transfers in (
+            (sql.insert_transfers, ws.new_transfers),
+            (sql.update_transfers, ws.transfers),
+        ):
+            for chunk in _chunks(transfers):
+                params = []
+                for tr in chunk:
+                    ref_type, ref_id = (
+                        (tr.reference.type, tr.reference.id) if tr.reference else (None, None)
+                    )
+                    params += [
+                        org,
+                        tr.id,
+                        tr.status,
+                        tr.from_location,
+                        tr.to_location,
+                        ref_type,
+                        ref_id,
+                        tr.reason,
+                        t(tr.created_at),
+                        t(tr.updated_at),
+                    ]
+                await self._run(statement(len(chunk)), params)
+        new_lines = [(tr.id, ln) for tr in ws.new_transfers for ln in tr.lines]
+        for statement, lines in (
+            (sql.insert_transfer_lines, new_lines),
+            (sql.update_transfer_lines, ws.transfer_lines),
+        ):
+            for chunk in _chunks(lines):
+                params = []
+                for tid, ln in chunk:
+                    params += [org, tid, ln.sku, ln.quantity, ln.received, ln.returned]
+                await self._run(statement(len(chunk)), params)
 
     def _reservation_rows(self, chunk: Sequence[Reservation]) -> list[Any]:
         params: list[Any] = []
@@ -631,6 +827,7 @@ class SqlTransaction:
                     e.reason,
                     e.idempotency_key,
                     self.store.time(e.created_at),
+                    e.transfer_id,
                 ]
             result = await self._run(sql.insert_ledger(len(chunk)), params)
             if consecutive and ws.keys_needing_ids:

@@ -72,6 +72,12 @@ EXPIRY_BACKLOG_SECONDS = Histogram(
     "How late a reservation was expired: now - expires_at at expiry (seconds).",
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
+TRANSFER_DURATION_SECONDS = Histogram(
+    "inventory_transfer_duration_seconds",
+    "How long an in-transit transfer took from sent to fully received (seconds).",
+    # Minutes (a van across town) to weeks (a container).
+    buckets=(60, 600, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400),
+)
 GRAPHQL_REQUEST_SECONDS = Histogram(
     "inventory_graphql_request_seconds",
     "GraphQL request latency (seconds) by operation type (query, mutation), root field "

@@ -37,6 +37,7 @@ class GraphQLContext:
     key_store: ApiKeys | None = None
     _lines: DataLoader[int, list[ReservationLine]] | None = field(default=None, init=False)
     _committed: DataLoader[tuple[str, str], int] | None = field(default=None, init=False)
+    _incoming: DataLoader[tuple[str, str], int] | None = field(default=None, init=False)
 
     @property
     def api_keys(self) -> ApiKeys:
@@ -76,3 +77,17 @@ class GraphQLContext:
 
             self._committed = DataLoader(load_fn=load_committed)
         return self._committed
+
+    @property
+    def incoming_units(self) -> DataLoader[tuple[str, str], int]:
+        """``Balance.incoming`` of many (location, sku) balances in one query (made on first
+        use, like :attr:`reservation_lines`)."""
+        if self._incoming is None:
+            queries = self.queries
+
+            async def load_incoming(keys: list[tuple[str, str]]) -> list[int]:
+                by_key = await queries.incoming_for(keys)
+                return [by_key.get(k, 0) for k in keys]
+
+            self._incoming = DataLoader(load_fn=load_incoming)
+        return self._incoming

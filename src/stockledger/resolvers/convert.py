@@ -9,6 +9,7 @@ import strawberry
 from strawberry import UNSET
 
 from stockledger.domain import access as a
+from stockledger.domain import ids
 from stockledger.domain import model as m
 from stockledger.schema import (
     ApiKey,
@@ -21,6 +22,10 @@ from stockledger.schema import (
     LedgerEntryConnection,
     LedgerEntryEdge,
     LedgerEventType,
+    Location,
+    LocationConnection,
+    LocationEdge,
+    LocationType,
     PageInfo,
     Reference,
     ReferenceInput,
@@ -30,17 +35,39 @@ from stockledger.schema import (
     ReservationLine,
     ReservationStatus,
     Scope,
+    StockLevels,
+    Transfer,
+    TransferConnection,
+    TransferEdge,
+    TransferLine,
+    TransferLineInput,
+    TransferStatus,
 )
 from stockledger.schema import LineInput as LineInputType
+from stockledger.services import queries as q
 from stockledger.services.queries import Page
+from stockledger.services.records import TransferLineRequest
 
 T = TypeVar("T")
 
 # ------------------------------------------------------------------ records -> types
 
 
-def balance(r: m.Balance) -> Balance:
+def reservation_id(n: int) -> strawberry.ID:
+    """The id a reservation number is rendered as: its opaque global id (``domain/ids.py``),
+    wherever it appears (Reservation.id, LedgerEntry.reservationId, errors)."""
+    return strawberry.ID(ids.reservation_global_id(n))
+
+
+def transfer_id(n: int) -> strawberry.ID:
+    """The id a transfer number is rendered as: its opaque global id (``domain/ids.py``)."""
+    return strawberry.ID(ids.transfer_global_id(n))
+
+
+def balance(r: m.Balance, incoming: int | None = None) -> Balance:
+    """A balance; ``incoming`` when the read already has it (else the DataLoader reads it)."""
     return Balance(
+        id=strawberry.ID(ids.balance_global_id(r.location, r.sku)),
         sku=r.sku,
         location=r.location,
         on_hand=r.on_hand,
@@ -48,6 +75,7 @@ def balance(r: m.Balance) -> Balance:
         available=r.available,
         version=r.version,
         updated_at=r.updated_at,
+        known_incoming=incoming,
     )
 
 
@@ -65,7 +93,8 @@ def ledger_entry(r: m.LedgerEntry) -> LedgerEntry:
         reserved_delta=r.reserved_delta,
         on_hand_after=r.on_hand_after,
         reserved_after=r.reserved_after,
-        reservation_id=None if r.reservation_id is None else strawberry.ID(str(r.reservation_id)),
+        reservation_id=None if r.reservation_id is None else reservation_id(r.reservation_id),
+        transfer_id=None if r.transfer_id is None else transfer_id(r.transfer_id),
         reference=reference(r.reference),
         reason=r.reason,
         idempotency_key=r.idempotency_key,
@@ -87,7 +116,7 @@ def reservation_line(r: m.ReservationLine) -> ReservationLine:
 def reservation(r: m.Reservation) -> Reservation:
     """A reservation; its lines are used as given when the record carries them (mutations)."""
     return Reservation(
-        id=strawberry.ID(str(r.id)),
+        id=reservation_id(r.id),
         status=ReservationStatus[r.status],
         reference=reference(r.reference),
         expires_at=r.expires_at,
@@ -95,6 +124,66 @@ def reservation(r: m.Reservation) -> Reservation:
         updated_at=r.updated_at,
         key=r.id,
         preloaded_lines=None if r.lines is None else [reservation_line(ln) for ln in r.lines],
+    )
+
+
+def location(r: m.Location) -> Location:
+    return Location(
+        id=strawberry.ID(ids.location_global_id(r.code)),
+        code=r.code,
+        name=r.name,
+        type=LocationType[r.type],
+        active=r.active,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+    )
+
+
+def transfer(r: m.Transfer) -> Transfer:
+    return Transfer(
+        id=transfer_id(r.id),
+        status=TransferStatus[r.status],
+        from_location=r.from_location,
+        to_location=r.to_location,
+        lines=[
+            TransferLine(
+                sku=ln.sku,
+                quantity=ln.quantity,
+                received=ln.received,
+                remaining=ln.remaining,
+                returned=ln.returned,
+            )
+            for ln in r.lines
+        ],
+        reference=reference(r.reference),
+        reason=r.reason,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+    )
+
+
+def stock_levels(r: q.StockLevels) -> StockLevels:
+    return StockLevels(
+        sku=r.sku,
+        on_hand=r.on_hand,
+        reserved=r.reserved,
+        available=r.available,
+        incoming=r.total_incoming,
+        locations=[balance(b, r.incoming.get(b.key, 0)) for b in r.balances],
+    )
+
+
+def location_connection(page: Page[m.Location]) -> LocationConnection:
+    return LocationConnection(
+        edges=[LocationEdge(cursor=c, node=location(r)) for c, r in page.edges],
+        page_info=page_info(page),
+    )
+
+
+def transfer_connection(page: Page[m.Transfer]) -> TransferConnection:
+    return TransferConnection(
+        edges=[TransferEdge(cursor=c, node=transfer(r)) for c, r in page.edges],
+        page_info=page_info(page),
     )
 
 
@@ -184,3 +273,12 @@ def lines_in(lines: Sequence[LineInputType] | None) -> list[m.Line] | None:
 def reference_in(ref: ReferenceInput | None) -> m.Reference | None:
     ref = opt(ref)
     return None if ref is None else m.Reference(type=ref.type, id=ref.id)
+
+
+def transfer_lines_in(
+    lines: Sequence[TransferLineInput] | None,
+) -> list[TransferLineRequest] | None:
+    lines = opt(lines)
+    if lines is None:
+        return None
+    return [TransferLineRequest(sku=ln.sku, quantity=ln.quantity) for ln in lines]

@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from stockledger import schema as s
 from stockledger.db.engine import is_connection_lost
 from stockledger.domain import errors as e
+from stockledger.domain import ids
 from stockledger.observability import metrics
 from stockledger.services.errors import ServiceUnavailableError
 
@@ -43,6 +44,19 @@ class QueryInputError(Exception):
     """A query's arguments are invalid; shown to the client as a top-level GraphQL error."""
 
 
+def _not_found_key(exc: e.NotFoundError) -> str:
+    """``NotFoundError.key`` as rendered: a reservation the rules looked up by number shows
+    its opaque id (as ``Reservation.id``; the rules know only numbers). A key that is no
+    number stays as it is: an id as the client sent it that names nothing, or ``TYPE:ID`` of a
+    reference."""
+    key = exc.key
+    if exc.entity == ids.RESERVATION and (number := ids.number_of(key)) is not None:
+        return ids.reservation_global_id(number)
+    if exc.entity == ids.TRANSFER and (number := ids.number_of(key)) is not None:
+        return ids.transfer_global_id(number)
+    return key
+
+
 def _error_type(exc: e.StockError) -> Any:
     """The schema error object for a domain exception (a member of some result union)."""
     code = s.ErrorCode[exc.code]
@@ -53,7 +67,9 @@ def _error_type(exc: e.StockError) -> Any:
         ]
         return s.InsufficientStockError(code=code, message=exc.message, shortages=shortages)
     if isinstance(exc, e.NotFoundError):
-        return s.NotFoundError(code=code, message=exc.message, entity=exc.entity, key=exc.key)
+        return s.NotFoundError(
+            code=code, message=exc.message, entity=exc.entity, key=_not_found_key(exc)
+        )
     if isinstance(exc, e.ValidationError):
         return s.ValidationError(code=code, message=exc.message, field=exc.field)
     if isinstance(exc, e.IdempotencyKeyReusedError):
@@ -64,7 +80,7 @@ def _error_type(exc: e.StockError) -> Any:
         return s.ReservationNotActiveError(
             code=code,
             message=exc.message,
-            reservation_id=strawberry.ID(str(exc.reservation_id)),
+            reservation_id=strawberry.ID(ids.reservation_global_id(exc.reservation_id)),
             status=s.ReservationStatus[exc.status],
         )
     if isinstance(exc, e.VersionConflictError):
@@ -76,6 +92,17 @@ def _error_type(exc: e.StockError) -> Any:
         )
     if isinstance(exc, e.LockTimeoutError):
         return s.LockTimeoutError(code=code, message=exc.message, retry_after_ms=exc.retry_after_ms)
+    if isinstance(exc, e.TransferNotOpenError):
+        return s.TransferNotOpenError(
+            code=code,
+            message=exc.message,
+            transfer_id=strawberry.ID(ids.transfer_global_id(exc.transfer_id)),
+            status=s.TransferStatus[exc.status],
+        )
+    if isinstance(exc, e.LocationUnavailableError):
+        return s.LocationUnavailableError(
+            code=code, message=exc.message, location=exc.location, exists=exc.exists
+        )
     raise TypeError(f"no GraphQL error type for {type(exc).__name__}")
 
 

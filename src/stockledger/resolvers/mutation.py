@@ -20,11 +20,13 @@ from stockledger.schema import (
     AdjustInput,
     AdjustResult,
     AdjustSuccess,
+    CancelTransferInput,
     ConfirmReservationInput,
     ConfirmReservationResult,
     ConfirmReservationSuccess,
     CreateApiKeyInput,
     CreateApiKeyResult,
+    CreateLocationInput,
     DeductInput,
     DeductManyInput,
     DeductManyResult,
@@ -33,6 +35,9 @@ from stockledger.schema import (
     ExtendReservationInput,
     ExtendReservationResult,
     ExtendReservationSuccess,
+    LocationResult,
+    LocationSuccess,
+    ReceiveTransferInput,
     ReleaseInput,
     ReleaseManyInput,
     ReleaseManyResult,
@@ -48,6 +53,10 @@ from stockledger.schema import (
     RestockSuccess,
     RevokeApiKeyInput,
     RevokeApiKeyResult,
+    TransferInput,
+    TransferResult,
+    TransferSuccess,
+    UpdateLocationInput,
 )
 from stockledger.services import records as r
 from stockledger.services.records import ConsumeRequest, ReserveRequest
@@ -107,6 +116,19 @@ def _confirm(x: r.ConfirmResult) -> ConfirmReservationSuccess:
     return ConfirmReservationSuccess(
         reservations=convert.reservations(x.reservations),
         balances=convert.balances(x.balances),
+        replayed=x.replayed,
+    )
+
+
+def _location(x: r.LocationResult) -> LocationSuccess:
+    return LocationSuccess(location=convert.location(x.location), replayed=x.replayed)
+
+
+def _transfer(x: r.TransferResult) -> TransferSuccess:
+    return TransferSuccess(
+        transfer=convert.transfer(x.transfer),
+        balances=convert.balances(x.balances),
+        ledger_entries=convert.ledger_entries(x.ledger_entries),
         replayed=x.replayed,
     )
 
@@ -209,6 +231,64 @@ class Mutation:
         )
         return await mutation_result(info, call, _confirm, ConfirmReservationResult)
 
+    # -------------------------------------------------------------- part LOCATIONS
+
+    @strawberry.mutation(
+        description="Register a location (code unique per org); it starts active.",
+        permission_classes=[needs(Scope.ADMIN)],
+    )
+    async def create_location(self, info: Info, input: CreateLocationInput) -> LocationResult:
+        call = info.context.service.create_location(
+            input.idempotency_key, input.code, input.name, input.type.value
+        )
+        return await mutation_result(info, call, _location, LocationResult)
+
+    @strawberry.mutation(
+        description="Rename, deactivate or reactivate a location.",
+        permission_classes=[needs(Scope.ADMIN)],
+    )
+    async def update_location(self, info: Info, input: UpdateLocationInput) -> LocationResult:
+        call = info.context.service.update_location(
+            input.idempotency_key, input.code, name=opt(input.name), active=opt(input.active)
+        )
+        return await mutation_result(info, call, _location, LocationResult)
+
+    @strawberry.mutation(
+        description="TRANSFER on-hand units between two locations, at once or in transit.",
+        permission_classes=[needs(Scope.STOCK_WRITE)],
+    )
+    async def transfer(self, info: Info, input: TransferInput) -> TransferResult:
+        call = info.context.service.transfer(
+            input.idempotency_key,
+            input.from_location,
+            input.to_location,
+            convert.transfer_lines_in(input.lines) or [],
+            in_transit=input.in_transit,
+            reference=convert.reference_in(input.reference),
+            reason=opt(input.reason),
+        )
+        return await mutation_result(info, call, _transfer, TransferResult)
+
+    @strawberry.mutation(
+        description="RECEIVE in-transit units (no lines: everything remaining).",
+        permission_classes=[needs(Scope.STOCK_WRITE)],
+    )
+    async def receive_transfer(self, info: Info, input: ReceiveTransferInput) -> TransferResult:
+        call = info.context.service.receive_transfer(
+            input.idempotency_key, input.transfer_id, convert.transfer_lines_in(input.lines)
+        )
+        return await mutation_result(info, call, _transfer, TransferResult)
+
+    @strawberry.mutation(
+        description="CANCEL a transfer: what is still in transit goes back to the source.",
+        permission_classes=[needs(Scope.STOCK_WRITE)],
+    )
+    async def cancel_transfer(self, info: Info, input: CancelTransferInput) -> TransferResult:
+        call = info.context.service.cancel_transfer(
+            input.idempotency_key, input.transfer_id, input.reason
+        )
+        return await mutation_result(info, call, _transfer, TransferResult)
+
     # -------------------------------------------------------------- part BATCH
 
     @strawberry.mutation(
@@ -287,6 +367,11 @@ _RESULTS = {
     "deduct": DeductResult,
     "extend": ExtendReservationResult,
     "confirm": ConfirmReservationResult,
+    "createLocation": LocationResult,
+    "updateLocation": LocationResult,
+    "transfer": TransferResult,
+    "receiveTransfer": TransferResult,
+    "cancelTransfer": TransferResult,
 }
 
 

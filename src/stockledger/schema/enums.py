@@ -16,6 +16,8 @@ class ErrorCode(Enum):
     RESERVATION_NOT_ACTIVE = "RESERVATION_NOT_ACTIVE"
     VERSION_CONFLICT = "VERSION_CONFLICT"
     LOCK_TIMEOUT = "LOCK_TIMEOUT"
+    TRANSFER_NOT_OPEN = "TRANSFER_NOT_OPEN"
+    LOCATION_UNAVAILABLE = "LOCATION_UNAVAILABLE"
 
 
 @strawberry.enum(description="What a ledger entry records.")
@@ -27,6 +29,11 @@ class LedgerEventType(Enum):
     EXPIRE = strawberry.enum_value("EXPIRE", description="reserved -= q, the TTL ran out")
     DEDUCT = strawberry.enum_value(
         "DEDUCT", description="on_hand -= q (and reserved -= q when it consumes a reservation)"
+    )
+    TRANSFER_OUT = strawberry.enum_value("TRANSFER_OUT", description="on_hand -= q at the source")
+    TRANSFER_IN = strawberry.enum_value(
+        "TRANSFER_IN",
+        description="on_hand += q at the destination (or back at the source on cancel)",
     )
 
 
@@ -51,3 +58,25 @@ class ReservationStatus(Enum):
 class SortDirection(Enum):
     ASC = "ASC"
     DESC = "DESC"
+
+
+@strawberry.enum(description="What kind of place a location is.")
+class LocationType(Enum):
+    WAREHOUSE = "WAREHOUSE"
+    STORE = "STORE"
+    VIRTUAL = strawberry.enum_value(
+        "VIRTUAL", description='e.g. "returns", "damaged", "in-transit bucket" kept by a business'
+    )
+
+
+@strawberry.enum(description="Where a transfer is in its life.")
+class TransferStatus(Enum):
+    IN_TRANSIT = strawberry.enum_value(
+        "IN_TRANSIT",
+        description="sent: left the source's on hand, counted as incoming at the destination",
+    )
+    PARTIALLY_RECEIVED = "PARTIALLY_RECEIVED"
+    RECEIVED = "RECEIVED"
+    CANCELLED = strawberry.enum_value(
+        "CANCELLED", description="what was still in transit went back to the source"
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import strawberry
 
-from stockledger.schema.enums import ErrorCode, ReservationStatus
+from stockledger.schema.enums import ErrorCode, ReservationStatus, TransferStatus
 
 
 @strawberry.interface(
@@ -67,3 +67,21 @@ class LockTimeoutError(Error):
     retry_after_ms: int = strawberry.field(
         description="A hint for when a retry with the same idempotency key may succeed."
     )
+
+
+@strawberry.type(
+    description="The transfer is not in a status that allows this (e.g. receiving a RECEIVED "
+    "or CANCELLED transfer)."
+)
+class TransferNotOpenError(Error):
+    transfer_id: strawberry.ID
+    status: TransferStatus
+
+
+@strawberry.type(
+    description="A location that does not exist or is inactive where the operation needs an "
+    "active one."
+)
+class LocationUnavailableError(Error):
+    location: str
+    exists: bool = strawberry.field(description="False when the location does not exist at all.")

@@ -6,7 +6,12 @@ from datetime import datetime
 
 import strawberry
 
-from stockledger.schema.enums import LedgerEventType, ReservationStatus
+from stockledger.schema.enums import (
+    LedgerEventType,
+    LocationType,
+    ReservationStatus,
+    TransferStatus,
+)
 
 
 @strawberry.input
@@ -143,3 +148,68 @@ class DeductManyInput:
 @strawberry.input(description="At most 500 items and 5,000 lines in all; each item is one release.")
 class ReleaseManyInput:
     items: list[ReleaseInput]
+
+
+@strawberry.input
+class CreateLocationInput:
+    idempotency_key: str
+    code: str
+    name: str
+    type: LocationType = LocationType.WAREHOUSE
+
+
+@strawberry.input
+class UpdateLocationInput:
+    idempotency_key: str
+    code: str
+    name: str | None = strawberry.UNSET
+    active: bool | None = strawberry.UNSET
+
+
+@strawberry.input
+class TransferLineInput:
+    sku: str
+    quantity: int
+
+
+@strawberry.input(
+    description="Moves on-hand units between two locations. inTransit false: sent and received "
+    "at once (one transaction: TRANSFER_OUT at the source, TRANSFER_IN at the destination). "
+    "inTransit true: TRANSFER_OUT now; the units are `incoming` at the destination until "
+    "receiveTransfer."
+)
+class TransferInput:
+    idempotency_key: str
+    from_location: str
+    to_location: str
+    lines: list[TransferLineInput]
+    in_transit: bool = False
+    reference: ReferenceInput | None = strawberry.UNSET
+    reason: str | None = strawberry.UNSET
+
+
+@strawberry.input(
+    description="Receives in-transit units (no lines: everything remaining). Partial receipts "
+    "leave the rest in transit."
+)
+class ReceiveTransferInput:
+    idempotency_key: str
+    transfer_id: strawberry.ID
+    lines: list[TransferLineInput] | None = strawberry.UNSET
+
+
+@strawberry.input(
+    description="Sends every remaining in-transit unit back to the source (TRANSFER_IN there)."
+)
+class CancelTransferInput:
+    idempotency_key: str
+    transfer_id: strawberry.ID
+    reason: str
+
+
+@strawberry.input
+class TransferFilter:
+    status: TransferStatus | None = strawberry.UNSET
+    from_location: str | None = strawberry.UNSET
+    to_location: str | None = strawberry.UNSET
+    sku: str | None = strawberry.UNSET

@@ -9,13 +9,15 @@ import strawberry
 from stockledger.schema.errors import (
     IdempotencyKeyReusedError,
     InsufficientStockError,
+    LocationUnavailableError,
     LockTimeoutError,
     NotFoundError,
     ReservationNotActiveError,
+    TransferNotOpenError,
     ValidationError,
     VersionConflictError,
 )
-from stockledger.schema.types import Balance, LedgerEntry, Reservation
+from stockledger.schema.types import Balance, LedgerEntry, Location, Reservation, Transfer
 
 
 @strawberry.type
@@ -69,8 +71,26 @@ class ConfirmReservationSuccess:
     replayed: bool
 
 
+@strawberry.type
+class LocationSuccess:
+    location: Location
+    replayed: bool
+
+
+@strawberry.type
+class TransferSuccess:
+    transfer: Transfer
+    balances: list[Balance]
+    ledger_entries: list[LedgerEntry]
+    replayed: bool
+
+
 RestockResult = Annotated[
-    RestockSuccess | ValidationError | IdempotencyKeyReusedError | LockTimeoutError,
+    RestockSuccess
+    | ValidationError
+    | IdempotencyKeyReusedError
+    | LockTimeoutError
+    | LocationUnavailableError,
     strawberry.union("RestockResult"),
 ]
 AdjustResult = Annotated[
@@ -80,7 +100,8 @@ AdjustResult = Annotated[
     | ValidationError
     | VersionConflictError
     | IdempotencyKeyReusedError
-    | LockTimeoutError,
+    | LockTimeoutError
+    | LocationUnavailableError,
     strawberry.union("AdjustResult"),
 ]
 ReserveResult = Annotated[
@@ -89,7 +110,8 @@ ReserveResult = Annotated[
     | NotFoundError
     | ValidationError
     | IdempotencyKeyReusedError
-    | LockTimeoutError,
+    | LockTimeoutError
+    | LocationUnavailableError,
     strawberry.union("ReserveResult"),
 ]
 ReleaseResult = Annotated[
@@ -108,7 +130,8 @@ DeductResult = Annotated[
     | ReservationNotActiveError
     | ValidationError
     | IdempotencyKeyReusedError
-    | LockTimeoutError,
+    | LockTimeoutError
+    | LocationUnavailableError,
     strawberry.union("DeductResult"),
 ]
 ExtendReservationResult = Annotated[
@@ -128,6 +151,22 @@ ConfirmReservationResult = Annotated[
     | IdempotencyKeyReusedError
     | LockTimeoutError,
     strawberry.union("ConfirmReservationResult"),
+]
+
+LocationResult = Annotated[
+    LocationSuccess | NotFoundError | ValidationError | IdempotencyKeyReusedError,
+    strawberry.union("LocationResult"),
+]
+TransferResult = Annotated[
+    TransferSuccess
+    | InsufficientStockError
+    | LocationUnavailableError
+    | NotFoundError
+    | TransferNotOpenError
+    | ValidationError
+    | IdempotencyKeyReusedError
+    | LockTimeoutError,
+    strawberry.union("TransferResult"),
 ]
 
 

@@ -5,6 +5,8 @@
 Reservation ``lines`` come preloaded when the service returned them (every mutation result
 does); otherwise they are loaded through the request's DataLoader
 (``info.context.reservation_lines``, keyed by reservation id), one query per page.
+The ``id`` of a Balance or Reservation is its opaque global id (``domain/ids.py``), the
+``Node`` interface's.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from typing import Any
 
 import strawberry
 
-from stockledger.schema.enums import LedgerEventType, ReservationStatus
+from stockledger.schema.enums import (
+    LedgerEventType,
+    LocationType,
+    ReservationStatus,
+    TransferStatus,
+)
 
 
 async def _committed_units(root: Balance, info: strawberry.Info[Any, Any]) -> int:
@@ -24,8 +31,31 @@ async def _committed_units(root: Balance, info: strawberry.Info[Any, Any]) -> in
     return units
 
 
+async def _incoming_units(root: Balance, info: strawberry.Info[Any, Any]) -> int:
+    """``Balance.incoming``: one query for every balance of the response (the request's
+    DataLoader), unless the balance came with it (``stockLevels``)."""
+    if root.known_incoming is not None:
+        return root.known_incoming
+    units: int = await info.context.incoming_units.load((root.location, root.sku))
+    return units
+
+
+@strawberry.interface(
+    description="Anything with a stable, opaque, globally unique id (Relay's object "
+    "identification), so that client caches (Apollo, Relay, urql) can normalize it."
+)
+class Node:
+    """A type ``Query.node(id)`` finds again by its ``id`` (``domain/ids.py`` makes and reads
+    the ids: base64url of ``<Type>:<key>``)."""
+
+    id: strawberry.ID
+
+
 @strawberry.type(description="Stock of one SKU at one location. available = onHand - reserved.")
-class Balance:
+class Balance(Node):
+    id: strawberry.ID = strawberry.field(
+        description="Stable and opaque; Query.node(id) finds the balance again."
+    )
     sku: str
     location: str
     on_hand: int
@@ -42,6 +72,13 @@ class Balance:
         description="Units held by CONFIRMED reservations: a part of reserved, sold but not "
         "shipped.",
     )
+    incoming: int = strawberry.field(
+        resolver=_incoming_units,
+        description="Units on their way to this balance: transfers IN_TRANSIT to it, plus "
+        "open supplier order lines (part SUPPLY).",
+    )
+    # Set when the read that made it also read its incoming (stockLevels).
+    known_incoming: strawberry.Private[int | None] = None
 
 
 @strawberry.type(
@@ -65,11 +102,17 @@ class LedgerEntry:
     reserved_delta: int
     on_hand_after: int
     reserved_after: int
-    reservation_id: strawberry.ID | None
+    reservation_id: strawberry.ID | None = strawberry.field(
+        description="The reservation's id (as Reservation.id) when the entry is part of one."
+    )
     reference: Reference | None
     reason: str | None
     idempotency_key: str
     created_at: datetime
+    transfer_id: strawberry.ID | None = strawberry.field(
+        default=None,
+        description="The transfer a TRANSFER_OUT or TRANSFER_IN entry moves units for.",
+    )
 
 
 @strawberry.type
@@ -85,8 +128,11 @@ class ReservationLine:
 
 
 @strawberry.type
-class Reservation:
-    id: strawberry.ID
+class Reservation(Node):
+    id: strawberry.ID = strawberry.field(
+        description="Stable and opaque; Query.node(id) finds the reservation again. Inputs "
+        "also take the v1 numeric id (deprecated, accepted until v3)."
+    )
     status: ReservationStatus
     reference: Reference | None
     expires_at: datetime | None = strawberry.field(
@@ -147,4 +193,78 @@ class ReservationEdge:
 @strawberry.type
 class ReservationConnection:
     edges: list[ReservationEdge]
+    page_info: PageInfo
+
+
+@strawberry.type
+class Location(Node):
+    id: strawberry.ID
+    code: str = strawberry.field(
+        description="Unique per org; what every balance's `location` string refers to."
+    )
+    name: str
+    type: LocationType
+    active: bool = strawberry.field(
+        description="An inactive location takes no new stock (restock, transfer in, reserve); "
+        "what it holds can still be released, deducted or moved out."
+    )
+    created_at: datetime
+    updated_at: datetime
+
+
+@strawberry.type
+class TransferLine:
+    sku: str
+    quantity: int
+    received: int
+    remaining: int = strawberry.field(description="In transit: quantity - received - returned.")
+    returned: int = strawberry.field(description="Units sent back to the source by a cancel.")
+
+
+@strawberry.type
+class Transfer(Node):
+    id: strawberry.ID
+    status: TransferStatus
+    from_location: str
+    to_location: str
+    lines: list[TransferLine]
+    reference: Reference | None
+    reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@strawberry.type(description="All locations' balances of one SKU, with the totals over them.")
+class StockLevels:
+    sku: str
+    on_hand: int
+    reserved: int
+    available: int
+    incoming: int
+    locations: list[Balance] = strawberry.field(
+        description="One per location that has or had this SKU, ordered by location code."
+    )
+
+
+@strawberry.type
+class TransferEdge:
+    cursor: str
+    node: Transfer
+
+
+@strawberry.type
+class TransferConnection:
+    edges: list[TransferEdge]
+    page_info: PageInfo
+
+
+@strawberry.type
+class LocationEdge:
+    cursor: str
+    node: Location
+
+
+@strawberry.type
+class LocationConnection:
+    edges: list[LocationEdge]
     page_info: PageInfo

@@ -84,15 +84,32 @@ class Batcher:
         self.max_commands = settings.batch_max_commands
         self.max_rows = settings.batch_max_rows
         self.ids = ids = IdBlocks(settings.id_block_size)
+        self.transfer_ids = transfer_ids = IdBlocks(settings.id_block_size, "transfer")
+        required = settings.require_registered_locations
         self._stores = [stores() for _ in range(self.writers)]
         self._units = [
-            UnitOfWork(s, locker=locker, index=index, clock=clock, ids=ids) for s in self._stores
+            UnitOfWork(
+                s,
+                locker=locker,
+                index=index,
+                clock=clock,
+                ids=ids,
+                transfer_ids=transfer_ids,
+                locations_required=required,
+            )
+            for s in self._stores
         ]
         # The patient lane: commands that starved behind rows held elsewhere, one at a time,
         # waiting on the row locks on a connection of their own.
         self._patient_store = stores()
         self._patient_unit = UnitOfWork(
-            self._patient_store, locker=locker, index=index, clock=clock, ids=ids
+            self._patient_store,
+            locker=locker,
+            index=index,
+            clock=clock,
+            ids=ids,
+            transfer_ids=transfer_ids,
+            locations_required=required,
         )
         self._patient: collections.deque[Pending] = collections.deque()
         self._patient_wake = asyncio.Event()

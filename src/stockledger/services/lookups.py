@@ -26,6 +26,7 @@ from stockledger.domain.model import (
     LedgerEntry,
     Reference,
     Reservation,
+    Transfer,
 )
 from stockledger.domain.state import key_reused
 from stockledger.services.records import (
@@ -33,18 +34,25 @@ from stockledger.services.records import (
     ConfirmResult,
     DeductResult,
     ExtendResult,
+    LocationResult,
     ReleaseResult,
     ReserveResult,
     RestockResult,
+    TransferResult,
     WriteResult,
 )
 from stockledger.services.rows import (
     balance_record,
     select_balances,
     select_ledger_by_key,
+    select_location,
     select_reservations,
+    select_transfers,
     to_db_time,
 )
+
+LOCATION_OPERATIONS = ("createLocation", "updateLocation")
+TRANSFER_OPERATIONS = ("transfer", "receiveTransfer", "cancelTransfer")
 
 
 class SqlLookups:
@@ -74,6 +82,11 @@ class SqlLookups:
     ) -> dict[int | Reference, list[BalanceKey]]:
         """See :meth:`stockledger.services.ports.Lookups.reservation_keys`."""
         return await reservation_balance_keys(self.db, self.org_id, ids, references)
+
+    async def transfer_keys(self, ids: Sequence[int]) -> dict[int, list[BalanceKey]]:
+        """See :meth:`stockledger.services.ports.Lookups.transfer_keys`."""
+        async with self.db.read() as conn:
+            return {t.id: t.balance_keys() for t in await select_transfers(conn, self.org_id, ids)}
 
     async def any_due_holding(self, keys: Sequence[BalanceKey], now: datetime) -> bool:
         """See :meth:`stockledger.services.ports.Lookups.any_due_holding`."""
@@ -122,7 +135,18 @@ async def replay(
         found = await done_call(conn, org_id, key, operation, request_hash)
         if found is None:
             return None
+        if operation in LOCATION_OPERATIONS:  # no entries: the key row names the code
+            location = await select_location(conn, org_id, found.result_ref or "")
+            if location is None:
+                raise RuntimeError(f"location {found.result_ref!r} of a done call vanished")
+            return LocationResult(location, True)
         entries = await select_ledger_by_key(conn, org_id, key)
+        if operation in TRANSFER_OPERATIONS:
+            [moved] = await select_transfers(conn, org_id, [replayed_transfer_id(entries)])
+            keys = replayed_transfer_keys(operation, moved, entries)
+            bal_rows = await select_balances(conn, org_id, keys, for_update=False)
+            balances = [balance_record(bal_rows[k]) for k in keys if k in bal_rows]
+            return TransferResult(moved, balances, entries, True)
         ids = replayed_reservation_ids(entries, found.result_ref)
         reservations = await select_reservations(conn, org_id, ids)
         keys = list(dict.fromkeys(e.key for e in entries))
@@ -139,6 +163,25 @@ def replayed_reservation_ids(entries: Sequence[LedgerEntry], result_ref: str | N
     if result_ref:
         return [int(i) for i in result_ref.split(",")]
     return list(dict.fromkeys(e.reservation_id for e in entries if e.reservation_id))
+
+
+def replayed_transfer_id(entries: Sequence[LedgerEntry]) -> int:
+    """The transfer a done transfer, receipt or cancel acted on: its entries name it (each
+    of them posts at least one entry)."""
+    for e in entries:
+        if e.transfer_id is not None:
+            return e.transfer_id
+    raise RuntimeError("a done transfer call without transfer entries")
+
+
+def replayed_transfer_keys(
+    operation: str, moved: Transfer, entries: Sequence[LedgerEntry]
+) -> list[BalanceKey]:
+    """The balances a done transfer call's result lists, sorted: a transfer's both ends (an
+    in-transit one's destination has no entry yet), else those its entries changed."""
+    if operation == "transfer":
+        return moved.balance_keys()
+    return sorted({e.key for e in entries})
 
 
 def replayed_result(

@@ -10,7 +10,14 @@ from datetime import datetime
 from typing import Protocol
 
 from stockledger.db.store import Locked, StoredKey, WriteSet
-from stockledger.domain.model import Balance, BalanceKey, Reference, Reservation
+from stockledger.domain.model import (
+    Balance,
+    BalanceKey,
+    Location,
+    Reference,
+    Reservation,
+    Transfer,
+)
 from stockledger.services.records import WriteResult
 
 
@@ -28,6 +35,12 @@ class StoreTransaction(Protocol):
     async def lock_balances(
         self, keys: Sequence[BalanceKey], *, wait: bool
     ) -> Locked[BalanceKey, Balance]: ...
+
+    async def lock_transfers(self, ids: Sequence[int], *, wait: bool) -> Locked[int, Transfer]: ...
+
+    async def lock_locations(
+        self, codes: Sequence[str], *, update: bool
+    ) -> dict[str, Location]: ...
 
     async def due_holding(
         self, keys: Sequence[BalanceKey], now: datetime, limit: int
@@ -73,6 +86,10 @@ class Lookups(Protocol):
     ) -> dict[int | Reference, list[BalanceKey]]:
         """The balances held by reservations ``ids`` and by the ACTIVE ones of
         ``references`` (a hint for locks and routing)."""
+        ...
+
+    async def transfer_keys(self, ids: Sequence[int]) -> dict[int, list[BalanceKey]]:
+        """The balances transfers ``ids`` move units between (a hint for locks and routing)."""
         ...
 
     async def due_reservation_ids(self, now: datetime, limit: int) -> list[int]:

@@ -28,19 +28,27 @@ from sqlalchemy.sql.elements import ColumnElement
 from stockledger.db.engine import Database
 from stockledger.db.models import inventory_balance as B
 from stockledger.db.models import inventory_ledger as L
+from stockledger.db.models import location as LOC
 from stockledger.db.models import reservation as R
 from stockledger.db.models import reservation_line as RL
+from stockledger.db.models import transfer as TR
+from stockledger.db.models import transfer_line as TL
 from stockledger.domain.errors import ValidationError
+from stockledger.domain.ids import TRANSFER, typed_number_of
 from stockledger.domain.model import (
     CONFIRMED,
     LEDGER_EVENT_TYPES,
+    OPEN_TRANSFER_STATUSES,
     RESERVATION_STATUSES,
+    TRANSFER_STATUSES,
     Balance,
     BalanceKey,
     LedgerEntry,
+    Location,
     Reference,
     Reservation,
     ReservationLine,
+    Transfer,
 )
 from stockledger.domain.validation import (
     MAX_LINES,
@@ -52,8 +60,11 @@ from stockledger.services.rows import (
     balance_record,
     ledger_record,
     line_record,
+    location_record,
     reservation_record,
     select_balances,
+    select_location,
+    select_transfers,
     to_db_time,
 )
 
@@ -65,7 +76,43 @@ MAX_CURSOR_LENGTH = 2048  # far above any cursor this module makes (two 255-char
 _MAX_ID = 2**63 - 1  # ids are BIGINT
 
 # The kind tags carried by cursors.
-_BALANCES, _LEDGER, _RESERVATIONS = "b", "l", "r"
+_BALANCES, _LEDGER, _RESERVATIONS, _LOCATIONS, _TRANSFERS = "b", "l", "r", "o", "t"
+
+
+@dataclass(frozen=True)
+class StockLevels:
+    """One SKU's balances at every location that has or had it (by location code), with
+    their totals (units of stock); ``incoming`` per balance key, absent keys 0."""
+
+    sku: str
+    balances: list[Balance]
+    incoming: dict[BalanceKey, int]
+
+    @property
+    def on_hand(self) -> int:
+        return sum(b.on_hand for b in self.balances)
+
+    @property
+    def reserved(self) -> int:
+        return sum(b.reserved for b in self.balances)
+
+    @property
+    def available(self) -> int:
+        return sum(b.available for b in self.balances)
+
+    @property
+    def total_incoming(self) -> int:
+        return sum(self.incoming.values())
+
+
+@dataclass(frozen=True)
+class TransferFilter:
+    """Transfers with this ``status``, between these locations, or moving ``sku``."""
+
+    status: str | None = None
+    from_location: str | None = None
+    to_location: str | None = None
+    sku: str | None = None
 
 
 @dataclass(frozen=True)
@@ -379,3 +426,114 @@ class InventoryQueries:
                 for row in (await conn.execute(stmt)).all():
                     out[(row.location, row.sku)] = int(row.units)
         return out
+
+    async def incoming_for(self, keys: Sequence[BalanceKey]) -> dict[BalanceKey, int]:
+        """``Balance.incoming`` of many (location, sku) balances in one query per 500: the
+        units of open (IN_TRANSIT, PARTIALLY_RECEIVED) transfers to them still in transit
+        (sum of the lines' remaining: quantity - received - returned). A derived figure
+        (ARCHITECTURE section 14): no version, no ledger entry. Keys with none are absent."""
+        wanted = list(dict.fromkeys(keys))
+        out: dict[BalanceKey, int] = {}
+        async with self.db.read() as conn:
+            for start in range(0, len(wanted), MAX_PAGE_SIZE):
+                chunk = wanted[start : start + MAX_PAGE_SIZE]
+                stmt = (
+                    select(
+                        TR.c.to_location,
+                        TL.c.sku,
+                        func.sum(TL.c.quantity - TL.c.received - TL.c.returned).label("units"),
+                    )
+                    .join(TR, and_(TR.c.id == TL.c.transfer_id, TR.c.org_id == TL.c.org_id))
+                    .where(
+                        TR.c.org_id == self.org_id,
+                        TR.c.status.in_(OPEN_TRANSFER_STATUSES),
+                        tuple_(TR.c.to_location, TL.c.sku).in_(chunk),
+                    )
+                    .group_by(TR.c.to_location, TL.c.sku)
+                )
+                for row in (await conn.execute(stmt)).all():
+                    out[(row.to_location, row.sku)] = int(row.units)
+        return out
+
+    async def stock_levels(self, sku: str) -> StockLevels | None:
+        """``sku``'s balances at every location, by location code, with their incoming, in
+        one read transaction; None when no location has a balance of it.
+
+        Raises ValidationError for a SKU that breaks the string rules.
+        """
+        sku = check_string(sku, "sku")
+        stmt = select(B).where(B.c.org_id == self.org_id, B.c.sku == sku).order_by(B.c.location)
+        async with self.db.read() as conn:
+            balances = [balance_record(r) for r in (await conn.execute(stmt)).all()]
+        if not balances:
+            return None
+        return StockLevels(sku, balances, await self.incoming_for([b.key for b in balances]))
+
+    async def location(self, code: str) -> Location | None:
+        """The registered location ``code``, or None. Raises ValidationError for a bad code."""
+        code = check_string(code, "code")
+        async with self.db.read() as conn:
+            return await select_location(conn, self.org_id, code)
+
+    async def locations(
+        self, active_only: bool = False, first: int = 50, after: str | None = None
+    ) -> Page[Location]:
+        """Registered locations by code, ``first`` (1..500) after ``after``; ``active_only``
+        leaves the inactive ones out. Raises ValidationError for a bad ``first`` or cursor."""
+        first = check_first(first)
+        conds: list[ColumnElement[bool]] = [LOC.c.org_id == self.org_id]
+        if active_only:
+            conds.append(LOC.c.active.is_(True))
+        if after is not None:
+            last = decode_cursor(after, _LOCATIONS)
+            if not isinstance(last, str):
+                raise ValidationError("is not a valid cursor", "after")
+            conds.append(LOC.c.code > last)
+        stmt = select(LOC).where(*conds).order_by(LOC.c.code).limit(first + 1)
+        async with self.db.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        edges = [(encode_cursor(_LOCATIONS, r.code), location_record(r)) for r in rows[:first]]
+        return Page(edges, len(rows) > first, after is not None)
+
+    async def transfer(self, transfer_id: str | int) -> Transfer | None:
+        """The transfer with this opaque id (or number), with its lines; None when none."""
+        number = (
+            transfer_id
+            if isinstance(transfer_id, int)
+            else typed_number_of(TRANSFER, check_string(transfer_id, "id"))
+        )
+        if number is None:
+            return None
+        async with self.db.read() as conn:
+            found = await select_transfers(conn, self.org_id, [number])
+        return found[0] if found else None
+
+    async def transfers(
+        self, filter: TransferFilter | None = None, first: int = 50, after: str | None = None
+    ) -> Page[Transfer]:
+        """Transfers newest first (by id, descending), with their lines, ``first`` (1..500)
+        after ``after``. Raises ValidationError for a bad ``first``, cursor or filter."""
+        first = check_first(first)
+        filter = filter or TransferFilter()
+        conds: list[ColumnElement[bool]] = [TR.c.org_id == self.org_id]
+        if filter.status is not None:
+            if filter.status not in TRANSFER_STATUSES:
+                raise ValidationError("is not a transfer status", "filter.status")
+            conds.append(TR.c.status == filter.status)
+        if filter.from_location is not None:
+            source = check_string(filter.from_location, "filter.fromLocation")
+            conds.append(TR.c.from_location == source)
+        if filter.to_location is not None:
+            conds.append(TR.c.to_location == check_string(filter.to_location, "filter.toLocation"))
+        if filter.sku is not None:
+            sku = check_string(filter.sku, "filter.sku")
+            moving = select(TL.c.transfer_id).where(TL.c.org_id == self.org_id, TL.c.sku == sku)
+            conds.append(TR.c.id.in_(moving))
+        if after is not None:
+            conds.append(TR.c.id < _id_cursor_value(decode_cursor(after, _TRANSFERS)))
+        stmt = select(TR.c.id).where(*conds).order_by(TR.c.id.desc()).limit(first + 1)
+        async with self.db.read() as conn:
+            ids = [r.id for r in (await conn.execute(stmt)).all()]
+            found = await select_transfers(conn, self.org_id, ids[:first])
+        edges = [(encode_cursor(_TRANSFERS, t.id), t) for t in found]
+        return Page(edges, len(ids) > first, after is not None)

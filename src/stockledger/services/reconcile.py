@@ -8,6 +8,12 @@
    (a COMMITTED or RELEASED one has one unless it was confirmed first).
 5. A key's effects appear at most once: every client key's ledger entries come from one call,
    i.e. share one ``created_at``, and each balance appears at most once per (key, reservation).
+6. Conservation (section 14), per SKU over all locations: sum(on hand) + units in transit =
+   the sum of the on-hand deltas of every entry that is no transfer (restocks - deducts +
+   adjusts): a transfer moves units, it never makes or loses one.
+7. Each transfer line agrees with its entries: its TRANSFER_OUT entries at the source sum to
+   -quantity, its TRANSFER_IN entries at the destination to +received and at the source to
+   +returned.
 """
 
 from __future__ import annotations
@@ -19,7 +25,17 @@ from stockledger.db.models import inventory_balance as B
 from stockledger.db.models import inventory_ledger as L
 from stockledger.db.models import reservation as R
 from stockledger.db.models import reservation_line as RL
-from stockledger.domain.model import ACTIVE, CONFIRMED, EXPIRED, HOLDING_STATUSES
+from stockledger.db.models import transfer as TR
+from stockledger.db.models import transfer_line as TL
+from stockledger.domain.model import (
+    ACTIVE,
+    CONFIRMED,
+    EXPIRED,
+    HOLDING_STATUSES,
+    OPEN_TRANSFER_STATUSES,
+)
+
+TRANSFER_TYPES = ("TRANSFER_OUT", "TRANSFER_IN")
 
 
 async def find_violations(db: Database, org_id: str) -> list[str]:
@@ -90,6 +106,78 @@ async def find_violations(db: Database, org_id: str) -> list[str]:
                 )
             )
         )
+        made = {
+            r.sku: int(r.units)
+            for r in await conn.execute(
+                select(L.c.sku, func.sum(L.c.on_hand_delta).label("units"))
+                .where(L.c.org_id == org_id, L.c.event_type.not_in(TRANSFER_TYPES))
+                .group_by(L.c.sku)
+            )
+        }
+        in_transit = {
+            r.sku: int(r.units)
+            for r in await conn.execute(
+                select(
+                    TL.c.sku, func.sum(TL.c.quantity - TL.c.received - TL.c.returned).label("units")
+                )
+                .join(TR, (TR.c.id == TL.c.transfer_id) & (TR.c.org_id == TL.c.org_id))
+                .where(TR.c.org_id == org_id, TR.c.status.in_(OPEN_TRANSFER_STATUSES))
+                .group_by(TL.c.sku)
+            )
+        }
+        transfer_lines = list(
+            await conn.execute(
+                select(
+                    TR.c.id,
+                    TR.c.status,
+                    TR.c.from_location,
+                    TR.c.to_location,
+                    TL.c.sku,
+                    TL.c.quantity,
+                    TL.c.received,
+                    TL.c.returned,
+                )
+                .join(TL, (TL.c.transfer_id == TR.c.id) & (TL.c.org_id == TR.c.org_id))
+                .where(TR.c.org_id == org_id)
+            )
+        )
+        moved = {
+            (int(r.transfer_id), r.event_type, r.location, r.sku): int(r.units)
+            for r in await conn.execute(
+                select(
+                    L.c.transfer_id,
+                    L.c.event_type,
+                    L.c.location,
+                    L.c.sku,
+                    func.sum(L.c.on_hand_delta).label("units"),
+                )
+                .where(L.c.org_id == org_id, L.c.transfer_id.is_not(None))
+                .group_by(L.c.transfer_id, L.c.event_type, L.c.location, L.c.sku)
+            )
+        }
+    on_hand_by_sku: dict[str, int] = {}
+    for (_location, sku), row in balances.items():
+        on_hand_by_sku[sku] = on_hand_by_sku.get(sku, 0) + int(row.on_hand)
+    for sku in sorted(set(on_hand_by_sku) | set(made) | set(in_transit)):
+        here, away = on_hand_by_sku.get(sku, 0), in_transit.get(sku, 0)
+        if here + away != made.get(sku, 0):
+            out.append(
+                f"{sku}: on hand {here} + in transit {away} is not the {made.get(sku, 0)} units "
+                "restocks, deducts and adjusts account for"
+            )
+    for t in transfer_lines:
+        expected = {
+            ("TRANSFER_OUT", t.from_location): -int(t.quantity),
+            ("TRANSFER_IN", t.to_location): int(t.received),
+            ("TRANSFER_IN", t.from_location): int(t.returned),
+        }
+        for (event, location), units in expected.items():
+            posted = moved.get((int(t.id), event, location, t.sku), 0)
+            if posted != units:
+                out.append(
+                    f"transfer {t.id} ({t.status}) {t.sku}: {event} at {location} sums to "
+                    f"{posted}, its line says {units}"
+                )
     for key, row in sorted(balances.items()):
         name = f"{key[0]}/{key[1]}"
         if not 0 <= row.reserved <= row.on_hand:

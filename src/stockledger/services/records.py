@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from stockledger.domain.model import Balance, LedgerEntry, Line, Reference, Reservation
+from stockledger.domain.model import (
+    Balance,
+    LedgerEntry,
+    Line,
+    Location,
+    Reference,
+    Reservation,
+    Transfer,
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,33 @@ class ConfirmResult:
     replayed: bool
 
 
+@dataclass(frozen=True)
+class LocationResult:
+    """The location a createLocation or updateLocation made or changed (as it is now)."""
+
+    location: Location
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """A transfer, receipt or cancel: the transfer after it, the balances it changed (an
+    in-transit transfer's destination included) and its ledger entries."""
+
+    transfer: Transfer
+    balances: list[Balance]
+    ledger_entries: list[LedgerEntry]
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class TransferLineRequest:
+    """One line of a transfer or a receipt: ``quantity`` units of ``sku``."""
+
+    sku: str
+    quantity: int
+
+
 WriteResult = (
     RestockResult
     | AdjustResult
@@ -72,6 +107,8 @@ WriteResult = (
     | DeductResult
     | ExtendResult
     | ConfirmResult
+    | LocationResult
+    | TransferResult
 )
 
 

@@ -13,15 +13,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stockledger.db.models import inventory_balance as B
 from stockledger.db.models import inventory_ledger as L
+from stockledger.db.models import location as LOC
 from stockledger.db.models import reservation as R
 from stockledger.db.models import reservation_line as RL
+from stockledger.db.models import transfer as T
+from stockledger.db.models import transfer_line as TL
 from stockledger.domain.model import (
     Balance,
     BalanceKey,
     LedgerEntry,
+    Location,
     Reference,
     Reservation,
     ReservationLine,
+    Transfer,
+    TransferLine,
 )
 
 
@@ -75,7 +81,64 @@ def ledger_record(row: Any) -> LedgerEntry:
         reason=row.reason,
         idempotency_key=row.idempotency_key,
         created_at=from_db_time(row.created_at),
+        transfer_id=row.transfer_id,
     )
+
+
+def location_record(row: Any) -> Location:
+    """A location row as a domain value."""
+    return Location(
+        code=row.code,
+        name=row.name,
+        type=row.type,
+        active=bool(row.active),
+        created_at=from_db_time(row.created_at),
+        updated_at=from_db_time(row.updated_at),
+    )
+
+
+def transfer_record(row: Any, lines: Sequence[Any]) -> Transfer:
+    """A transfer row and its line rows as a domain value."""
+    return Transfer(
+        id=row.id,
+        status=row.status,
+        from_location=row.from_location,
+        to_location=row.to_location,
+        lines=tuple(
+            TransferLine(ln.sku, ln.quantity, ln.received, ln.returned)
+            for ln in sorted(lines, key=lambda ln: ln.sku)
+        ),
+        reference=reference_of(row.ref_type, row.ref_id),
+        reason=row.reason,
+        created_at=from_db_time(row.created_at),
+        updated_at=from_db_time(row.updated_at),
+    )
+
+
+async def select_transfers(
+    conn: AsyncConnection, org_id: str, transfer_ids: Sequence[int]
+) -> list[Transfer]:
+    """Transfers of ``org_id`` with their lines, in the order of ``transfer_ids`` (unknown
+    ones left out)."""
+    if not transfer_ids:
+        return []
+    wanted = list(dict.fromkeys(transfer_ids))
+    rows = (await conn.execute(select(T).where(T.c.org_id == org_id, T.c.id.in_(wanted)))).all()
+    lines: dict[int, list[Any]] = {r.id: [] for r in rows}
+    if lines:
+        stmt = select(TL).where(TL.c.org_id == org_id, TL.c.transfer_id.in_(list(lines)))
+        for ln in (await conn.execute(stmt)).all():
+            lines[ln.transfer_id].append(ln)
+    by_id = {r.id: r for r in rows}
+    return [transfer_record(by_id[i], lines[i]) for i in wanted if i in by_id]
+
+
+async def select_location(conn: AsyncConnection, org_id: str, code: str) -> Location | None:
+    """The registered location ``code`` of ``org_id``, or None."""
+    row = (
+        await conn.execute(select(LOC).where(LOC.c.org_id == org_id, LOC.c.code == code))
+    ).first()
+    return None if row is None else location_record(row)
 
 
 def line_record(row: Any) -> ReservationLine:

@@ -39,15 +39,20 @@ from stockledger.domain.commands import (
     DeductDirect,
     Expire,
     Extend,
+    LocationCommand,
     Release,
     Reserve,
     Restock,
+    TransferCommand,
+    TransferStock,
     addressed_reference,
     addressed_reservation,
+    addressed_transfer,
     known_balance_keys,
+    named_locations,
 )
 from stockledger.domain.errors import InsufficientStockError
-from stockledger.domain.model import ACTIVE, Balance, BalanceKey, Reservation
+from stockledger.domain.model import ACTIVE, Balance, BalanceKey, Location, Reservation, Transfer
 from stockledger.domain.rules import decide
 from stockledger.domain.state import Changes, Refusal, Stock, key_reused
 from stockledger.locks import BalanceLocker, ExpiryIndex, IndexChanges
@@ -152,13 +157,15 @@ class BatchResult:
 
 
 class IdBlocks:
-    """Reservation ids from hi/lo blocks of the ``id_block`` sequence, shared by a process's
-    writers; a block costs one short transaction (ARCHITECTURE section 12). The next block is
-    fetched in the background when half of the one at hand is used, so a batch rarely waits.
+    """Ids of table ``name`` (reservation, transfer) from hi/lo blocks of its ``id_block``
+    sequence, shared by a process's writers; a block costs one short transaction
+    (ARCHITECTURE section 12). The next block is fetched in the background when half of the
+    one at hand is used, so a batch rarely waits.
     """
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, name: str = "reservation") -> None:
         self.block_size = block_size
+        self.name = name
         self._ids: list[int] = []
         self._lock = asyncio.Lock()
         self._refill: asyncio.Task[None] | None = None
@@ -173,7 +180,7 @@ class IdBlocks:
             while len(self._ids) < count:
                 # Shielded: a cancelled caller must not leave the sequence row locked.
                 block = await asyncio.shield(
-                    store.allocate_ids("reservation", max(self.block_size, count))
+                    store.allocate_ids(self.name, max(self.block_size, count))
                 )
                 self._ids.extend(block)
             taken, self._ids = self._ids[:count], self._ids[count:]
@@ -183,9 +190,9 @@ class IdBlocks:
 
     async def _fetch(self, store: Store) -> None:
         try:
-            block = await store.allocate_ids("reservation", self.block_size)
+            block = await store.allocate_ids(self.name, self.block_size)
         except Exception:  # the next take() fetches one itself
-            log.warning("fetching the next block of reservation ids failed", exc_info=True)
+            log.warning("fetching the next block of %s ids failed", self.name, exc_info=True)
         else:
             self._ids.extend(block)
         finally:
@@ -209,6 +216,9 @@ class _Loaded:
     busy_reservations: set[int] = field(default_factory=set)
     busy_balances: set[BalanceKey] = field(default_factory=set)
     due_checked: set[BalanceKey] = field(default_factory=set)
+    transfers: dict[int, Transfer] = field(default_factory=dict)
+    busy_transfers: set[int] = field(default_factory=set)
+    locations: dict[str, Location] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,7 +239,8 @@ class UnitOfWork:
 
     ``locker``/``index``: the Redis locks and expiry index (no-ops without Redis; the index
     of each batch's org is ``index.of(org_id)``). ``clock`` returns the current UTC time.
-    ``ids`` hands out reservation ids (one sequence for every org).
+    ``ids`` and ``transfer_ids`` hand out reservation and transfer ids (one sequence each for
+    every org). ``locations_required``: writes may name registered locations only.
     """
 
     def __init__(
@@ -240,12 +251,16 @@ class UnitOfWork:
         index: ExpiryIndex,
         clock: Callable[[], datetime],
         ids: IdBlocks,
+        transfer_ids: IdBlocks | None = None,
+        locations_required: bool = False,
     ) -> None:
         self.store = store
         self.locker = locker
         self.index = index
         self.clock = clock
         self.ids = ids
+        self.transfer_ids = transfer_ids or IdBlocks(ids.block_size, "transfer")
+        self.locations_required = locations_required
 
     async def run(self, batch: Sequence[Pending], *, patient: bool = False) -> BatchResult:
         """Apply ``batch`` in one transaction; see the module docstring.
@@ -262,6 +277,9 @@ class UnitOfWork:
         # Ids first: a claim's leases are kept alive only while the batch is in the database.
         reservation_ids = await self.ids.take(
             self.store, sum(isinstance(p.command, Reserve) for p in batch)
+        )
+        transfer_ids = await self.transfer_ids.take(
+            self.store, sum(isinstance(p.command, TransferStock) for p in batch)
         )
         claim = await self.locker.claim(org_id, [p.keys for p in batch])
         result = BatchResult()
@@ -280,7 +298,7 @@ class UnitOfWork:
             if runnable:
                 async with self.locker.keep(claim):
                     plan = await self._transaction(
-                        org_id, index, runnable, reservation_ids, patient
+                        org_id, index, runnable, (reservation_ids, transfer_ids), patient
                     )
                 result.outcomes += plan.outcomes
                 result.deferred += plan.deferred
@@ -294,7 +312,7 @@ class UnitOfWork:
         org_id: str,
         index: ExpiryIndex,
         batch: list[Pending],
-        reservation_ids: list[int],
+        new_ids: tuple[list[int], list[int]],
         patient: bool,
     ) -> _Plan:
         async with self.store.transaction(org_id) as tx:
@@ -303,10 +321,10 @@ class UnitOfWork:
             stored = {k: (v.operation, v.request_hash) for k, v in found.items()}
             loaded = await self._lock(tx, batch, patient)
             now = self.clock()  # as of the row locks: a call that waited past expiry sees it
-            plan = self._plan(batch, loaded, stored, reservation_ids, now)
+            plan = self._plan(batch, loaded, stored, new_ids, now)
             wanted = plan.short - loaded.due_checked
             if wanted and await self._load_due_holds(tx, loaded, wanted, now):
-                plan = self._plan(batch, loaded, stored, reservation_ids, now)
+                plan = self._plan(batch, loaded, stored, new_ids, now)
             ws, spans = self._write_set(plan, loaded, now)
             ids = await tx.write(ws)
             lost: Exception | None = None
@@ -336,21 +354,34 @@ class UnitOfWork:
 
     async def _lock(self, tx: StoreTransaction, batch: list[Pending], patient: bool) -> _Loaded:
         """Lock what the batch addresses: reservations (by id, and the ACTIVE and CONFIRMED ones
-        of each reference), then every balance those and the commands touch, in key order."""
+        of each reference), then transfers, then every balance those and the commands touch,
+        in key order; then read the locations they name (under a shared lock, or an exclusive
+        one when the batch changes locations)."""
         ids = {i for p in batch if (i := addressed_reservation(p.command)) is not None}
         refs = [ref for p in batch if (ref := addressed_reference(p.command)) is not None]
         if refs:
             ids.update(await tx.active_reservation_ids(refs))
         reservations = await tx.lock_reservations(sorted(ids), wait=patient)
+        transfer_ids = {i for p in batch if (i := addressed_transfer(p.command)) is not None}
+        transfers = await tx.lock_transfers(sorted(transfer_ids), wait=patient)
         keys = {k for p in batch for k in known_balance_keys(p.command)}
         for held in reservations.rows.values():
             keys.update(ln.key for ln in held.lines or ())
+        codes = {code for p in batch for code in named_locations(p.command)}
+        for moving in transfers.rows.values():
+            keys.update(moving.balance_keys())
+            codes.update((moving.from_location, moving.to_location))
         balances = await tx.lock_balances(sorted(keys), wait=patient)
+        changes_locations = any(isinstance(p.command, LocationCommand) for p in batch)
+        locations = await tx.lock_locations(sorted(codes), update=changes_locations)
         return _Loaded(
             dict(reservations.rows),
             dict(balances.rows),
             set(reservations.busy),
             set(balances.busy),
+            transfers=dict(transfers.rows),
+            busy_transfers=set(transfers.busy),
+            locations=locations,
         )
 
     async def _load_due_holds(
@@ -385,10 +416,12 @@ class UnitOfWork:
         batch: list[Pending],
         loaded: _Loaded,
         stored: dict[str, tuple[str, str]],
-        reservation_ids: list[int],
+        new_ids: tuple[list[int], list[int]],
         now: datetime,
     ) -> _Plan:
-        """Apply the commands in arrival order to the loaded state (in memory only)."""
+        """Apply the commands in arrival order to the loaded state (in memory only);
+        ``new_ids``: fresh reservation ids and transfer ids, enough for every reserve and
+        transfer of the batch."""
         # A reservation with a balance held elsewhere stays out of the state the rules see:
         # the commands addressing it wait (below), and no rule may expire it without that
         # balance's row.
@@ -397,8 +430,21 @@ class UnitOfWork:
             for r in loaded.reservations.values()
             if not any(ln.key in loaded.busy_balances for ln in r.lines or ())
         ]
-        plan = _Plan(Stock(loaded.balances.values(), usable))
-        new_ids = iter(reservation_ids)
+        usable_transfers = [
+            t
+            for t in loaded.transfers.values()
+            if not any(k in loaded.busy_balances for k in t.balance_keys())
+        ]
+        plan = _Plan(
+            Stock(
+                loaded.balances.values(),
+                usable,
+                locations=loaded.locations.values(),
+                transfers=usable_transfers,
+                locations_required=self.locations_required,
+            )
+        )
+        reservation_ids, transfer_ids = iter(new_ids[0]), iter(new_ids[1])
         # Keys that succeeded earlier in this batch: (operation, request hash), as stored.
         done: dict[str, tuple[str, str]] = {}
         for p in batch:
@@ -421,9 +467,16 @@ class UnitOfWork:
                     else:
                         plan.outcomes.append((p, Refused(Refusal(reused))))
                     continue
-            new_id = next(new_ids) if isinstance(command, Reserve) else None
+            new_id = next(reservation_ids) if isinstance(command, Reserve) else None
+            new_transfer = next(transfer_ids) if isinstance(command, TransferStock) else None
             try:
-                decision = decide(plan.stock, command, now, new_reservation_id=new_id)
+                decision = decide(
+                    plan.stock,
+                    command,
+                    now,
+                    new_reservation_id=new_id,
+                    new_transfer_id=new_transfer,
+                )
             except Exception as exc:  # a bug for this command: it fails alone
                 log.exception("applying %s failed", command.operation)
                 plan.outcomes.append((p, Crashed(exc)))
@@ -449,8 +502,15 @@ class UnitOfWork:
     def _touches_busy(command: Command, loaded: _Loaded) -> bool:
         """Whether a command needs a row another transaction holds (it waits for a later
         batch). By reference it touches every ACTIVE or CONFIRMED reservation with it."""
-        if not loaded.busy_reservations and not loaded.busy_balances:
+        if not (loaded.busy_reservations or loaded.busy_balances or loaded.busy_transfers):
             return False
+        tid = addressed_transfer(command)
+        if tid is not None:
+            if tid in loaded.busy_transfers:
+                return True
+            moving = loaded.transfers.get(tid)
+            moved = moving.balance_keys() if moving is not None else []
+            return any(k in loaded.busy_balances for k in moved)
         rid = addressed_reservation(command)
         ids = [rid] if rid is not None else []
         reference = addressed_reference(command)
@@ -495,11 +555,28 @@ class UnitOfWork:
             for line, old in zip(reservation.lines or (), before.lines or (), strict=True):
                 if line != old:
                     ws.lines.append((rid, line))
+        for code, location in sorted(plan.stock.locations.items()):
+            before_location = loaded.locations.get(code)
+            if before_location is None:
+                ws.new_locations.append(location)
+            elif location != before_location:
+                ws.locations.append(location)
+        for tid, moving in sorted(plan.stock.transfers.items()):
+            before_transfer = loaded.transfers.get(tid)
+            if before_transfer is None:
+                ws.new_transfers.append(moving)
+            elif moving != before_transfer:
+                ws.transfers.append(moving)
+                for tline, old_tline in zip(moving.lines, before_transfer.lines, strict=True):
+                    if tline != old_tline:
+                        ws.transfer_lines.append((tid, tline))
         spans: dict[Pending, int] = {}
         for p, changes in plan.applied:  # arrival order: the ledger's append order
             if changes.key_row is not None:
                 ws.keys.append(changes.key_row)
-                if isinstance(p.command, Restock | Adjust | Deduct | DeductDirect):
+                if isinstance(
+                    p.command, Restock | Adjust | Deduct | DeductDirect | TransferCommand
+                ):
                     ws.keys_needing_ids.add(changes.key_row.idempotency_key)
                     spans[p] = len(ws.entries)
             ws.entries.extend(changes.entries)

@@ -26,17 +26,23 @@ from stockledger.db.engine import Database, is_connection_lost
 from stockledger.db.store import SqlStore
 from stockledger.domain.commands import (
     Adjust,
+    CancelTransfer,
     Command,
     Confirm,
+    CreateLocation,
     Deduct,
     DeductDirect,
     Expire,
     Extend,
+    ReceiveTransfer,
     Release,
     Reserve,
     Restock,
+    TransferStock,
+    UpdateLocation,
     addressed_reference,
     addressed_reservation,
+    addressed_transfer,
     known_balance_keys,
 )
 from stockledger.domain.errors import (
@@ -44,7 +50,8 @@ from stockledger.domain.errors import (
     LockTimeoutError,
     StockError,
 )
-from stockledger.domain.model import BalanceKey, Line, Reference, Reservation
+from stockledger.domain.ids import reservation_global_id, transfer_global_id
+from stockledger.domain.model import RECEIVED, BalanceKey, Line, Reference, Reservation
 from stockledger.domain.rules import shortages
 from stockledger.domain.state import Changes
 from stockledger.domain.validation import Cart, check_batch
@@ -61,10 +68,13 @@ from stockledger.services.records import (
     ConsumeRequest,
     DeductResult,
     ExtendResult,
+    LocationResult,
     ReleaseResult,
     ReserveRequest,
     ReserveResult,
     RestockResult,
+    TransferLineRequest,
+    TransferResult,
 )
 from stockledger.services.rows import utcnow
 from stockledger.services.unit_of_work import (
@@ -78,6 +88,8 @@ from stockledger.services.unit_of_work import (
 )
 
 Clock = Callable[[], datetime]
+Hints = dict[int | Reference | tuple[str, int], list[BalanceKey]]
+"""Balances of addressed reservations (by id or reference) and transfers (``("transfer", id)``)."""
 _log = get_logger("stockledger.writes")
 
 # How long the sweeper's expiries wait for busy rows (seconds) before it tries them again on a
@@ -395,6 +407,121 @@ class InventoryService:
             ),
         )
 
+    # ------------------------------------------------------------------ locations, transfers
+
+    async def create_location(
+        self, idempotency_key: str, code: str, name: str, type: str = "WAREHOUSE"
+    ) -> LocationResult:
+        """Register location ``code`` (unique per org), active, of ``type`` (WAREHOUSE, STORE
+        or VIRTUAL). Raises ValidationError (bad input, or the code exists),
+        IdempotencyKeyReusedError, LockTimeoutError, ServiceUnavailableError."""
+        return cast(
+            LocationResult,
+            await self._write(
+                "createLocation",
+                idempotency_key,
+                None,
+                lambda: CreateLocation.validated(idempotency_key, code, name, type),
+            ),
+        )
+
+    async def update_location(
+        self,
+        idempotency_key: str,
+        code: str,
+        *,
+        name: str | None = None,
+        active: bool | None = None,
+    ) -> LocationResult:
+        """Rename, deactivate (``active=False``) or reactivate a location (ARCHITECTURE section
+        14: an inactive one takes no restock, transfer in or reserve). Raises ValidationError,
+        NotFoundError, IdempotencyKeyReusedError, LockTimeoutError, ServiceUnavailableError."""
+        return cast(
+            LocationResult,
+            await self._write(
+                "updateLocation",
+                idempotency_key,
+                None,
+                lambda: UpdateLocation.validated(idempotency_key, code, name=name, active=active),
+            ),
+        )
+
+    async def transfer(
+        self,
+        idempotency_key: str,
+        from_location: str,
+        to_location: str,
+        lines: Sequence[TransferLineRequest],
+        *,
+        in_transit: bool = False,
+        reference: Reference | None = None,
+        reason: str | None = None,
+    ) -> TransferResult:
+        """TRANSFER on-hand units (each line needs available >= quantity at the source), in
+        one transaction: TRANSFER_OUT at the source, and TRANSFER_IN at the destination unless
+        ``in_transit`` (then the units are incoming there until :meth:`receive_transfer`).
+
+        Raises ValidationError (also for the same location twice), InsufficientStockError,
+        LocationUnavailableError, IdempotencyKeyReusedError, LockTimeoutError,
+        ServiceUnavailableError.
+        """
+        return cast(
+            TransferResult,
+            await self._write(
+                "transfer",
+                idempotency_key,
+                reference,
+                lambda: TransferStock.validated(
+                    idempotency_key,
+                    from_location,
+                    to_location,
+                    lines,
+                    in_transit=in_transit,
+                    reference=reference,
+                    reason=reason,
+                ),
+            ),
+        )
+
+    async def receive_transfer(
+        self,
+        idempotency_key: str,
+        transfer_id: str,
+        lines: Sequence[TransferLineRequest] | None = None,
+    ) -> TransferResult:
+        """RECEIVE in-transit units at the destination (no ``lines``: all remaining).
+        ``transfer_id`` is the transfer's opaque id.
+
+        Raises ValidationError (more than remains, a SKU it does not move), NotFoundError,
+        TransferNotOpenError, LocationUnavailableError (inactive destination),
+        IdempotencyKeyReusedError, LockTimeoutError, ServiceUnavailableError.
+        """
+        return cast(
+            TransferResult,
+            await self._write(
+                "receiveTransfer",
+                idempotency_key,
+                None,
+                lambda: ReceiveTransfer.validated(idempotency_key, transfer_id, lines),
+            ),
+        )
+
+    async def cancel_transfer(
+        self, idempotency_key: str, transfer_id: str, reason: str
+    ) -> TransferResult:
+        """CANCEL a transfer: every unit still in transit goes back to the source
+        (TRANSFER_IN there). Raises ValidationError, NotFoundError, TransferNotOpenError,
+        IdempotencyKeyReusedError, LockTimeoutError, ServiceUnavailableError."""
+        return cast(
+            TransferResult,
+            await self._write(
+                "cancelTransfer",
+                idempotency_key,
+                None,
+                lambda: CancelTransfer.validated(idempotency_key, transfer_id, reason),
+            ),
+        )
+
     # ------------------------------------------------------------------ many at once
 
     async def reserve_many(
@@ -704,29 +831,39 @@ class InventoryService:
         Redis locks to claim or which writer takes them."""
         return not isinstance(self.locker, NoLocks) or self.batcher.writers > 1
 
-    async def _reservation_hints(
-        self, commands: Sequence[Command]
-    ) -> dict[int | Reference, list[BalanceKey]]:
-        """The balances of the reservations ``commands`` address (a read, no lock)."""
+    async def _reservation_hints(self, commands: Sequence[Command]) -> Hints:
+        """The balances of the reservations and transfers ``commands`` address (reads, no
+        lock): reservations by id or reference, transfers by ``("transfer", id)``."""
         ids = [i for c in commands if (i := addressed_reservation(c)) is not None]
         refs = [r for c in commands if (r := addressed_reference(c)) is not None]
-        if not (ids or refs) or not self._needs_hints():
+        transfers = [i for c in commands if (i := addressed_transfer(c)) is not None]
+        if not (ids or refs or transfers) or not self._needs_hints():
             return {}
         try:
-            return await self.lookups.reservation_keys(ids, refs)
+            hints: Hints = {}
+            if ids or refs:
+                for held, keys in (await self.lookups.reservation_keys(ids, refs)).items():
+                    hints[held] = keys
+            if transfers:
+                moved = await self.lookups.transfer_keys(transfers)
+                hints.update({("transfer", i): keys for i, keys in moved.items()})
+            return hints
         except Exception as exc:
             if is_connection_lost(exc):
                 raise ServiceUnavailableError(100) from exc
             raise
 
     @staticmethod
-    def _keys(command: Command, hints: dict[int | Reference, list[BalanceKey]]) -> list[BalanceKey]:
+    def _keys(command: Command, hints: Hints) -> list[BalanceKey]:
         known = known_balance_keys(command)
         if known:
             return known
         rid = addressed_reservation(command)
         if rid is not None:
             return hints.get(rid, [])
+        tid = addressed_transfer(command)
+        if tid is not None:
+            return hints.get(("transfer", tid), [])
         reference = addressed_reference(command)
         return hints.get(reference, []) if reference is not None else []
 
@@ -759,7 +896,8 @@ class InventoryService:
     ) -> None:
         """Count one call in the metrics of ARCHITECTURE section 10 and write its log line:
         operation, idempotency key, reference, outcome, duration (seconds) and, per ledger
-        entry it committed, sku, location, quantity and on hand / reserved before and after."""
+        entry it committed, sku, location, quantity and on hand / reserved before and after.
+        Reservation and transfer ids are the opaque ones the API shows."""
         outcome = answer.outcome
         reason = "given" if operation == "adjust" else "none"  # free text: never a label value
         metrics.STOCK_MOVEMENTS_TOTAL.labels(type=operation, result=outcome, reason=reason).inc()
@@ -774,6 +912,11 @@ class InventoryService:
             expired = committed.expired()
             if expired:
                 metrics.RESERVATIONS_EXPIRED_TOTAL.inc(len(expired))
+            if isinstance(command, ReceiveTransfer) and committed.transfers:
+                moved = committed.transfers[0]
+                if moved.status == RECEIVED:  # the last receipt of an in-transit transfer
+                    took = (moved.updated_at - moved.created_at).total_seconds()
+                    metrics.TRANSFER_DURATION_SECONDS.observe(took)
         fields: dict[str, Any] = {
             "operation": operation,
             "org": self.org_id,  # also on the sweeper's expiries, which no key made
@@ -783,10 +926,18 @@ class InventoryService:
             "duration_s": round(time.perf_counter() - start, 6),
         }
         if isinstance(command, Expire):
-            fields["reservation_id"] = command.reservation_id
+            fields["reservation_id"] = reservation_global_id(command.reservation_id)
+        if isinstance(command, TransferStock):
+            fields["from_location"] = command.from_location
+            fields["to_location"] = command.to_location
+        if committed is not None and committed.transfers:
+            moved = committed.transfers[0]
+            fields["transfer_id"] = transfer_global_id(moved.id)
+            fields["from_location"] = moved.from_location
+            fields["to_location"] = moved.to_location
         if isinstance(command, Confirm) and committed is not None:
             # A confirm writes no entry: the line names the reservations it confirmed.
-            fields["reservation_ids"] = list(committed.answer)
+            fields["reservation_ids"] = [reservation_global_id(i) for i in committed.answer]
         if committed is not None:
             fields["balances"] = [
                 {
@@ -798,8 +949,9 @@ class InventoryService:
                     "on_hand_after": e.on_hand_after,
                     "reserved_before": e.reserved_after - e.reserved_delta,
                     "reserved_after": e.reserved_after,
-                    "reservation_id": e.reservation_id,
+                    "reservation_id": _maybe(reservation_global_id, e.reservation_id),
                 }
+                | ({"transfer_id": transfer_global_id(e.transfer_id)} if e.transfer_id else {})
                 for e in committed.entries
             ]
         if answer.error is not None:
@@ -810,8 +962,22 @@ class InventoryService:
             _log.info("stock write", **fields)
 
 
+def _maybe(render: Callable[[int], str], number: int | None) -> str | None:
+    return None if number is None else render(number)
+
+
 def _result(command: Command, changes: Changes) -> Any:
     """A successful command's result, from its committed changes."""
+    if isinstance(command, CreateLocation | UpdateLocation):
+        [location] = changes.locations
+        return LocationResult(location, False)
+    if isinstance(command, TransferStock | ReceiveTransfer | CancelTransfer):
+        [moved] = [t for t in changes.transfers if t.id == changes.answer[0]]
+        # Its own entries and balances, not those of holds it expired on the way (as a replay).
+        own = [e for e in changes.entries if e.idempotency_key == command.idempotency_key]
+        keys = set(moved.balance_keys()) if isinstance(command, TransferStock) else None
+        shown = [b for b in changes.balances if keys is None or b.key in keys]
+        return TransferResult(moved, shown, own, False)
     by_id = {r.id: r for r in changes.reservations}
     answered = [by_id[i] for i in changes.answer]
     balances = list(changes.balances)
