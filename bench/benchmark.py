@@ -1,7 +1,9 @@
 """How close stockledger runs to the raw database limit (issue 6).
 
-For four scenarios (single-line reserves spread over 10,000 SKUs; single-line reserves on one
-hot SKU; 10-line carts; balance queries) it measures, in one run on the same MariaDB and Redis:
+For five scenarios (single-line reserves spread over 10,000 SKUs; single-line reserves on one
+hot SKU; 10-line carts; balance queries; transfers, issue 11: one immediate transfer of 1 unit
+of one of 1,000 SKUs between two of four locations, a key of its own per request, every balance
+seeded with 10^8 units so none runs short) it measures, in one run on the same MariaDB and Redis:
 
 - B0: the reserve transaction with the bare asyncmy driver: claim the key, lock the balance
   rows in key order in one SELECT ... FOR UPDATE, update them, insert the reservation, its
@@ -10,7 +12,11 @@ hot SKU; 10-line carts; balance queries) it measures, in one run on the same Mar
   run counts;
 - S: the same work through the service layer (InventoryService with Redis locks, no HTTP);
 - G: the same work through ``stockledger serve`` over HTTP, driven by wrk with
-  ``bench/wrk/graphql.lua``, which checks every response body for GraphQL errors.
+  ``bench/wrk/graphql.lua`` (transfers: ``bench/wrk/transfer.lua``), which checks every
+  response body for GraphQL errors and the expected success type.
+
+B0 has no transfer transaction (it is the reserve's statements only), so the transfer scenario
+runs S and G alone; its rows say so, with n/a for B0 and the ratios to it.
 
 It prints one table per connection count (throughput, p50, p99, S/B0, G/B0, and the
 distribution of the write batches' sizes in S and G), then:
@@ -56,7 +62,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 SPREAD_SKUS = 10_000
 LOCATION = "bench"
-SCENARIOS = ("spread", "hot", "cart", "balance")
+SCENARIOS = ("spread", "hot", "cart", "balance", "transfer")
+# The transfer scenario's stock: TRANSFER_SKUS SKUs "X00000".. at each of these locations.
+TRANSFER_SKUS = 1_000
+TRANSFER_LOCATIONS = ("xfer-a", "xfer-b", "xfer-c", "xfer-d")
+TRANSFER_STOCK = 100_000_000  # units per balance: a 10 s run moves a few thousand
+NO_B0 = "B0 n/a: the bare-driver baseline has no transfer transaction, S and G only"
 
 
 @dataclass
@@ -105,6 +116,13 @@ def quantile_bound(before: dict[float, float], after: dict[float, float], q: flo
 
 def batch_sizes(before: dict[float, float], after: dict[float, float]) -> tuple[float, float]:
     return quantile_bound(before, after, 0.5), quantile_bound(before, after, 0.99)
+
+
+def pick_transfer(rng: random.Random) -> tuple[str, str, str]:
+    """One transfer of the transfer scenario: (from location, to location, sku), two
+    distinct locations."""
+    src, dst = rng.sample(TRANSFER_LOCATIONS, 2)
+    return src, dst, f"X{rng.randrange(TRANSFER_SKUS):05d}"
 
 
 def pick_lines(scenario: str, rng: random.Random) -> list[tuple[str, str]]:
@@ -273,6 +291,7 @@ async def bench_s(settings: object, scenario: str, conns: int, duration: float) 
     from stockledger.runtime import open_runtime
     from stockledger.services import Line, StockError
     from stockledger.services.queries import InventoryQueries
+    from stockledger.services.records import TransferLineRequest
 
     async with open_runtime(settings) as rt:  # type: ignore[arg-type]
         queries = InventoryQueries(rt.db, rt.settings.org_id)
@@ -280,6 +299,15 @@ async def bench_s(settings: object, scenario: str, conns: int, duration: float) 
 
         async def one(w: int, rng: random.Random) -> bool:
             nonlocal counter
+            if scenario == "transfer":
+                src, dst, sku = pick_transfer(rng)
+                try:
+                    await rt.service.transfer(
+                        f"s-{uuid.uuid4().hex}", src, dst, [TransferLineRequest(sku, 1)]
+                    )
+                    return True
+                except StockError:  # short, lock timeout: counted as an error
+                    return False
             keys = pick_lines(scenario, rng)
             if scenario == "balance":
                 return (await queries.balance(keys[0][1], keys[0][0])) is not None
@@ -382,7 +410,11 @@ def run_wrk(
         "RUN": uuid.uuid4().hex[:8],
         "DELAY_MS": str(delay_ms),
     }
-    num = wrk_counts("graphql.lua", url, conns, duration, env, threads, api_key)
+    script = "graphql.lua"
+    if scenario == "transfer":
+        script = "transfer.lua"
+        env.update(SKUS=str(TRANSFER_SKUS), LOCATIONS=",".join(TRANSFER_LOCATIONS))
+    num = wrk_counts(script, url, conns, duration, env, threads, api_key)
     secs = num["duration_us"] / 1e6
     return Result(
         num["requests"] / secs,
@@ -472,11 +504,23 @@ class Server:
 # ---------------------------------------------------------------- set-up and report
 
 
-async def seed(settings: object) -> None:
+async def seed(settings: object, transfers: bool = False) -> None:
+    """Seed the scenarios' stock through the service; the transfer scenario's too when
+    ``transfers`` (TRANSFER_STOCK units of each SKU at each of its locations)."""
     from stockledger.runtime import open_runtime
     from stockledger.services import Line
 
     async with open_runtime(settings) as rt:  # type: ignore[arg-type]
+        if transfers:
+            lines = [
+                Line(f"X{i:05d}", TRANSFER_STOCK, loc)
+                for loc in TRANSFER_LOCATIONS
+                for i in range(TRANSFER_SKUS)
+            ]
+            for start in range(0, len(lines), 500):
+                await rt.service.restock(
+                    f"seed-xfer-{start}-{uuid.uuid4().hex}", lines[start : start + 500]
+                )
         await rt.service.restock(
             f"seed-hot-{uuid.uuid4().hex}", [Line("HOT", 1_000_000_000, LOCATION)]
         )
@@ -583,7 +627,7 @@ def main() -> None:
         db_pool_size=pool,
         log_level="WARNING",
     )
-    asyncio.run(seed(settings))
+    asyncio.run(seed(settings, transfers="transfer" in scenarios))
     dsn = {
         "host": url.host,
         "port": url.port or 3306,
@@ -605,24 +649,29 @@ def main() -> None:
         STOCKLEDGER_DB_POOL_SIZE=str(pool),
     )
 
-    rows: dict[int, list[tuple[str, Result, Result, Result]]] = {}
+    rows: dict[int, list[tuple[str, Result | None, Result, Result]]] = {}
     peak = 0.0
     open_loop: list[tuple[str, float, Result]] = []
     for conns in counts:
         rows[conns] = []
         with Server(env, args.workers) as server:
             for scenario in scenarios:
-                b0 = asyncio.run(bench_b0(dsn, org, scenario, conns, args.duration, pool))
+                b0: Result | None = None
+                if scenario != "transfer":  # B0 cannot transfer (NO_B0)
+                    b0 = asyncio.run(bench_b0(dsn, org, scenario, conns, args.duration, pool))
                 s = asyncio.run(bench_s(settings, scenario, conns, args.duration))
                 g = server.measure(scenario, conns, args.duration, args.wrk_threads)
-                # B0 again after S and G, and the faster of the two counts: a slow spell of
-                # the shared machine must not flatter the ratios (B0 varied 2.8x between runs).
-                again = asyncio.run(bench_b0(dsn, org, scenario, conns, args.duration, pool))
-                b0 = max(b0, again, key=lambda r: r.rps)
+                if b0 is not None:
+                    # B0 again after S and G, and the faster of the two counts: a slow spell
+                    # of the shared machine must not flatter the ratios (B0 varied 2.8x).
+                    again = asyncio.run(bench_b0(dsn, org, scenario, conns, args.duration, pool))
+                    b0 = max(b0, again, key=lambda r: r.rps)
                 rows[conns].append((scenario, b0, s, g))
                 print(
-                    f"{conns} conns, {scenario}: B0 {b0.rps:.0f}/s  S {s.rps:.0f}/s  "
-                    f"G {g.rps:.0f}/s  (G errors {g.errors})",
+                    f"{conns} conns, {scenario}: "
+                    + (f"B0 {b0.rps:.0f}/s  " if b0 is not None else f"({NO_B0})  ")
+                    + f"S {s.rps:.0f}/s (errors {s.errors})  G {g.rps:.0f}/s  "
+                    f"(G errors {g.errors})",
                     flush=True,
                 )
                 if conns == counts[0] and g.rps > 0:
@@ -639,8 +688,10 @@ def main() -> None:
     # purging what the runs above wrote), measured in turns so drift hits both alike.
     single: list[tuple[str, str, Result]] = []
     lone = [sc for sc in ("spread", "balance") if sc in scenarios]
-    servers: list[tuple[str, dict[str, str], str]] = [("this", dict(env), sys.executable)]
-    if args.baseline:
+    servers: list[tuple[str, dict[str, str], str]] = []
+    if lone:  # none of its scenarios chosen (e.g. --scenarios transfer): no servers to start
+        servers.append(("this", dict(env), sys.executable))
+    if lone and args.baseline:
         servers.append((args.baseline, dict(env), baseline_python(args.baseline)))
     for n, (_, server_env, python) in enumerate(servers):
         fresh = url.set(database=f"{url.database}_single{n}")
@@ -678,6 +729,7 @@ def main() -> None:
         f"`.venv/bin/python bench/benchmark.py --duration {args.duration:g} "
         f"--connections {args.connections} --workers {args.workers}"
         + (f" --baseline {args.baseline}" if args.baseline else "")
+        + (f" --scenarios {args.scenarios}" if scenarios != list(SCENARIOS) else "")
         + "`"
     )
     text = (
@@ -696,11 +748,26 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         )
         for scenario, b0, s, g in table_rows:
+            b0_cells = (
+                ("n/a", "n/a", "n/a", "n/a")
+                if b0 is None
+                else (
+                    f"{b0.rps:.0f}",
+                    f"{b0.p50_ms:.1f} / {b0.p99_ms:.1f}",
+                    f"{s.rps / b0.rps:.2f}",
+                    f"{g.rps / b0.rps:.2f}",
+                )
+            )
             text += (
-                f"| {scenario} | {b0.rps:.0f} | {b0.p50_ms:.1f} / {b0.p99_ms:.1f} | {s.rps:.0f} | "
+                f"| {scenario} | {b0_cells[0]} | {b0_cells[1]} | {s.rps:.0f} | "
                 f"{s.p50_ms:.1f} / {s.p99_ms:.1f} | {fmt_batch(s)} | {g.rps:.0f} | "
-                f"{g.p50_ms:.1f} / {g.p99_ms:.1f} | {fmt_batch(g)} | {s.rps / b0.rps:.2f} | "
-                f"{g.rps / b0.rps:.2f} | {g.errors} |\n"
+                f"{g.p50_ms:.1f} / {g.p99_ms:.1f} | {fmt_batch(g)} | {b0_cells[2]} | "
+                f"{b0_cells[3]} | {g.errors} |\n"
+            )
+        if any(b0 is None for _, b0, _, _ in table_rows):
+            text += (
+                f"\ntransfer: req/s are transfers/s (one immediate transfer per request); "
+                f"{NO_B0}.\n"
             )
     text += f"\nServer peak resident memory during G: {peak:.0f} MiB.\n"
     if open_loop:

@@ -2,30 +2,37 @@
 process: on the embedded default (SQLite + fakeredis) and on MariaDB + Redis.
 
 The replay's own end checks (through the API alone) must all pass: no negative balance, no
-reserved above on hand, ledger deltas summing to every balance, cart counts adding up.
+reserved above on hand, ledger deltas summing to every balance, cart counts adding up,
+conservation per SKU. With transfers between regions (issue 11), the service's reconciliation
+query (``find_violations``, conservation and transfer lines included) must find nothing either.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from server_process import Server, base_env, running
 
+from stockledger.config import Settings
+from stockledger.db.engine import create_database
 from stockledger.replay import Replay, load_orders
+from stockledger.services.reconcile import find_violations
 
 pytestmark = pytest.mark.slow
 ORDERS = 300
 
 
-async def _replay(server: Server, batch: int | None) -> Replay:
+async def _replay(server: Server, batch: int | None, **options: Any) -> Replay:
     replay = Replay(
         f"{server.url}/graphql",
-        load_orders(limit=ORDERS),
+        load_orders(limit=options.pop("orders", ORDERS)),
         clients=8,
         abandon_ttl=1,
         batch=batch,
         api_key=server.secret,
+        **options,
     )
     elapsed = await replay.run()
     problems = await replay.check(expire_wait=15)
@@ -65,3 +72,143 @@ async def test_replay_on_mariadb_and_redis(
     with running(tmp_path, env) as server:
         server.wait_ready()
         _assert_counts(await _replay(server, batch))
+
+
+# ------------------------------------------------------------------ transfers (issue 11)
+
+TRANSFER_ORDERS = 150  # 2014-01-03 .. 04-12 (ship dates): 9 restocks 10 days apart
+
+
+async def _violations(env: dict[str, str]) -> list[str]:
+    """The reconciliation query's findings for the server's database and org."""
+    settings = Settings(
+        data_dir=Path(env["STOCKLEDGER_DATA_DIR"]),
+        database_url=env.get("STOCKLEDGER_DATABASE_URL"),
+        org_id=env.get("STOCKLEDGER_ORG_ID", "default"),
+    )
+    db = create_database(settings)
+    try:
+        return await find_violations(db, settings.org_id)
+    finally:
+        await db.dispose()
+
+
+async def _replay_with_transfers(server: Server, in_transit: bool) -> Replay:
+    """A short replay moving half the fullest region's stock at every 10-day restock; its
+    checks (conservation included) pass and it moved stock. No abandoned carts, to keep it
+    short; a transfer still meets reserved units (carts between order and ship date)."""
+    replay = await _replay(
+        server,
+        None,
+        orders=TRANSFER_ORDERS,
+        restock_days=10,
+        abandon_share=0.0,  # no wait for the sweeper: the carts above test expiry
+        transfer_share=0.5,
+        transfer_in_transit=in_transit,
+    )
+    c = replay.out.counts
+    assert c["transfers_ok"] > 0 and c["transfers_other"] == 0
+    assert c["transfer_units"] >= c["transfers_ok"]
+    assert len(replay.out.transfers) == c["transfers_ok"]
+    assert replay.out.conservation is not None and replay.out.conservation.endswith("holds")
+    left = [m for m in replay.out.transfers.values() if m.in_transit]
+    if in_transit:
+        # Every interval's transfers but the last one's were received at the next.
+        assert c["received"] > 0 and left
+        assert c["received"] + len(left) == c["transfers_ok"]
+    else:
+        assert c["received"] == 0 and not left
+    report = replay.report(1.0)
+    assert f"transfers: ok={c['transfers_ok']} short={c['transfers_short']} other=0" in report
+    assert "holds" in report
+    return replay
+
+
+async def test_replay_with_transfers_in_transit_on_the_embedded_default(tmp_path: Path) -> None:
+    env = base_env(tmp_path, log_level="WARNING")
+    with running(tmp_path, env) as server:
+        server.wait_ready()
+        await _replay_with_transfers(server, in_transit=True)
+        assert await _violations(env) == []
+
+
+async def test_replay_with_transfers_at_once_on_mariadb_and_redis(
+    mysql_url: str, redis_url: str, org_id: str, tmp_path: Path
+) -> None:
+    env = base_env(
+        tmp_path, database_url=mysql_url, redis_url=redis_url, org_id=org_id, log_level="WARNING"
+    )
+    with running(tmp_path, env) as server:
+        server.wait_ready()
+        await _replay_with_transfers(server, in_transit=False)
+        assert await _violations(env) == []
+
+
+def test_a_transfer_share_outside_0_to_1_is_refused() -> None:
+    for share in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="transfer_share"):
+            Replay("http://a/graphql", [], transfer_share=share)
+
+
+def _moved_replay() -> Replay:
+    """A replay as if run: 5 units of S1 restocked at East, 2 deducted, 1 sent to West in
+    transit (not received yet)."""
+    from datetime import date
+
+    from stockledger.replay import Moved, Order
+
+    day = date(2020, 1, 1)
+    replay = Replay(
+        "http://a/graphql",
+        [Order("A", day, day, {("East", "S1"): 2}), Order("B", day, day, {("West", "S1"): 1})],
+        run_id="run",
+        transfer_share=0.5,
+        transfer_in_transit=True,
+    )
+    replay._opening = {}
+    replay.out.restocks["run:opening-0"] = [{"location": "East", "sku": "S1", "quantity": 5}]
+    replay.out.deducted.add("A")
+    replay.out.transfers["run:transfer:1:S1"] = Moved(
+        replay._transfer_input(1, "S1", "East", "West", 1), "T1"
+    )
+    return replay
+
+
+def _level(east: int, west: int, incoming: int) -> dict[str, Any]:
+    return {
+        "onHand": east + west,
+        "incoming": incoming,
+        "locations": [
+            {"location": "East", "onHand": east, "incoming": 0},
+            {"location": "West", "onHand": west, "incoming": incoming},
+        ],
+    }
+
+
+def test_the_conservation_check_sees_a_unit_made_or_lost() -> None:
+    replay = _moved_replay()
+    assert replay._conservation({"S1": _level(2, 0, 1)}) == []
+    assert replay.out.conservation is not None and replay.out.conservation.endswith("holds")
+    made = replay._conservation({"S1": _level(2, 1, 1)})  # the transfer also arrived: doubled
+    assert len(made) == 1 and made[0].startswith("conservation S1"), made
+    lost = replay._conservation({"S1": _level(2, 0, 0)})  # in transit vanished
+    assert len(lost) == 2 and "FAILED" in (replay.out.conservation or ""), lost
+
+
+def test_the_transfer_check_sees_a_missing_wrong_or_unknown_transfer() -> None:
+    replay = _moved_replay()
+    line = {"sku": "S1", "quantity": 1, "received": 0, "remaining": 1, "returned": 0}
+    sent = {
+        "id": "T1",
+        "status": "IN_TRANSIT",
+        "fromLocation": "East",
+        "toLocation": "West",
+        "reference": {"type": "REBALANCE", "id": "run:1:S1"},
+        "lines": [line],
+    }
+    assert replay._transfers_agree([sent]) == []
+    assert replay._transfers_agree([]) == ["transfer run:transfer:1:S1 (T1) found 0 times"]
+    wrong = replay._transfers_agree([{**sent, "status": "RECEIVED"}])
+    assert len(wrong) == 1 and "expected" in wrong[0], wrong
+    ghost = {**sent, "id": "T2"}
+    assert replay._transfers_agree([sent, ghost])[0].startswith("transfer T2 the run was not")

@@ -365,6 +365,19 @@ def apikey_revoke(key_id: int) -> None:
     help="Send each day's carts in reserveMany calls of up to N (shipments: deductMany).",
 )
 @click.option(
+    "--transfer-share",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="At each restock interval, move this share of on hand of each restocked SKU from its "
+    "fullest region to its emptiest (one transfer per SKU); default: no transfers.",
+)
+@click.option(
+    "--transfer-in-transit",
+    is_flag=True,
+    default=False,
+    help="Send the transfers in transit, received at the next interval (default: at once).",
+)
+@click.option(
     "--api-key",
     envvar="STOCKLEDGER_API_KEY",
     default=None,
@@ -382,6 +395,8 @@ def replay(
     expire_wait: float,
     data: str | None,
     batch: int | None,
+    transfer_share: float | None,
+    transfer_in_transit: bool,
     api_key: str | None,
 ) -> None:
     """Replay the Superstore orders through a running server and check the result."""
@@ -389,6 +404,8 @@ def replay(
 
     from stockledger.replay import DEFAULT_DATA, run_replay
 
+    if transfer_in_transit and transfer_share is None:
+        raise click.UsageError("--transfer-in-transit needs --transfer-share")
     if api_key is None:
         bootstrap = get_settings().data_dir / "admin.key"
         api_key = bootstrap.read_text().strip() if bootstrap.exists() else None
@@ -405,6 +422,8 @@ def replay(
             expire_wait=expire_wait,
             batch=batch,
             api_key=api_key,
+            transfer_share=transfer_share,
+            transfer_in_transit=transfer_in_transit,
         )
     )
     click.echo(report)

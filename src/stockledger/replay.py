@@ -13,6 +13,16 @@ period just ended)``, so supply roughly meets demand but lags it and some carts 
 insufficient stock. A deterministic ``abandon_share`` of carts is reserved with a short TTL and
 never deducted: the server's sweeper expires them.
 
+Transfers (issue 11, off by default): with ``transfer_share`` s, at each restock interval, after
+its restock, every SKU just restocked that has balances in two or more regions sends
+``floor(s * on hand)`` units from its region with the most on hand to the one with the least
+(one ``transfer`` of one line per SKU; none when they hold the same). The source needs them
+*available*: when reserved units are among them the server answers InsufficientStockError,
+counted ``transfers_short`` (not retried). With ``transfer_in_transit`` the units travel:
+``inTransit: true``, received whole (``receiveTransfer``, no lines) at the next interval before
+its restock; the last interval's transfers are left in transit, so the end checks see units
+in transit.
+
 Concurrency: the days are replayed in order; within a day, restocks, then reserves, then
 deducts run on ``clients`` concurrent connections (so each order keeps reserve -> deduct).
 With ``batch`` N, a day's carts go in ``reserveMany`` calls of up to N carts and its
@@ -28,13 +38,19 @@ batch, its timed-out items). No other error is retried. :func:`interrupt` SIGKIL
 callback) one instance mid-run and restarts it.
 
 At the end it checks through the API alone: no negative balance, no reserved above on hand,
-the ledger's deltas sum to every balance, and the cart counts add up. Then exactly once: every
+the ledger's deltas sum to every balance, and the cart counts add up. Conservation, per SKU of
+the run (``stockLevels``): the change in on hand over all locations plus units in transit
+(``incoming``) since the run began equals the run's own tally of restocks - deducts (the
+replay adjusts nothing), the change in ``incoming`` equals the units the run left in transit,
+and every transfer the run was told of exists once with the lines and status it should have
+(it assumes no other client writes the run's SKUs meanwhile). Then exactly once: every
 retried call and a sample of the others, sent again with the same keys, answer ``replayed``
-(with the same reservation); the run's ledger entries are exactly the effects the client was
-told of, each once (by idempotency key, and by reservation for the sweeper's expiries); each
-reserved cart has exactly one reservation, each refused cart none. It prints carts per
-second, p50/p95/p99 latency per mutation, the outcome and retry counts, and exits non-zero
-when a check fails. HTTP client: httpx (HTTP/1.1 keep-alive pool).
+(with the same reservation, or transfer); the run's ledger entries are exactly the effects
+the client was told of (transfers and receipts included), each once (by idempotency key, and
+by reservation for the sweeper's expiries); each reserved cart has exactly one reservation,
+each refused cart none. It prints carts per second, p50/p95/p99 latency per mutation, the
+outcome, transfer and retry counts and the conservation totals, and exits non-zero when a
+check fails. HTTP client: httpx (HTTP/1.1 keep-alive pool).
 """
 
 from __future__ import annotations
@@ -89,6 +105,27 @@ BALANCES = """query($after: String) { balances(first: 500, after: $after) {
 LEDGER = """query($after: String) { ledger(first: 500, after: $after, direction: ASC) {
   edges { node { sku location onHandDelta reservedDelta eventType idempotencyKey reservationId } }
   pageInfo { hasNextPage endCursor } } }"""
+TRANSFER = """mutation($input: TransferInput!) { transfer(input: $input) {
+  __typename
+  ... on TransferSuccess { transfer { id status } replayed }
+  ... on InsufficientStockError { shortages { sku requested available } }
+  ... on LockTimeoutError { retryAfterMs }
+  ... on Error { code message } } }"""
+RECEIVE = """mutation($input: ReceiveTransferInput!) { receiveTransfer(input: $input) {
+  __typename
+  ... on TransferSuccess { transfer { id status } replayed }
+  ... on LockTimeoutError { retryAfterMs }
+  ... on Error { code message } } }"""
+BALANCES_OF = """query($skus: [String!], $after: String) {
+  balances(first: 500, after: $after, filter: {skus: $skus}) {
+  edges { node { sku location onHand reserved available incoming } }
+  pageInfo { hasNextPage endCursor } } }"""
+STOCK_LEVELS = """query($sku: String!) { stockLevels(sku: $sku) {
+  onHand reserved available incoming locations { location onHand reserved incoming } } }"""
+TRANSFERS = """query($after: String) { transfers(first: 500, after: $after) {
+  edges { node { id status fromLocation toLocation reference { type id }
+    lines { sku quantity received remaining returned } } }
+  pageInfo { hasNextPage endCursor } } }"""
 RESERVATIONS = """query($after: String, $status: ReservationStatus) {
   reservations(first: 500, after: $after, filter: {status: $status}) {
   edges { node { id status reference { type id } } }
@@ -99,6 +136,7 @@ RESERVATIONS = """query($after: String, $status: ReservationStatus) {
 RETRIED_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 RETRY_BACKOFF = 0.05  # seconds before the first resend after a transport error; doubles
 RETRY_MAX_DELAY = 2.0  # seconds, the cap on any wait between two attempts
+MAX_FILTER_SKUS = 500  # the server's cap on a filter's list (balances(filter: {skus}))
 
 
 @dataclass
@@ -112,6 +150,30 @@ class Order:
 
 
 @dataclass
+class Moved:
+    """One transfer the server answered TransferSuccess for: its ``input`` (as sent, for the
+    idempotency probe), its opaque ``transfer_id``, and the receipt's idempotency key once it
+    was received (``received_key``; None while in transit, or for an immediate transfer)."""
+
+    input: dict[str, Any]
+    transfer_id: str
+    received_key: str | None = None
+
+    @property
+    def sku(self) -> str:
+        return str(self.input["lines"][0]["sku"])
+
+    @property
+    def quantity(self) -> int:
+        return int(self.input["lines"][0]["quantity"])
+
+    @property
+    def in_transit(self) -> bool:
+        """Sent in transit and not received yet."""
+        return bool(self.input["inTransit"]) and self.received_key is None
+
+
+@dataclass
 class Outcome:
     """What the replay saw, and the per-mutation latencies in seconds.
 
@@ -120,7 +182,9 @@ class Outcome:
     idempotency key -> lines of every restock that succeeded; ``retries``: resends by reason
     (the transport error's class name, ``UNAVAILABLE`` or ``LOCK_TIMEOUT``); ``retried_keys``:
     the idempotency keys of the calls sent more than once; ``sent``: requests per instance
-    URL (every attempt).
+    URL (every attempt); ``transfers``: transfer idempotency key -> :class:`Moved`, of every
+    transfer that succeeded; ``receipts``: receipt idempotency key -> its transfer's key;
+    ``conservation``: the conservation check's summary line, once checked.
     """
 
     counts: Counter[str] = field(default_factory=Counter)
@@ -133,6 +197,9 @@ class Outcome:
     retried_keys: set[str] = field(default_factory=set)
     sent: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    transfers: dict[str, Moved] = field(default_factory=dict)
+    receipts: dict[str, str] = field(default_factory=dict)
+    conservation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +266,11 @@ class Replay:
     ``LOCK_TIMEOUT``; ``probe``: how many calls that were not retried the idempotency check
     sends again (every retried one is). ``api_key``: the secret sent as ``Authorization:
     Bearer`` (it needs STOCK_WRITE, RESERVATIONS_WRITE and STOCK_READ: an OPERATOR key), or
-    None for a server with ``STOCKLEDGER_AUTH=off``. Raises ValueError for no URL or
-    ``retries`` < 1.
+    None for a server with ``STOCKLEDGER_AUTH=off``. ``transfer_share``: the share (0 < s <=
+    1) of the fullest region's on hand each restocked SKU sends to the emptiest at each restock
+    interval, None for no transfers; ``transfer_in_transit``: send them in transit, received at
+    the next interval (else immediate). The transfers also need STOCK_WRITE. Raises ValueError
+    for no URL, ``retries`` < 1 or ``transfer_share`` outside (0, 1].
     """
 
     def __init__(
@@ -218,6 +288,8 @@ class Replay:
         retries: int = 8,
         probe: int = 20,
         api_key: str | None = None,
+        transfer_share: float | None = None,
+        transfer_in_transit: bool = False,
     ) -> None:
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.urls = [url] if isinstance(url, str) else list(url)
@@ -225,6 +297,10 @@ class Replay:
             raise ValueError("no GraphQL URL")
         if retries < 1:
             raise ValueError(f"retries must be at least 1, not {retries}")
+        if transfer_share is not None and not 0 < transfer_share <= 1:
+            raise ValueError(f"transfer_share must be in (0, 1], not {transfer_share}")
+        self.transfer_share = transfer_share
+        self.transfer_in_transit = transfer_in_transit
         self.url = self.urls[0]
         self.batch = batch
         self.orders = orders
@@ -241,6 +317,10 @@ class Replay:
         self.running = False
         self._rng = random.Random(self.run_id)
         self._by_id = {o.order_id: o for o in orders}
+        self._regions = sorted({loc for o in orders for loc, _ in o.lines})
+        self._skus = sorted({sku for o in orders for _, sku in o.lines})
+        # sku -> (on hand over all locations, incoming) before the run; None until it ran.
+        self._opening: dict[str, tuple[int, int]] | None = None
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -483,6 +563,122 @@ class Replay:
         chunks = [orders[i : i + self.batch] for i in range(0, len(orders), self.batch)]
         return [lambda c=c: many(c) for c in chunks]
 
+    # ------------------------------------------------------------------ transfers (issue 11)
+
+    async def levels(self, skus: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """``stockLevels`` of each of ``skus`` (one query per SKU, on the pool): sku -> its
+        StockLevels (onHand, reserved, available, incoming, locations), absent for a SKU with
+        no balance anywhere. Raises what :meth:`call` raises."""
+        found: dict[str, dict[str, Any]] = {}
+
+        async def one(sku: str) -> None:
+            level = (await self.call("query_stockLevels", STOCK_LEVELS, {"sku": sku}))[
+                "stockLevels"
+            ]
+            if level is not None:
+                found[sku] = level
+
+        await self._pool([lambda s=s: one(s) for s in skus])
+        return found
+
+    async def _balances_of(self, skus: Sequence[str]) -> list[dict[str, Any]]:
+        """The balances of ``skus`` at every location (in filters of up to 500 SKUs)."""
+        ordered = sorted(skus)
+        found: list[dict[str, Any]] = []
+        for i in range(0, len(ordered), MAX_FILTER_SKUS):
+            chunk = ordered[i : i + MAX_FILTER_SKUS]
+            found.extend(await self._pages(BALANCES_OF, "balances", skus=chunk))
+        return found
+
+    async def rebalance(self, period: int, skus: Sequence[str]) -> None:
+        """At the restock of ``period``: for each of ``skus`` with balances in two or more
+        regions, send ``floor(transfer_share * on hand)`` units from the region with the most on
+        hand to the one with the least (ties broken by location code), one transfer per SKU,
+        on the pool. Nothing when ``transfer_share`` is None. Raises what :meth:`call` raises."""
+        share = self.transfer_share
+        if share is None or not skus:
+            return
+        per_sku: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        regions = set(self._regions)
+        for b in await self._balances_of(skus):
+            if b["location"] in regions:
+                per_sku[b["sku"]].append(b)
+        jobs = []
+        for sku, held in sorted(per_sku.items()):
+            fullest = max(held, key=lambda b: (b["onHand"], b["location"]))
+            emptiest = min(held, key=lambda b: (b["onHand"], b["location"]))
+            quantity = math.floor(share * fullest["onHand"])
+            if fullest["onHand"] == emptiest["onHand"] or quantity < 1:
+                continue  # one region, or already even: nothing to move
+            jobs.append(
+                lambda sku=sku, src=fullest["location"], dst=emptiest["location"], q=quantity: (
+                    self.transfer(period, sku, src, dst, q)
+                )
+            )
+        await self._pool(jobs)
+
+    def _transfer_input(
+        self, period: int, sku: str, src: str, dst: str, quantity: int
+    ) -> dict[str, Any]:
+        return {
+            "idempotencyKey": f"{self.run_id}:transfer:{period}:{sku}",
+            "fromLocation": src,
+            "toLocation": dst,
+            "lines": [{"sku": sku, "quantity": quantity}],
+            "inTransit": self.transfer_in_transit,
+            "reference": {"type": "REBALANCE", "id": f"{self.run_id}:{period}:{sku}"},
+            "reason": "replay rebalance",
+        }
+
+    async def transfer(self, period: int, sku: str, src: str, dst: str, quantity: int) -> None:
+        """Send one transfer of ``quantity`` units of ``sku`` from ``src`` to ``dst`` and count
+        its answer: ``transfers_ok`` (and ``transfer_units``), ``transfers_short``
+        (InsufficientStockError: reserved units at the source), else ``transfers_other`` and
+        a failure. Raises what :meth:`call` raises."""
+        input = self._transfer_input(period, sku, src, dst, quantity)
+        key = input["idempotencyKey"]
+        result = await self.mutate("transfer", TRANSFER, "transfer", input)
+        kind = result["__typename"]
+        if kind == "TransferSuccess":
+            self._replayed(key, result)
+            self.out.counts["transfers_ok"] += 1
+            self.out.counts["transfer_units"] += quantity
+            self.out.transfers[key] = Moved(input, result["transfer"]["id"])
+        elif kind == "InsufficientStockError":
+            self.out.counts["transfers_short"] += 1
+        else:
+            self.out.counts["transfers_other"] += 1
+            self.out.failures.append(f"transfer {key}: {result}")
+
+    def _receipt_input(self, key: str) -> dict[str, Any]:
+        """The receipt of transfer ``key``: everything remaining (no lines)."""
+        return {
+            "idempotencyKey": key.replace(":transfer:", ":receive:", 1),
+            "transferId": self.out.transfers[key].transfer_id,
+        }
+
+    async def receive(self, key: str) -> None:
+        """Receive the whole of in-transit transfer ``key`` (``receiveTransfer``); count
+        ``received`` (a failure unless it answers TransferSuccess with status RECEIVED).
+        Raises what :meth:`call` raises."""
+        input = self._receipt_input(key)
+        result = await self.mutate("receiveTransfer", RECEIVE, "receiveTransfer", input)
+        if result["__typename"] == "TransferSuccess":
+            self._replayed(input["idempotencyKey"], result)
+            self.out.transfers[key].received_key = input["idempotencyKey"]
+            self.out.receipts[input["idempotencyKey"]] = key
+            self.out.counts["received"] += 1
+            if result["transfer"]["status"] != "RECEIVED":
+                self.out.failures.append(f"receipt of {key}: {result}")
+        else:
+            self.out.counts[f"receive_{result['__typename']}"] += 1
+            self.out.failures.append(f"receipt of {key}: {result}")
+
+    async def receive_in_transit(self) -> None:
+        """Receive every transfer still in transit, on the pool."""
+        pending = [k for k, m in self.out.transfers.items() if m.in_transit]
+        await self._pool([lambda k=k: self.receive(k) for k in pending])
+
     async def run(self) -> float:
         """Replay every order; returns the elapsed wall time in seconds. Raises what
         :meth:`call` raises once its retries are spent, and RuntimeError for a failed restock."""
@@ -498,6 +694,14 @@ class Replay:
     async def _run(self) -> float:
         total, per_period = self._demand()
         start_day = self.orders[0].order_date
+        # Where the run's SKUs stand before it (other runs may have left stock): the
+        # conservation check compares the change. From balance pages (a few queries, where
+        # stockLevels takes one per SKU); the end check reads stockLevels. Not timed.
+        opening: dict[str, tuple[int, int]] = defaultdict(lambda: (0, 0))
+        for b in await self._balances_of(self._skus):
+            on_hand, incoming = opening[b["sku"]]
+            opening[b["sku"]] = (on_hand + b["onHand"], incoming + b["incoming"])
+        self._opening = dict(opening)
         t0 = time.perf_counter()
         await self.restock(
             {k: math.ceil(self.fraction * q) for k, q in total.items()},
@@ -514,12 +718,17 @@ class Replay:
         while day <= days[-1]:
             period = (day - start_day).days // self.restock_days
             if period > last_period:
+                # Last interval's transfers arrive first, so this one's see them on hand.
+                await self.receive_in_transit()
                 ended = {
                     k: math.ceil((1 - self.fraction) * q)
                     for (p, k), q in per_period.items()
                     if p == last_period
                 }
                 await self.restock(ended, f"{self.run_id}:restock:{period}")
+                await self.rebalance(
+                    period, sorted({sku for (_, sku), q in ended.items() if q > 0})
+                )
                 last_period = period
             today = by_order_day.get(day, [])
             await self._pool(self._jobs(today, self.reserve, self.reserve_many))
@@ -553,14 +762,17 @@ class Replay:
         """Send again, with the same keys and payloads, every call of the run that was sent
         more than once and succeeded, and ``probe`` of the other successful ones, chosen at
         random: each must answer its success with ``replayed: true`` (a reserve, with the
-        reservation it got first). Returns the problems (empty: all replayed). Needs an open
-        client (within :meth:`check`); raises what :meth:`call` raises."""
+        reservation it got first; a transfer or receipt, with its transfer). Returns the
+        problems (empty: all replayed). Needs an open client (within :meth:`check`); raises
+        what :meth:`call` raises."""
         prefix = f"{self.run_id}:"
         done: dict[str, tuple[str, str]] = {
             f"{prefix}reserve:{o}": ("reserve", o) for o in self.out.reserved
         }
         done.update({f"{prefix}deduct:{o}": ("deduct", o) for o in self.out.deducted})
         done.update({k: ("restock", k) for k in self.out.restocks})
+        done.update({k: ("transfer", k) for k in self.out.transfers})
+        done.update({k: ("receive", t) for k, t in self.out.receipts.items()})
         retried = sorted(k for k in self.out.retried_keys if k in done)
         others = sorted(set(done) - set(retried))
         keys = retried + self._rng.sample(others, min(self.probe, len(others)))
@@ -572,6 +784,16 @@ class Replay:
                 input = {"idempotencyKey": key, "lines": self.out.restocks[key], "reason": "replay"}
                 result = await self.mutate("probe", RESTOCK, "restock", input)
                 success = "RestockSuccess"
+            elif kind in ("transfer", "receive"):
+                moved = self.out.transfers[subject]
+                if kind == "transfer":
+                    result = await self.mutate("probe", TRANSFER, "transfer", moved.input)
+                else:
+                    input = self._receipt_input(subject)
+                    result = await self.mutate("probe", RECEIVE, "receiveTransfer", input)
+                success = "TransferSuccess"
+                if result.get("transfer", {}).get("id", moved.transfer_id) != moved.transfer_id:
+                    problems.append(f"{key} sent again: {result}, first {moved.transfer_id}")
             elif kind == "reserve":
                 input = self._reserve_input(self._by_id[subject])
                 result = await self._probe_one(
@@ -628,6 +850,14 @@ class Replay:
                     expected[("DEDUCT", f"{prefix}deduct:{oid}", loc, sku, -q, -q)] += 1
                 elif abandoned(oid, self.abandon_share):
                     expected[("EXPIRE", rid, loc, sku, 0, -q)] += 1
+        for key, moved in self.out.transfers.items():
+            src, dst = moved.input["fromLocation"], moved.input["toLocation"]
+            q = moved.quantity
+            expected[("TRANSFER_OUT", key, src, moved.sku, -q, 0)] += 1
+            # Immediate: both entries under the transfer's key; else the receipt's key.
+            arrived = key if not moved.input["inTransit"] else moved.received_key
+            if arrived is not None:
+                expected[("TRANSFER_IN", arrived, dst, moved.sku, q, 0)] += 1
         rids = set(self.out.reserved.values())
         actual: Counter[tuple[Any, ...]] = Counter()
         for e in ledger:
@@ -686,6 +916,12 @@ class Replay:
             mine = await self._mine(None)
             balances = await self._pages(BALANCES, "balances")
             ledger = await self._pages(LEDGER, "ledger")
+            levels = await self.levels(self._skus)
+            transfers = (
+                await self._pages(TRANSFERS, "transfers")
+                if self.transfer_share is not None or self.out.transfers
+                else []
+            )
         expired = [r for r in mine if r["status"] == "EXPIRED"]
         committed = [r for r in mine if r["status"] == "COMMITTED"]
         self.out.counts["expired"] = len(expired)
@@ -716,18 +952,120 @@ class Replay:
                 f"reserved {c['reserved']} != deducted {c['deducted']} + abandoned {c['abandoned']}"
             )
         problems.extend(self._exactly_once(ledger, mine))
+        problems.extend(self._conservation(levels))
+        problems.extend(self._transfers_agree(transfers))
+        return problems
+
+    def _conservation(self, levels: dict[str, dict[str, Any]]) -> list[str]:
+        """Per SKU of the run, from ``levels`` (sku -> StockLevels, as :meth:`levels`): the
+        change since the run began of on hand over all locations plus ``incoming`` equals the
+        run's restocks - deducts; the change of ``incoming`` equals the units the run left in
+        transit; a StockLevels' totals equal the sums of its locations. Sets
+        ``out.conservation`` (the summary line); returns the problems. Nothing before
+        :meth:`run` (no opening levels)."""
+        if self._opening is None:
+            return []
+        restocked: Counter[str] = Counter()
+        for lines in self.out.restocks.values():
+            for ln in lines:
+                restocked[ln["sku"]] += ln["quantity"]
+        deducted: Counter[str] = Counter()
+        for oid in self.out.deducted:
+            for (_, sku), q in self._by_id[oid].lines.items():
+                deducted[sku] += q
+        in_transit: Counter[str] = Counter()
+        for moved in self.out.transfers.values():
+            if moved.in_transit:
+                in_transit[moved.sku] += moved.quantity
+        problems: list[str] = []
+        totals = Counter[str]()
+        for sku in self._skus:
+            level = levels.get(sku) or {"onHand": 0, "incoming": 0, "locations": []}
+            places = level["locations"]
+            if (level["onHand"], level["incoming"]) != (
+                sum(b["onHand"] for b in places),
+                sum(b["incoming"] for b in places),
+            ):
+                problems.append(f"stockLevels({sku}) totals != the sums of its locations: {level}")
+            on_hand0, incoming0 = self._opening.get(sku, (0, 0))
+            on_hand, incoming = level["onHand"] - on_hand0, level["incoming"] - incoming0
+            totals.update(
+                on_hand=on_hand, incoming=incoming, restocked=restocked[sku], deducted=deducted[sku]
+            )
+            if on_hand + incoming != restocked[sku] - deducted[sku]:
+                problems.append(
+                    f"conservation {sku}: on hand {on_hand:+d} + in transit {incoming:+d} != "
+                    f"restocked {restocked[sku]} - deducted {deducted[sku]}"
+                )
+            if incoming != in_transit[sku]:
+                problems.append(
+                    f"in transit {sku}: incoming {incoming:+d}, the run left {in_transit[sku]}"
+                )
+        verdict = f"FAILED for {len(problems)}" if problems else "holds"
+        self.out.conservation = (
+            f"conservation ({len(self._skus)} SKUs, all locations): on hand {totals['on_hand']} "
+            f"+ in transit {totals['incoming']} = restocked {totals['restocked']} - deducted "
+            f"{totals['deducted']}: {verdict}"
+        )
+        return problems
+
+    def _transfers_agree(self, transfers: list[dict[str, Any]]) -> list[str]:
+        """The run's transfers (by reference) in ``transfers`` (the server's, all of them)
+        against those it was told of: each exactly once, with its locations, its one line
+        (received all, or none while in transit) and status RECEIVED or IN_TRANSIT; none for a
+        transfer it was refused. Returns the problems."""
+        prefix = f"{self.run_id}:"
+        found: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for t in transfers:
+            if (t.get("reference") or {}).get("id", "").startswith(prefix):
+                found[t["id"]].append(t)
+        problems: list[str] = []
+        for key, moved in self.out.transfers.items():
+            seen = found.pop(moved.transfer_id, [])
+            if len(seen) != 1:
+                problems.append(f"transfer {key} ({moved.transfer_id}) found {len(seen)} times")
+                continue
+            q, moving = moved.quantity, moved.in_transit
+            want = {
+                "status": "IN_TRANSIT" if moving else "RECEIVED",
+                "fromLocation": moved.input["fromLocation"],
+                "toLocation": moved.input["toLocation"],
+                "lines": [
+                    {
+                        "sku": moved.sku,
+                        "quantity": q,
+                        "received": 0 if moving else q,
+                        "remaining": q if moving else 0,
+                        "returned": 0,
+                    }
+                ],
+            }
+            got = {k: seen[0][k] for k in want}
+            if got != want:
+                problems.append(f"transfer {key}: {got}, expected {want}")
+        for tid, seen in sorted(found.items()):
+            problems.append(f"transfer {tid} the run was not told of: {seen}")
         return problems
 
     def report(self, elapsed: float) -> str:
-        """Carts per second, p50/p95/p99 per mutation (ms), the outcome counts and, when
-        there were any, the resends by reason."""
+        """Carts per second, p50/p95/p99 per mutation (ms), the outcome counts (transfers:
+        ``transfers_ok``, ``transfers_short``, ``transfers_other``, ``transfer_units``,
+        ``received``), the conservation line once checked and, when there were any, the
+        resends by reason."""
         lines = [
             f"orders: {len(self.orders)}  clients: {self.clients}  "
             + (f"instances: {len(self.urls)}  " if len(self.urls) > 1 else "")
             + (f"batch: {self.batch}  " if self.batch else "")
+            + (
+                f"transfer share: {self.transfer_share:g}"
+                + (" in transit  " if self.transfer_in_transit else " at once  ")
+                if self.transfer_share is not None
+                else ""
+            )
             + f"elapsed: {elapsed:.2f} s  carts/s: {len(self.orders) / elapsed:.1f}"
         ]
-        for name in ("reserve", "deduct", "reserveMany", "deductMany", "restock"):
+        names = ("reserve", "deduct", "reserveMany", "deductMany", "restock", "transfer")
+        for name in (*names, "receiveTransfer"):
             lat = sorted(self.out.latencies.get(name, []))
             if lat:
                 q = (
@@ -742,6 +1080,16 @@ class Replay:
         lines.append(
             "outcomes: " + ", ".join(f"{k}={v}" for k, v in sorted(self.out.counts.items()))
         )
+        if self.transfer_share is not None:
+            c = self.out.counts
+            left = sum(m.quantity for m in self.out.transfers.values() if m.in_transit)
+            lines.append(
+                f"transfers: ok={c['transfers_ok']} short={c['transfers_short']} "
+                f"other={c['transfers_other']}  units moved={c['transfer_units']}  "
+                f"received={c['received']}  units left in transit={left}"
+            )
+        if self.out.conservation:
+            lines.append(self.out.conservation)
         if self.out.retries:
             lines.append(
                 "resends: "
@@ -821,11 +1169,14 @@ async def run_replay(
     expire_wait: float = 15.0,
     batch: int | None = None,
     api_key: str | None = None,
+    transfer_share: float | None = None,
+    transfer_in_transit: bool = False,
 ) -> tuple[str, list[str]]:
     """Run a replay and its checks; returns (report text, failures). ``url``: one GraphQL
     URL or several instances'. ``batch``: carts (and shipments) per reserveMany (deductMany)
-    call; None: one reserve (deduct) per order. ``api_key``: see :class:`Replay`. Raises
-    what :meth:`Replay.run` raises."""
+    call; None: one reserve (deduct) per order. ``api_key``, ``transfer_share`` and
+    ``transfer_in_transit``: see :class:`Replay`. Raises what :class:`Replay` and
+    :meth:`Replay.run` raise."""
     replay = Replay(
         url,
         load_orders(data, orders),
@@ -836,6 +1187,8 @@ async def run_replay(
         abandon_ttl=abandon_ttl,
         batch=batch,
         api_key=api_key,
+        transfer_share=transfer_share,
+        transfer_in_transit=transfer_in_transit,
     )
     elapsed = await replay.run()
     problems = await replay.check(expire_wait=expire_wait)
