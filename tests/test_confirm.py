@@ -29,8 +29,9 @@ ORDER = Reference("ORDER", "A-1001")
 
 
 async def committed(db: Database, org_id: str, *skus: str) -> dict[str, int]:
-    by_key = await InventoryQueries(db, org_id).committed_for([("default", s) for s in skus])
-    return {s: by_key.get(("default", s), 0) for s in skus}
+    queries = InventoryQueries(db, org_id)
+    found = {s: await queries.balance(s) for s in skus}
+    return {s: 0 if b is None else b.committed for s, b in found.items()}
 
 
 async def figures(db: Database, org_id: str, sku: str) -> tuple[int, int, int]:

@@ -423,6 +423,47 @@ def test_0006_registers_every_named_location_and_keeps_the_ledger_append_only(
         conn.commit()
 
     inspect_sync(empty_url, post_a_transfer)
+    downgrade(empty_url, "0006")
     with pytest.raises(RuntimeError, match="transfer entries"):
         downgrade(empty_url, "0005")
-    assert revision_of(empty_url) == head_revision()
+    assert revision_of(empty_url) == "0006"
+
+
+def test_0007_fills_committed_and_incoming_from_their_definitions(empty_url: str) -> None:
+    """Revision 0007 keeps Balance.committed and Balance.incoming on the row: it fills them
+    from the CONFIRMED reservation lines and the open transfer lines already there."""
+    upgrade(empty_url, "0006")
+    now = "2026-12-01 10:00:00"
+    statements = [
+        "INSERT INTO inventory_balance (org_id, location, sku, on_hand, reserved, version, "
+        f"updated_at) VALUES ('o', 'wh', 'A', 9, 5, 3, '{now}'), ('o', 'st', 'A', 0, 0, 0, "
+        f"'{now}'), ('o', 'wh', 'B', 1, 0, 1, '{now}')",
+        "INSERT INTO reservation (id, org_id, status, expires_at, created_at, updated_at) VALUES "
+        f"(1, 'o', 'CONFIRMED', NULL, '{now}', '{now}'), (2, 'o', 'ACTIVE', '{now}', '{now}', "
+        f"'{now}')",
+        "INSERT INTO reservation_line (org_id, reservation_id, location, sku, quantity, "
+        "deducted, released) VALUES ('o', 1, 'wh', 'A', 4, 1, 0), ('o', 2, 'wh', 'A', 2, 0, 0)",
+        "INSERT INTO transfer (id, org_id, status, from_location, to_location, created_at, "
+        f"updated_at) VALUES (1, 'o', 'PARTIALLY_RECEIVED', 'wh', 'st', '{now}', '{now}'), "
+        f"(2, 'o', 'RECEIVED', 'wh', 'st', '{now}', '{now}')",
+        "INSERT INTO transfer_line (org_id, transfer_id, sku, quantity, received, returned) "
+        "VALUES ('o', 1, 'A', 5, 2, 0), ('o', 2, 'A', 3, 3, 0)",
+    ]
+
+    def seed(conn: Connection) -> None:
+        for statement in statements:
+            conn.execute(text(statement))
+        conn.commit()
+
+    inspect_sync(empty_url, seed)
+    upgrade(empty_url)
+    figures = inspect_sync(
+        empty_url,
+        lambda c: sorted(
+            tuple(r)
+            for r in c.execute(
+                text("SELECT location, sku, committed, incoming FROM inventory_balance")
+            )
+        ),
+    )
+    assert figures == [("st", "A", 0, 3), ("wh", "A", 3, 0), ("wh", "B", 0, 0)]

@@ -40,10 +40,8 @@ def tid(n: int) -> str:
 
 async def figures(db: Database, org_id: str, location: str, sku: str) -> tuple[int, int, int]:
     """(on hand, reserved, incoming) of one balance; zeros when it does not exist."""
-    queries = InventoryQueries(db, org_id)
-    b = await queries.balance(sku, location)
-    incoming = (await queries.incoming_for([(location, sku)])).get((location, sku), 0)
-    return (0, 0, incoming) if b is None else (b.on_hand, b.reserved, incoming)
+    b = await InventoryQueries(db, org_id).balance(sku, location)
+    return (0, 0, 0) if b is None else (b.on_hand, b.reserved, b.incoming)
 
 
 async def no_violations(db: Database, org_id: str) -> None:
@@ -104,7 +102,7 @@ async def test_in_transit_units_are_incoming_until_received_in_parts(
     await no_violations(db, org_id)
     levels = await InventoryQueries(db, org_id).stock_levels("a")
     assert levels is not None
-    assert (levels.on_hand, levels.total_incoming) == (4, 6)
+    assert (levels.on_hand, levels.incoming) == (4, 6)
 
     part = await service.receive_transfer("r1", tid(sent.transfer.id), [TL("a", 2)])
     assert part.transfer.status == "PARTIALLY_RECEIVED"
@@ -317,7 +315,7 @@ async def test_stock_levels_total_the_balances_of_twenty_locations(
         == sum(i + 1 for i in range(0, 20, 4))
     )
     assert levels.available == levels.on_hand - levels.reserved
-    assert levels.total_incoming == sum(levels.incoming.values()) == 15
+    assert levels.incoming == sum(b.incoming for b in levels.balances) == 15
     assert await InventoryQueries(db, org_id).stock_levels("never") is None
 
 

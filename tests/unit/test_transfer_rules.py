@@ -11,6 +11,7 @@ SKUs, on hand plus what is in transit is conserved, computed from an independent
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -122,6 +123,34 @@ def sent(
     return Transfer(tid, status, frm, to, lines, MOVE, "rebalance", EARLIER, EARLIER)
 
 
+def with_derived(
+    balances: tuple[Balance, ...],
+    reservations: tuple[Reservation, ...] = (),
+    transfers: tuple[Transfer, ...] = (),
+) -> list[Balance]:
+    """The balances with the derived figures a real store keeps (section 14), counted from the
+    fixture's reservations and transfers: committed = what CONFIRMED ones hold, incoming = what
+    open transfers to it still carry (a missing destination balance is created empty)."""
+    by_key = {b.key: b for b in balances}
+    committed: dict[tuple[str, str], int] = {}
+    incoming: dict[tuple[str, str], int] = {}
+    for r in reservations:
+        if r.status == "CONFIRMED":
+            for ln in r.lines or ():
+                committed[ln.key] = committed.get(ln.key, 0) + ln.remaining
+    for t in transfers:
+        if t.status in ("IN_TRANSIT", "PARTIALLY_RECEIVED"):
+            for tl in t.lines:
+                key = (t.to_location, tl.sku)
+                incoming[key] = incoming.get(key, 0) + tl.remaining
+    for key in set(committed) | set(incoming):
+        found = by_key.get(key) or Balance(key[1], key[0], 0, 0, 0, EARLIER)
+        by_key[key] = dataclasses.replace(
+            found, committed=committed.get(key, 0), incoming=incoming.get(key, 0)
+        )
+    return list(by_key.values())
+
+
 def stock(
     *balances: Balance,
     locations: tuple[Location, ...] = (loc(WH), loc(ST)),
@@ -130,7 +159,7 @@ def stock(
     required: bool = False,
 ) -> Stock:
     return Stock(
-        balances,
+        with_derived(balances, reservations, transfers),
         reservations,
         locations=locations,
         transfers=transfers,
@@ -488,7 +517,9 @@ def test_a_cancel_back_to_an_inactive_source_applies():
 
     changes = changes_of(s, cancel())
 
-    assert figures(changes) == {(WH, "A"): (6, 0, 2)}
+    # The destination is listed too: its incoming went from 4 to 0 (no entry there).
+    assert figures(changes) == {(WH, "A"): (6, 0, 2), (ST, "A"): (0, 0, 0)}
+    assert [b.incoming for b in changes.balances if b.key == (ST, "A")] == [0]
     assert entries(changes) == [("TRANSFER_IN", WH, "A", 4, 0, 6, NEW_TID)]
     assert the_transfer(changes).status == CANCELLED
 
@@ -544,7 +575,9 @@ def test_in_transit_transfer_posts_only_transfer_out():
 
     assert entries(changes) == [("TRANSFER_OUT", WH, "A", -3, 0, 7, NEW_TID)]
     assert figures(changes) == {(WH, "A"): (7, 0, 4), (ST, "A"): (0, 0, 0)}
-    assert [b for b in changes.balances if b.key == (ST, "A")] == [Balance("A", ST, 0, 0, 0, NOW)]
+    assert [b for b in changes.balances if b.key == (ST, "A")] == [
+        Balance("A", ST, 0, 0, 0, NOW, incoming=3)
+    ]
     t = the_transfer(changes)
     assert (t.status, t.from_location, t.to_location, t.reason) == (IN_TRANSIT, WH, ST, "r")
     assert line_figures(t) == {"A": (3, 0, 0, 3)}

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    text,
 )
 
 from stockledger.db.types import BigId, ExactString, Timestamp
@@ -59,6 +60,10 @@ inventory_balance = Table(
     Column("reserved", BigInteger, nullable=False),
     Column("version", BigInteger, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
+    # Derived figures the rules keep (migration 0007): units CONFIRMED reservations hold, and
+    # units of open transfers to this balance still in transit.
+    Column("committed", BigInteger, nullable=False, server_default=text("0")),
+    Column("incoming", BigInteger, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("org_id", "location", "sku"),
     CheckConstraint("on_hand >= 0", name="on_hand_nonnegative"),
     CheckConstraint("reserved >= 0", name="reserved_nonnegative"),

@@ -58,7 +58,7 @@ _SEQUENCES = frozenset({"reservation", "transfer"})
 # (SQLite docs, "Limits In SQLite", SQLITE_MAX_VARIABLE_NUMBER) and MySQL's packet size.
 MAX_ROWS_PER_STATEMENT = 500
 
-_BALANCE_COLUMNS = "location, sku, on_hand, reserved, version, updated_at"
+_BALANCE_COLUMNS = "location, sku, on_hand, reserved, version, updated_at, committed, incoming"
 _RESERVATION_COLUMNS = "id, status, ref_type, ref_id, expires_at, created_at, updated_at"
 # The statuses whose reservations hold stock, as an SQL list: ('ACTIVE', 'CONFIRMED').
 _HOLDING = "(" + ", ".join(f"'{s}'" for s in HOLDING_STATUSES) + ")"
@@ -205,14 +205,15 @@ class _Sql:
     @functools.cache  # noqa: B019
     def insert_balances(self, n: int) -> str:
         return (
-            f"INSERT INTO inventory_balance (org_id, {_BALANCE_COLUMNS}) VALUES {self.values(n, 7)}"
+            f"INSERT INTO inventory_balance (org_id, {_BALANCE_COLUMNS}) VALUES {self.values(n, 9)}"
         )
 
     @functools.cache  # noqa: B019
     def update_balances(self, n: int) -> str:
         """One statement for ``n`` locked balances (see :meth:`upsert`)."""
         return self.insert_balances(n) + self.upsert(
-            "org_id, location, sku", ["on_hand", "reserved", "version", "updated_at"]
+            "org_id, location, sku",
+            ["on_hand", "reserved", "version", "updated_at", "committed", "incoming"],
         )
 
     @functools.cache  # noqa: B019
@@ -604,11 +605,17 @@ class SqlTransaction:
         lock = "wait" if wait else "skip"
         for chunk in _chunks(wanted):
             params = [self.org_id, *(x for k in chunk for x in k)]
-            for location, sku, on_hand, reserved, version, updated_at in await self._run(
-                self.sql.select_balances(len(chunk), lock), params
-            ):
+            for row in await self._run(self.sql.select_balances(len(chunk), lock), params):
+                location, sku, on_hand, reserved, version, updated_at, committed, incoming = row
                 found[(location, sku)] = Balance(
-                    sku, location, int(on_hand), int(reserved), int(version), t(updated_at)
+                    sku,
+                    location,
+                    int(on_hand),
+                    int(reserved),
+                    int(version),
+                    t(updated_at),
+                    int(committed),
+                    int(incoming),
                 )
         busy: frozenset[BalanceKey] = frozenset()
         missing = [k for k in wanted if k not in found]
@@ -707,7 +714,17 @@ class SqlTransaction:
             for chunk in _chunks(rows):
                 params: list[Any] = []
                 for b in chunk:
-                    params += [org, b.location, b.sku, b.on_hand, b.reserved, b.version, now]
+                    params += [
+                        org,
+                        b.location,
+                        b.sku,
+                        b.on_hand,
+                        b.reserved,
+                        b.version,
+                        now,
+                        b.committed,
+                        b.incoming,
+                    ]
                 await self._run(statement(len(chunk)), params)
         for chunk in _chunks(ws.new_reservations):
             await self._run(sql.insert_reservations(len(chunk)), self._reservation_rows(chunk))

@@ -78,7 +78,12 @@ class Reference:
 
 @dataclass(frozen=True, slots=True)
 class Balance:
-    """Stock of one SKU at one location. ``version`` counts the balance's ledger entries."""
+    """Stock of one SKU at one location. ``version`` counts the balance's ledger entries.
+
+    ``committed`` (units CONFIRMED reservations hold: a part of reserved) and ``incoming``
+    (units of open transfers to it still in transit) are derived figures the rules keep
+    (ARCHITECTURE section 14): they change no version and post no entry.
+    """
 
     sku: str
     location: str
@@ -86,6 +91,8 @@ class Balance:
     reserved: int
     version: int
     updated_at: datetime
+    committed: int = 0
+    incoming: int = 0
 
     @property
     def key(self) -> BalanceKey:

@@ -280,6 +280,8 @@ def consume(stock: Stock, command: Release | Deduct, now: datetime) -> Decision:
         lines = []
         for line in reservation.lines or ():
             q = wanted.get(line.key, 0)
+            if q and reservation.status == CONFIRMED:
+                draft.derive(line.key, committed=-q)
             if q and deduct:
                 draft.move(
                     line.key,
@@ -352,6 +354,8 @@ def confirm(stock: Stock, command: Confirm, now: datetime) -> Decision:
         )
         for line in reservation.lines or ():
             draft.show(line.key)
+            if line.remaining > 0:
+                draft.derive(line.key, committed=line.remaining)
     row = KeyRow(command.idempotency_key, command.operation, command.request_hash, result_ref)
     return draft.changes(answer=[r.id for r in found], key_row=row)
 
@@ -436,7 +440,7 @@ def transfer(stock: Stock, command: TransferStock, now: datetime, transfer_id: i
         )
     if command.in_transit:
         for sent in moved.lines:
-            draft.ensure((command.to_location, sent.sku))
+            draft.derive((command.to_location, sent.sku), incoming=sent.quantity)
     else:
         for sent in moved.lines:
             _transfer_move(
@@ -495,6 +499,8 @@ def receive_transfer(stock: Stock, command: ReceiveTransfer, now: datetime) -> D
                     )
                 )
             _transfer_move(draft, found, found.to_location, line.sku, "TRANSFER_IN", q)
+            draft.derive(key, incoming=-q)
+            draft.show((found.from_location, line.sku))  # the result lists both ends
             line = dataclasses.replace(line, received=line.received + q)
         lines.append(line)
     status = RECEIVED if all(ln.remaining == 0 for ln in lines) else PARTIALLY_RECEIVED
@@ -533,6 +539,7 @@ def cancel_transfer(stock: Stock, command: CancelTransfer, now: datetime) -> Dec
                 line.remaining,
                 reason=command.reason,
             )
+            draft.derive((found.to_location, line.sku), incoming=-line.remaining)
             line = dataclasses.replace(line, returned=line.returned + line.remaining)
         lines.append(line)
     draft.save_transfer(

@@ -9,6 +9,7 @@ a command that fails simply drops its draft, so it leaves no trace.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -222,12 +223,6 @@ class Draft:
         """Record a created or changed transfer (its after-state)."""
         self._transfers[transfer.id] = transfer
 
-    def ensure(self, key: BalanceKey) -> None:
-        """Create a missing balance with nothing in it, and no entry: an in-transit transfer's
-        destination, so that it shows its incoming (section 14)."""
-        if self._balances.get(key) is None and self.stock.balance(key) is None:
-            self._balances[key] = Balance(key[1], key[0], 0, 0, 0, self.now)
-
     @property
     def touched(self) -> bool:
         return bool(self._entries or self._reservations)
@@ -251,13 +246,12 @@ class Draft:
         ``Balance.version``).
         """
         before = self.balance(key)
-        after = Balance(
-            before.sku,
-            before.location,
-            before.on_hand + on_hand_delta,
-            before.reserved + reserved_delta,
-            before.version + 1,
-            self.now,
+        after = dataclasses.replace(
+            before,
+            on_hand=before.on_hand + on_hand_delta,
+            reserved=before.reserved + reserved_delta,
+            version=before.version + 1,
+            updated_at=self.now,
         )
         self._balances[key] = after
         self._entries.append(
@@ -282,6 +276,17 @@ class Draft:
     def save(self, reservation: Reservation) -> None:
         """Record a created or changed reservation (its after-state)."""
         self._reservations[reservation.id] = reservation
+
+    def derive(self, key: BalanceKey, *, committed: int = 0, incoming: int = 0) -> None:
+        """Change a balance's derived figures by these deltas (units): no entry, no version
+        change (section 14). A missing balance is created empty first."""
+        before = self.balance(key)
+        self._balances[key] = dataclasses.replace(
+            before,
+            committed=before.committed + committed,
+            incoming=before.incoming + incoming,
+            updated_at=self.now,
+        )
 
     def show(self, key: BalanceKey) -> None:
         """List a balance among the changes unchanged (no entry, no version change): the

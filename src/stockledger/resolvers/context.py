@@ -36,8 +36,6 @@ class GraphQLContext:
     # (``app.state.api_keys``, the one the auth middleware reads).
     key_store: ApiKeys | None = None
     _lines: DataLoader[int, list[ReservationLine]] | None = field(default=None, init=False)
-    _committed: DataLoader[tuple[str, str], int] | None = field(default=None, init=False)
-    _incoming: DataLoader[tuple[str, str], int] | None = field(default=None, init=False)
 
     @property
     def api_keys(self) -> ApiKeys:
@@ -63,31 +61,3 @@ class GraphQLContext:
 
             self._lines = DataLoader(load_fn=load_lines)
         return self._lines
-
-    @property
-    def committed_units(self) -> DataLoader[tuple[str, str], int]:
-        """``Balance.committed`` of many (location, sku) balances in one query (made on
-        first use, like :attr:`reservation_lines`)."""
-        if self._committed is None:
-            queries = self.queries
-
-            async def load_committed(keys: list[tuple[str, str]]) -> list[int]:
-                by_key = await queries.committed_for(keys)
-                return [by_key.get(k, 0) for k in keys]
-
-            self._committed = DataLoader(load_fn=load_committed)
-        return self._committed
-
-    @property
-    def incoming_units(self) -> DataLoader[tuple[str, str], int]:
-        """``Balance.incoming`` of many (location, sku) balances in one query (made on first
-        use, like :attr:`reservation_lines`)."""
-        if self._incoming is None:
-            queries = self.queries
-
-            async def load_incoming(keys: list[tuple[str, str]]) -> list[int]:
-                by_key = await queries.incoming_for(keys)
-                return [by_key.get(k, 0) for k in keys]
-
-            self._incoming = DataLoader(load_fn=load_incoming)
-        return self._incoming

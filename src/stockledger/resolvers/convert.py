@@ -64,8 +64,7 @@ def transfer_id(n: int) -> strawberry.ID:
     return strawberry.ID(ids.transfer_global_id(n))
 
 
-def balance(r: m.Balance, incoming: int | None = None) -> Balance:
-    """A balance; ``incoming`` when the read already has it (else the DataLoader reads it)."""
+def balance(r: m.Balance) -> Balance:
     return Balance(
         id=strawberry.ID(ids.balance_global_id(r.location, r.sku)),
         sku=r.sku,
@@ -75,7 +74,8 @@ def balance(r: m.Balance, incoming: int | None = None) -> Balance:
         available=r.available,
         version=r.version,
         updated_at=r.updated_at,
-        known_incoming=incoming,
+        committed=r.committed,
+        incoming=r.incoming,
     )
 
 
@@ -168,8 +168,8 @@ def stock_levels(r: q.StockLevels) -> StockLevels:
         on_hand=r.on_hand,
         reserved=r.reserved,
         available=r.available,
-        incoming=r.total_incoming,
-        locations=[balance(b, r.incoming.get(b.key, 0)) for b in r.balances],
+        incoming=r.incoming,
+        locations=[balance(b) for b in r.balances],
     )
 
 

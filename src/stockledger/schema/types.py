@@ -1,7 +1,7 @@
 """Object types of the contract (plain data; ``resolvers/convert.py`` builds them from records).
 
-``Balance.committed`` is loaded through the request's DataLoader
-(``info.context.committed_units``, keyed by (location, sku)), one query per response.
+``Balance.committed`` and ``Balance.incoming`` come with the balance (the rules keep them on
+its row).
 Reservation ``lines`` come preloaded when the service returned them (every mutation result
 does); otherwise they are loaded through the request's DataLoader
 (``info.context.reservation_lines``, keyed by reservation id), one query per page.
@@ -12,7 +12,6 @@ The ``id`` of a Balance or Reservation is its opaque global id (``domain/ids.py`
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 import strawberry
 
@@ -22,22 +21,6 @@ from stockledger.schema.enums import (
     ReservationStatus,
     TransferStatus,
 )
-
-
-async def _committed_units(root: Balance, info: strawberry.Info[Any, Any]) -> int:
-    """``Balance.committed``: one query for every balance of the response (the request's
-    DataLoader)."""
-    units: int = await info.context.committed_units.load((root.location, root.sku))
-    return units
-
-
-async def _incoming_units(root: Balance, info: strawberry.Info[Any, Any]) -> int:
-    """``Balance.incoming``: one query for every balance of the response (the request's
-    DataLoader), unless the balance came with it (``stockLevels``)."""
-    if root.known_incoming is not None:
-        return root.known_incoming
-    units: int = await info.context.incoming_units.load((root.location, root.sku))
-    return units
 
 
 @strawberry.interface(
@@ -68,17 +51,13 @@ class Balance(Node):
     updated_at: datetime
 
     committed: int = strawberry.field(
-        resolver=_committed_units,
         description="Units held by CONFIRMED reservations: a part of reserved, sold but not "
-        "shipped.",
+        "shipped."
     )
     incoming: int = strawberry.field(
-        resolver=_incoming_units,
         description="Units on their way to this balance: transfers IN_TRANSIT to it, plus "
-        "open supplier order lines (part SUPPLY).",
+        "open supplier order lines (part SUPPLY)."
     )
-    # Set when the read that made it also read its incoming (stockLevels).
-    known_incoming: strawberry.Private[int | None] = None
 
 
 @strawberry.type(

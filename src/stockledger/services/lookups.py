@@ -143,7 +143,7 @@ async def replay(
         entries = await select_ledger_by_key(conn, org_id, key)
         if operation in TRANSFER_OPERATIONS:
             [moved] = await select_transfers(conn, org_id, [replayed_transfer_id(entries)])
-            keys = replayed_transfer_keys(operation, moved, entries)
+            keys = transfer_result_keys(moved, entries)
             bal_rows = await select_balances(conn, org_id, keys, for_update=False)
             balances = [balance_record(bal_rows[k]) for k in keys if k in bal_rows]
             return TransferResult(moved, balances, entries, True)
@@ -174,14 +174,12 @@ def replayed_transfer_id(entries: Sequence[LedgerEntry]) -> int:
     raise RuntimeError("a done transfer call without transfer entries")
 
 
-def replayed_transfer_keys(
-    operation: str, moved: Transfer, entries: Sequence[LedgerEntry]
-) -> list[BalanceKey]:
-    """The balances a done transfer call's result lists, sorted: a transfer's both ends (an
-    in-transit one's destination has no entry yet), else those its entries changed."""
-    if operation == "transfer":
-        return moved.balance_keys()
-    return sorted({e.key for e in entries})
+def transfer_result_keys(moved: Transfer, entries: Sequence[LedgerEntry]) -> list[BalanceKey]:
+    """The balances a transfer, receipt or cancel lists in its result (and its replay), sorted:
+    both ends of every SKU it posted an entry for (the end without an entry changed its
+    incoming: an in-transit transfer's destination, a cancel's)."""
+    skus = {e.sku for e in entries if e.transfer_id == moved.id}
+    return sorted({(loc, sku) for sku in skus for loc in (moved.from_location, moved.to_location)})
 
 
 def replayed_result(

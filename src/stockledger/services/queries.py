@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import and_, func, or_, select, tuple_
+from sqlalchemy import and_, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from stockledger.db.engine import Database
@@ -36,13 +36,10 @@ from stockledger.db.models import transfer_line as TL
 from stockledger.domain.errors import ValidationError
 from stockledger.domain.ids import TRANSFER, typed_number_of
 from stockledger.domain.model import (
-    CONFIRMED,
     LEDGER_EVENT_TYPES,
-    OPEN_TRANSFER_STATUSES,
     RESERVATION_STATUSES,
     TRANSFER_STATUSES,
     Balance,
-    BalanceKey,
     LedgerEntry,
     Location,
     Reference,
@@ -82,11 +79,10 @@ _BALANCES, _LEDGER, _RESERVATIONS, _LOCATIONS, _TRANSFERS = "b", "l", "r", "o", 
 @dataclass(frozen=True)
 class StockLevels:
     """One SKU's balances at every location that has or had it (by location code), with
-    their totals (units of stock); ``incoming`` per balance key, absent keys 0."""
+    their totals (units of stock)."""
 
     sku: str
     balances: list[Balance]
-    incoming: dict[BalanceKey, int]
 
     @property
     def on_hand(self) -> int:
@@ -101,8 +97,8 @@ class StockLevels:
         return sum(b.available for b in self.balances)
 
     @property
-    def total_incoming(self) -> int:
-        return sum(self.incoming.values())
+    def incoming(self) -> int:
+        return sum(b.incoming for b in self.balances)
 
 
 @dataclass(frozen=True)
@@ -399,65 +395,9 @@ class InventoryQueries:
                 out[row.reservation_id].append(line_record(row))
         return {rid: tuple(lines) for rid, lines in out.items()}
 
-    async def committed_for(self, keys: Sequence[BalanceKey]) -> dict[BalanceKey, int]:
-        """``Balance.committed`` of many (location, sku) balances in one query: the units
-        their CONFIRMED reservations still hold (sum of the lines' remaining). A derived
-        figure (ARCHITECTURE section 14): no version, no ledger entry. Keys with none are
-        absent. For a DataLoader (at most :data:`MAX_PAGE_SIZE` keys per query)."""
-        wanted = list(dict.fromkeys(keys))
-        out: dict[BalanceKey, int] = {}
-        async with self.db.read() as conn:
-            for start in range(0, len(wanted), MAX_PAGE_SIZE):
-                chunk = wanted[start : start + MAX_PAGE_SIZE]
-                stmt = (
-                    select(
-                        RL.c.location,
-                        RL.c.sku,
-                        func.sum(RL.c.quantity - RL.c.deducted - RL.c.released).label("units"),
-                    )
-                    .join(R, and_(R.c.id == RL.c.reservation_id, R.c.org_id == RL.c.org_id))
-                    .where(
-                        RL.c.org_id == self.org_id,
-                        R.c.status == CONFIRMED,
-                        tuple_(RL.c.location, RL.c.sku).in_(chunk),
-                    )
-                    .group_by(RL.c.location, RL.c.sku)
-                )
-                for row in (await conn.execute(stmt)).all():
-                    out[(row.location, row.sku)] = int(row.units)
-        return out
-
-    async def incoming_for(self, keys: Sequence[BalanceKey]) -> dict[BalanceKey, int]:
-        """``Balance.incoming`` of many (location, sku) balances in one query per 500: the
-        units of open (IN_TRANSIT, PARTIALLY_RECEIVED) transfers to them still in transit
-        (sum of the lines' remaining: quantity - received - returned). A derived figure
-        (ARCHITECTURE section 14): no version, no ledger entry. Keys with none are absent."""
-        wanted = list(dict.fromkeys(keys))
-        out: dict[BalanceKey, int] = {}
-        async with self.db.read() as conn:
-            for start in range(0, len(wanted), MAX_PAGE_SIZE):
-                chunk = wanted[start : start + MAX_PAGE_SIZE]
-                stmt = (
-                    select(
-                        TR.c.to_location,
-                        TL.c.sku,
-                        func.sum(TL.c.quantity - TL.c.received - TL.c.returned).label("units"),
-                    )
-                    .join(TR, and_(TR.c.id == TL.c.transfer_id, TR.c.org_id == TL.c.org_id))
-                    .where(
-                        TR.c.org_id == self.org_id,
-                        TR.c.status.in_(OPEN_TRANSFER_STATUSES),
-                        tuple_(TR.c.to_location, TL.c.sku).in_(chunk),
-                    )
-                    .group_by(TR.c.to_location, TL.c.sku)
-                )
-                for row in (await conn.execute(stmt)).all():
-                    out[(row.to_location, row.sku)] = int(row.units)
-        return out
-
     async def stock_levels(self, sku: str) -> StockLevels | None:
-        """``sku``'s balances at every location, by location code, with their incoming, in
-        one read transaction; None when no location has a balance of it.
+        """``sku``'s balances at every location, by location code; None when no location has
+        a balance of it.
 
         Raises ValidationError for a SKU that breaks the string rules.
         """
@@ -467,7 +407,7 @@ class InventoryQueries:
             balances = [balance_record(r) for r in (await conn.execute(stmt)).all()]
         if not balances:
             return None
-        return StockLevels(sku, balances, await self.incoming_for([b.key for b in balances]))
+        return StockLevels(sku, balances)
 
     async def location(self, code: str) -> Location | None:
         """The registered location ``code``, or None. Raises ValidationError for a bad code."""

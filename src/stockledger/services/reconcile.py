@@ -14,6 +14,9 @@
 7. Each transfer line agrees with its entries: its TRANSFER_OUT entries at the source sum to
    -quantity, its TRANSFER_IN entries at the destination to +received and at the source to
    +returned.
+8. The derived figures kept on each balance match their definitions: committed = sum(remaining)
+   of its CONFIRMED reservation lines, incoming = sum(remaining) of the open transfer lines to
+   it.
 """
 
 from __future__ import annotations
@@ -125,6 +128,32 @@ async def find_violations(db: Database, org_id: str) -> list[str]:
                 .group_by(TL.c.sku)
             )
         }
+        committed = {
+            (r.location, r.sku): int(r.units)
+            for r in await conn.execute(
+                select(
+                    RL.c.location,
+                    RL.c.sku,
+                    func.sum(RL.c.quantity - RL.c.deducted - RL.c.released).label("units"),
+                )
+                .join(R, R.c.id == RL.c.reservation_id)
+                .where(R.c.org_id == org_id, R.c.status == CONFIRMED)
+                .group_by(RL.c.location, RL.c.sku)
+            )
+        }
+        incoming = {
+            (r.to_location, r.sku): int(r.units)
+            for r in await conn.execute(
+                select(
+                    TR.c.to_location,
+                    TL.c.sku,
+                    func.sum(TL.c.quantity - TL.c.received - TL.c.returned).label("units"),
+                )
+                .join(TR, (TR.c.id == TL.c.transfer_id) & (TR.c.org_id == TL.c.org_id))
+                .where(TR.c.org_id == org_id, TR.c.status.in_(OPEN_TRANSFER_STATUSES))
+                .group_by(TR.c.to_location, TL.c.sku)
+            )
+        }
         transfer_lines = list(
             await conn.execute(
                 select(
@@ -178,8 +207,16 @@ async def find_violations(db: Database, org_id: str) -> list[str]:
                     f"transfer {t.id} ({t.status}) {t.sku}: {event} at {location} sums to "
                     f"{posted}, its line says {units}"
                 )
+    for key in (set(committed) | set(incoming)) - set(balances):
+        out.append(f"{key[0]}/{key[1]}: committed or incoming units without a balance")
     for key, row in sorted(balances.items()):
         name = f"{key[0]}/{key[1]}"
+        derived = (committed.get(key, 0), incoming.get(key, 0))
+        if (row.committed, row.incoming) != derived:
+            out.append(
+                f"{name}: committed {row.committed}, incoming {row.incoming} kept; their "
+                f"definitions give {derived[0]}, {derived[1]}"
+            )
         if not 0 <= row.reserved <= row.on_hand:
             out.append(f"{name}: reserved {row.reserved} outside 0..on_hand {row.on_hand}")
         oh, rs = sums.get(key, (0, 0))

@@ -62,6 +62,8 @@ def balance_record(row: Any) -> Balance:
         reserved=row.reserved,
         version=row.version,
         updated_at=from_db_time(row.updated_at),
+        committed=row.committed,
+        incoming=row.incoming,
     )
 
 

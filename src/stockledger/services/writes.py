@@ -60,7 +60,11 @@ from stockledger.observability import metrics
 from stockledger.observability.logs import get_logger
 from stockledger.services.batcher import Batcher
 from stockledger.services.errors import ServiceUnavailableError
-from stockledger.services.lookups import SqlLookups, due_reservations_of_every_org
+from stockledger.services.lookups import (
+    SqlLookups,
+    due_reservations_of_every_org,
+    transfer_result_keys,
+)
 from stockledger.services.ports import Lookups, Store
 from stockledger.services.records import (
     AdjustResult,
@@ -975,8 +979,8 @@ def _result(command: Command, changes: Changes) -> Any:
         [moved] = [t for t in changes.transfers if t.id == changes.answer[0]]
         # Its own entries and balances, not those of holds it expired on the way (as a replay).
         own = [e for e in changes.entries if e.idempotency_key == command.idempotency_key]
-        keys = set(moved.balance_keys()) if isinstance(command, TransferStock) else None
-        shown = [b for b in changes.balances if keys is None or b.key in keys]
+        keys = set(transfer_result_keys(moved, own))
+        shown = [b for b in changes.balances if b.key in keys]
         return TransferResult(moved, shown, own, False)
     by_id = {r.id: r for r in changes.reservations}
     answered = [by_id[i] for i in changes.answer]
