@@ -50,6 +50,10 @@ FIELD_SCOPES: dict[str, Scope | None] = {
     "updateLocation": S.ADMIN,
     "receiveTransfer": S.STOCK_WRITE,
     "cancelTransfer": S.STOCK_WRITE,
+    "lowStock": S.STOCK_READ,
+    "reorderSuggestions": S.STOCK_READ,
+    "setReorderPoint": S.STOCK_WRITE,
+    "clearReorderPoint": S.STOCK_WRITE,
 }
 # `transfer` is a query (STOCK_READ) and a mutation (STOCK_WRITE) of the same name.
 MUTATION_SCOPES = {"transfer": S.STOCK_WRITE}
@@ -74,6 +78,8 @@ def _operation(field: str) -> tuple[str, dict[str, Any]]:
         "stockLevels": '{ stockLevels(sku: "A") { onHand } }',
         "transfer": '{ transfer(id: "VHJhbnNmZXI6MQ") { id } }',  # Transfer 1's global id
         "transfers": "{ transfers(first: 1) { edges { cursor } } }",
+        "lowStock": "{ lowStock(first: 1) { edges { cursor } } }",
+        "reorderSuggestions": '{ reorderSuggestions(location: "default") { quantity } }',
     }
     if field in reads:
         return reads[field], {}
@@ -121,6 +127,11 @@ def _operation(field: str) -> tuple[str, dict[str, Any]]:
             "ReceiveTransferInput",
             {"idempotencyKey": k, "transferId": "VHJhbnNmZXI6MQ"},
         ),
+        "setReorderPoint": (
+            "SetReorderPointInput",
+            {"idempotencyKey": k, "sku": "A", "minimumLevel": 1, "reorderQuantity": 5},
+        ),
+        "clearReorderPoint": ("ClearReorderPointInput", {"idempotencyKey": k, "sku": "A"}),
         "cancelTransfer": (
             "CancelTransferInput",
             {"idempotencyKey": k, "transferId": "VHJhbnNmZXI6MQ", "reason": "probe"},

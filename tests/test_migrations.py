@@ -190,8 +190,18 @@ def test_engine_specific_schema(empty_url: str, backend: str) -> None:
 
     got = inspect_sync(empty_url, facts)
     if backend == "sqlite":
-        # Ids never reused: ledger entries, reservations and API keys.
-        assert got == {"autoincrement": {"api_key", "inventory_ledger", "reservation"}}
+        # Ids never reused: ledger entries, reservations, API keys, outbox events (the relay
+        # reads them in order), webhook endpoints and deliveries.
+        assert got == {
+            "autoincrement": {
+                "api_key",
+                "inventory_ledger",
+                "reservation",
+                "outbox_event",
+                "webhook_endpoint",
+                "webhook_delivery",
+            }
+        }
         return
     assert got["tables"] == {(t, "InnoDB", "utf8mb4") for t in MODEL_TABLES}
     expected_datetimes = {

@@ -103,6 +103,24 @@ class Settings(BaseSettings):
     # Locations (ARCHITECTURE section 14): true makes every write naming an unregistered
     # location answer LocationUnavailableError instead of registering it as a WAREHOUSE.
     require_registered_locations: bool = False
+    # Events (ARCHITECTURE section 15): every write inserts its events into the outbox in its
+    # transaction; false turns that off (nothing is published then).
+    outbox: bool = True
+    # The relay (in `serve`, or `stockledger relay` alone): how often it looks for new events
+    # (seconds), its lease per org (seconds), how long an id gap waits for a late commit before
+    # the relay passes it (seconds), and how long delivered events are kept (seconds).
+    relay_interval_seconds: float = Field(default=0.2, gt=0)
+    relay_lease_seconds: float = Field(default=10.0, gt=0)
+    relay_gap_seconds: float = Field(default=60.0, gt=0)
+    outbox_retention_seconds: float = Field(default=7 * 86400, gt=0)
+    # Webhooks: endpoint URLs that resolve to private or loopback addresses are refused unless
+    # this is true (SSRF); each attempt's timeout (seconds); give up (DEAD) after this long.
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
+    webhook_give_up_seconds: float = Field(default=86400.0, gt=0)
+    # Subscriptions (graphql-transport-ws on /graphql): per connection, and per API key.
+    max_subscriptions_per_connection: int = Field(default=20, ge=1)
+    max_connections_per_key: int = Field(default=50, ge=1)
 
     # SIGTERM ends `serve` within this bound (seconds): in-flight requests get half of it,
     # the sweeper and the write batches a quarter; past it the process exits anyway.

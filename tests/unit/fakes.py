@@ -48,6 +48,7 @@ class MemoryDatabase:
     locations: dict[str, Location] = field(default_factory=dict)
     transfers: dict[int, Transfer] = field(default_factory=dict)
     next_ids: dict[str, int] = field(default_factory=dict)
+    events: list[tuple[str, str]] = field(default_factory=list)
     next_reservation_id: int = 1
     next_ledger_id: int = 1
     commits: int = 0
@@ -59,6 +60,7 @@ class MemoryTransaction:
     def __init__(self, db: MemoryDatabase) -> None:
         self.db = db
         self.staged: WriteSet | None = None
+        self.staged_events: list[tuple[str, str]] = []
         self.ids: list[int] = []
         self.committed = False
 
@@ -117,10 +119,14 @@ class MemoryTransaction:
         return {
             i: self.ids[i]
             for i, e in enumerate(ws.entries)
-            if e.idempotency_key in ws.keys_needing_ids
+            if ws.all_ids or e.idempotency_key in ws.keys_needing_ids
         }
 
+    async def insert_events(self, rows: Sequence[tuple[str, str]], now: datetime) -> None:
+        self.staged_events += rows
+
     async def commit(self) -> None:
+        self.db.events += self.staged_events
         ws = self.staged
         if ws is not None:
             for b in [*ws.new_balances, *ws.balances]:

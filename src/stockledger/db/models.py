@@ -23,7 +23,7 @@ from sqlalchemy import (
     text,
 )
 
-from stockledger.db.types import BigId, ExactString, Timestamp
+from stockledger.db.types import BigId, ExactString, LongText, Timestamp
 from stockledger.domain.model import (
     LEDGER_EVENT_TYPES,
     LOCATION_TYPES,
@@ -64,6 +64,11 @@ inventory_balance = Table(
     # units of open transfers to this balance still in transit.
     Column("committed", BigInteger, nullable=False, server_default=text("0")),
     Column("incoming", BigInteger, nullable=False, server_default=text("0")),
+    # The reorder point (NULL: none) and the stored alert state (migration 0008, section 15).
+    Column("reorder_minimum", BigInteger, nullable=True),
+    Column("reorder_quantity", BigInteger, nullable=True),
+    Column("reorder_maximum", BigInteger, nullable=True),
+    Column("alert_state", String(8), nullable=False, server_default=text("'OK'")),
     PrimaryKeyConstraint("org_id", "location", "sku"),
     CheckConstraint("on_hand >= 0", name="on_hand_nonnegative"),
     CheckConstraint("reserved >= 0", name="reserved_nonnegative"),
@@ -209,6 +214,76 @@ transfer_line = Table(
     CheckConstraint("received >= 0 AND returned >= 0", name="counts_nonnegative"),
     CheckConstraint("received + returned <= quantity", name="within_quantity"),
     Index("ix_transfer_line_sku", "org_id", "sku"),
+    **_mysql_opts,
+)
+
+# The transactional outbox (ARCHITECTURE section 15): a write's events, inserted in its
+# transaction; ``payload`` is the Standard Webhooks body (JSON) that webhooks and subscriptions
+# carry, the id its webhook-id.
+outbox_event = Table(
+    "outbox_event",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("payload", LongText, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_outbox_event_org", "org_id", "id"),
+    sqlite_autoincrement=True,  # ids never reused: the relay reads them in order
+    **_mysql_opts,
+)
+
+# Where each org's relay is: under a lease (one relay per org at a time), up to which event.
+relay_state = Table(
+    "relay_state",
+    metadata,
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("owner", String(64), nullable=True),
+    Column("lease_expires_at", Timestamp, nullable=True),
+    Column("last_event_id", BigInteger, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    PrimaryKeyConstraint("org_id"),
+    **_mysql_opts,
+)
+
+webhook_endpoint = Table(
+    "webhook_endpoint",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("url", ExactString(2048), nullable=False),
+    # Space-separated EventType names.
+    Column("event_types", String(512), nullable=False),
+    # The whsec_ signing secret (Standard Webhooks): the service must sign with it.
+    Column("secret", String(128), nullable=False),
+    Column("active", Boolean(create_constraint=False), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("deleted_at", Timestamp, nullable=True),
+    Index("ix_webhook_endpoint_org", "org_id", "id"),
+    sqlite_autoincrement=True,
+    **_mysql_opts,
+)
+
+webhook_delivery = Table(
+    "webhook_delivery",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("org_id", String(ORG_LENGTH), nullable=False),
+    Column("endpoint_id", BigInteger, nullable=False),
+    Column("event_id", BigInteger, nullable=False),
+    Column("event_type", String(32), nullable=False),
+    # PENDING, DELIVERED, FAILED (will retry), DEAD (gave up).
+    Column("status", String(16), nullable=False),
+    Column("attempts", BigInteger, nullable=False),
+    Column("last_status_code", BigInteger, nullable=True),
+    Column("last_error", String(1024), nullable=True),
+    Column("next_attempt_at", Timestamp, nullable=True),
+    Column("delivered_at", Timestamp, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_delivery_endpoint_event"),
+    Index("ix_webhook_delivery_due", "status", "next_attempt_at"),
+    Index("ix_webhook_delivery_endpoint", "org_id", "endpoint_id", "id"),
+    sqlite_autoincrement=True,
     **_mysql_opts,
 )
 

@@ -42,6 +42,7 @@ from stockledger.domain.model import (
     LedgerEntry,
     Location,
     Reference,
+    ReorderPoint,
     Reservation,
     ReservationLine,
     Transfer,
@@ -58,7 +59,10 @@ _SEQUENCES = frozenset({"reservation", "transfer"})
 # (SQLite docs, "Limits In SQLite", SQLITE_MAX_VARIABLE_NUMBER) and MySQL's packet size.
 MAX_ROWS_PER_STATEMENT = 500
 
-_BALANCE_COLUMNS = "location, sku, on_hand, reserved, version, updated_at, committed, incoming"
+_BALANCE_COLUMNS = (
+    "location, sku, on_hand, reserved, version, updated_at, committed, incoming, "
+    "reorder_minimum, reorder_quantity, reorder_maximum, alert_state"
+)
 _RESERVATION_COLUMNS = "id, status, ref_type, ref_id, expires_at, created_at, updated_at"
 # The statuses whose reservations hold stock, as an SQL list: ('ACTIVE', 'CONFIRMED').
 _HOLDING = "(" + ", ".join(f"'{s}'" for s in HOLDING_STATUSES) + ")"
@@ -106,8 +110,9 @@ class WriteSet:
     entries: list[LedgerEntry] = field(default_factory=list)
     keys: list[KeyRow] = field(default_factory=list)
     # Keys whose ledger entries need their ids in the results (restock, adjust, deduct,
-    # transfers).
+    # transfers); ``all_ids``: every entry's (the outbox's events name them).
     keys_needing_ids: set[str] = field(default_factory=set)
+    all_ids: bool = False
     new_locations: list[Location] = field(default_factory=list)
     locations: list[Location] = field(default_factory=list)
     new_transfers: list[Transfer] = field(default_factory=list)
@@ -204,16 +209,26 @@ class _Sql:
 
     @functools.cache  # noqa: B019
     def insert_balances(self, n: int) -> str:
-        return (
-            f"INSERT INTO inventory_balance (org_id, {_BALANCE_COLUMNS}) VALUES {self.values(n, 9)}"
-        )
+        columns = f"org_id, {_BALANCE_COLUMNS}"
+        return f"INSERT INTO inventory_balance ({columns}) VALUES {self.values(n, 13)}"
 
     @functools.cache  # noqa: B019
     def update_balances(self, n: int) -> str:
         """One statement for ``n`` locked balances (see :meth:`upsert`)."""
         return self.insert_balances(n) + self.upsert(
             "org_id, location, sku",
-            ["on_hand", "reserved", "version", "updated_at", "committed", "incoming"],
+            [
+                "on_hand",
+                "reserved",
+                "version",
+                "updated_at",
+                "committed",
+                "incoming",
+                "reorder_minimum",
+                "reorder_quantity",
+                "reorder_maximum",
+                "alert_state",
+            ],
         )
 
     @functools.cache  # noqa: B019
@@ -304,6 +319,13 @@ class _Sql:
         )
 
     @functools.cache  # noqa: B019
+    def insert_events(self, n: int) -> str:
+        return (
+            "INSERT INTO outbox_event (org_id, event_type, payload, created_at) "
+            f"VALUES {self.values(n, 4)}"
+        )
+
+    @functools.cache  # noqa: B019
     def insert_ledger(self, n: int) -> str:
         return f"INSERT INTO inventory_ledger ({_LEDGER_INSERT}) VALUES {self.values(n, 15)}"
 
@@ -332,6 +354,13 @@ def _sql(dialect: str) -> _Sql:
 def _chunks(items: Sequence[Any], size: int = MAX_ROWS_PER_STATEMENT) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def reorder_point_of(minimum: Any, quantity: Any, maximum: Any) -> ReorderPoint | None:
+    """The reorder point stored in a balance's three columns (NULL minimum: none)."""
+    if minimum is None or quantity is None:
+        return None
+    return ReorderPoint(int(minimum), int(quantity), None if maximum is None else int(maximum))
 
 
 def _ref(ref_type: str | None, ref_id: str | None) -> Reference | None:
@@ -606,7 +635,7 @@ class SqlTransaction:
         for chunk in _chunks(wanted):
             params = [self.org_id, *(x for k in chunk for x in k)]
             for row in await self._run(self.sql.select_balances(len(chunk), lock), params):
-                location, sku, on_hand, reserved, version, updated_at, committed, incoming = row
+                location, sku, on_hand, reserved, version, updated_at, committed, incoming = row[:8]
                 found[(location, sku)] = Balance(
                     sku,
                     location,
@@ -616,6 +645,8 @@ class SqlTransaction:
                     t(updated_at),
                     int(committed),
                     int(incoming),
+                    reorder_point_of(row[8], row[9], row[10]),
+                    row[11],
                 )
         busy: frozenset[BalanceKey] = frozenset()
         missing = [k for k in wanted if k not in found]
@@ -714,6 +745,7 @@ class SqlTransaction:
             for chunk in _chunks(rows):
                 params: list[Any] = []
                 for b in chunk:
+                    reorder = b.reorder
                     params += [
                         org,
                         b.location,
@@ -724,6 +756,10 @@ class SqlTransaction:
                         now,
                         b.committed,
                         b.incoming,
+                        None if reorder is None else reorder.minimum_level,
+                        None if reorder is None else reorder.reorder_quantity,
+                        None if reorder is None else reorder.maximum_level,
+                        b.alert,
                     ]
                 await self._run(statement(len(chunk)), params)
         for chunk in _chunks(ws.new_reservations):
@@ -847,30 +883,41 @@ class SqlTransaction:
                     e.transfer_id,
                 ]
             result = await self._run(sql.insert_ledger(len(chunk)), params)
-            if consecutive and ws.keys_needing_ids:
+            if consecutive and (ws.keys_needing_ids or ws.all_ids):
                 last = result.lastrowid
                 # MySQL reports the first id of a multi-row INSERT, SQLite the last.
                 first = int(last) if sql.mysql else int(last) - len(chunk) + 1
                 for i in range(len(chunk)):
-                    if chunk[i].idempotency_key in ws.keys_needing_ids:
+                    if ws.all_ids or chunk[i].idempotency_key in ws.keys_needing_ids:
                         ids[offset + i] = first + i
             offset += len(chunk)
-        if not consecutive and ws.keys_needing_ids:
+        if not consecutive and (ws.keys_needing_ids or ws.all_ids):
             ids = await self._read_back_ids(ws)
         return ids
 
     async def _read_back_ids(self, ws: WriteSet) -> dict[int, int]:
         """Ledger ids by entry index, read back by key (one statement per 500 keys)."""
         found: dict[tuple[Any, ...], int] = {}
-        for chunk in _chunks(sorted(ws.keys_needing_ids)):
+        wanted = {e.idempotency_key for e in ws.entries} if ws.all_ids else ws.keys_needing_ids
+        for chunk in _chunks(sorted(wanted)):
             result = await self._run(self.sql.select_ledger_ids(len(chunk)), (self.org_id, *chunk))
             for ledger_id, key, location, sku, rid, event in result:
                 found[(key, location, sku, rid, event)] = int(ledger_id)
         return {
             i: found[(e.idempotency_key, e.location, e.sku, e.reservation_id, e.event_type)]
             for i, e in enumerate(ws.entries)
-            if e.idempotency_key in ws.keys_needing_ids
+            if e.idempotency_key in wanted
         }
+
+    async def insert_events(self, rows: Sequence[tuple[str, str]], now: datetime) -> None:
+        """Append ``rows`` (event type, payload JSON) to the outbox, in order: one multi-row
+        INSERT per 500 (ARCHITECTURE sections 12 and 15)."""
+        created = self.store.time(now)
+        for chunk in _chunks(rows):
+            params: list[Any] = []
+            for event_type, payload in chunk:
+                params += [self.org_id, event_type, payload, created]
+            await self._run(self.sql.insert_events(len(chunk)), params)
 
     async def commit(self) -> None:
         await self.trans.commit()

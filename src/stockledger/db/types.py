@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, DateTime, Integer, String
+from sqlalchemy import BigInteger, DateTime, Integer, String, Text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -40,3 +40,7 @@ Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 # 64-bit on MySQL; SQLite only auto-increments an INTEGER PRIMARY KEY column.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+# A JSON document of any size: TEXT on SQLite, LONGTEXT on MySQL / MariaDB (TEXT stops at
+# 64 KiB; a 500-line transfer's event is tens of KiB).
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")

@@ -17,7 +17,14 @@ from typing import Any, ClassVar
 
 from stockledger.domain.errors import NotFoundError, ValidationError
 from stockledger.domain.ids import TRANSFER, typed_number_of
-from stockledger.domain.model import LOCATION_TYPES, BalanceKey, Line, Reference, expire_key
+from stockledger.domain.model import (
+    LOCATION_TYPES,
+    BalanceKey,
+    Line,
+    Reference,
+    ReorderPoint,
+    expire_key,
+)
 from stockledger.domain.validation import (
     MAX_BALANCE,
     MAX_LINES,
@@ -565,6 +572,85 @@ class CancelTransfer:
         return cls(key, number, reason, request_hash(cls.operation, payload))
 
 
+@dataclass(frozen=True, slots=True)
+class SetReorderPoint:
+    """Set the reorder point of one balance (part EVENTS, ARCHITECTURE section 15): low when
+    available <= ``reorder.minimum_level``. Creates a missing balance, empty; posts no entry."""
+
+    operation: ClassVar[str] = "setReorderPoint"
+    idempotency_key: str
+    sku: str
+    location: str
+    reorder: ReorderPoint
+    request_hash: str
+    reference: ClassVar[None] = None
+
+    @classmethod
+    def validated(
+        cls,
+        idempotency_key: Any,
+        sku: Any,
+        location: Any = "default",
+        *,
+        minimum_level: Any,
+        reorder_quantity: Any,
+        maximum_level: Any = None,
+    ) -> SetReorderPoint:
+        """Section 15's bounds: minimumLevel >= 0, reorderQuantity >= 1, maximumLevel >=
+        minimumLevel when set; each at most 2**31-1 (GraphQL Int)."""
+        key = check_key(idempotency_key)
+        sku = check_string(sku, "sku")
+        location = check_string(location, "location")
+        minimum = _integer(minimum_level, "minimumLevel")
+        if not 0 <= minimum <= MAX_BALANCE:
+            raise ValidationError(f"must be between 0 and {MAX_BALANCE}", "minimumLevel")
+        quantity = check_quantity(reorder_quantity, "reorderQuantity", maximum=MAX_BALANCE)
+        maximum = None
+        if maximum_level is not None:
+            maximum = _integer(maximum_level, "maximumLevel")
+            if not minimum <= maximum <= MAX_BALANCE:
+                raise ValidationError(
+                    f"must be between minimumLevel ({minimum}) and {MAX_BALANCE}", "maximumLevel"
+                )
+        payload = {
+            "sku": sku,
+            "location": location,
+            "minimumLevel": minimum,
+            "reorderQuantity": quantity,
+            "maximumLevel": maximum,
+        }
+        reorder = ReorderPoint(minimum, quantity, maximum)
+        return cls(key, sku, location, reorder, request_hash(cls.operation, payload))
+
+    def balance_keys(self) -> list[BalanceKey]:
+        return [(self.location, self.sku)]
+
+
+@dataclass(frozen=True, slots=True)
+class ClearReorderPoint:
+    """Remove the reorder point of one balance (nothing to remove: unchanged)."""
+
+    operation: ClassVar[str] = "clearReorderPoint"
+    idempotency_key: str
+    sku: str
+    location: str
+    request_hash: str
+    reference: ClassVar[None] = None
+
+    @classmethod
+    def validated(
+        cls, idempotency_key: Any, sku: Any, location: Any = "default"
+    ) -> ClearReorderPoint:
+        key = check_key(idempotency_key)
+        sku = check_string(sku, "sku")
+        location = check_string(location, "location")
+        rhash = request_hash(cls.operation, {"sku": sku, "location": location})
+        return cls(key, sku, location, rhash)
+
+    def balance_keys(self) -> list[BalanceKey]:
+        return [(self.location, self.sku)]
+
+
 def _transfer_number(text: str) -> int:
     """The number behind a transfer's opaque id (``domain/ids.py``); NotFoundError when it
     names no transfer. Called after the whole input is validated."""
@@ -589,8 +675,12 @@ Command = (
     | TransferStock
     | ReceiveTransfer
     | CancelTransfer
+    | SetReorderPoint
+    | ClearReorderPoint
 )
 """Every write command."""
+
+ReorderCommand = SetReorderPoint | ClearReorderPoint
 
 TransferCommand = TransferStock | ReceiveTransfer | CancelTransfer
 LocationCommand = CreateLocation | UpdateLocation
@@ -599,7 +689,9 @@ LocationCommand = CreateLocation | UpdateLocation
 def known_balance_keys(command: Command) -> list[BalanceKey]:
     """The balances a command names in its input (reservation- and transfer-addressed ones
     name none: their balances are the reservation's or the transfer's)."""
-    if isinstance(command, Restock | Adjust | Reserve | DeductDirect | TransferStock):
+    if isinstance(
+        command, Restock | Adjust | Reserve | DeductDirect | TransferStock | ReorderCommand
+    ):
         return command.balance_keys()
     return []
 

@@ -76,13 +76,31 @@ class Reference:
         return f"{self.type}:{self.id}"
 
 
+OK, LOW, OUT = "OK", "LOW", "OUT"
+ALERT_STATES = (OK, LOW, OUT)
+"""A balance's stored alert state (ARCHITECTURE section 15); OK when it is created."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReorderPoint:
+    """When a balance is low and what to order (section 15), in units of stock:
+    ``minimum_level`` >= 0 (low when available <= it), ``reorder_quantity`` >= 1 (what a
+    suggestion orders), ``maximum_level`` >= minimum_level or None (a suggestion then fills up
+    to it instead)."""
+
+    minimum_level: int
+    reorder_quantity: int
+    maximum_level: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Balance:
     """Stock of one SKU at one location. ``version`` counts the balance's ledger entries.
 
     ``committed`` (units CONFIRMED reservations hold: a part of reserved) and ``incoming``
     (units of open transfers to it still in transit) are derived figures the rules keep
-    (ARCHITECTURE section 14): they change no version and post no entry.
+    (ARCHITECTURE section 14): they change no version and post no entry. ``reorder`` is its
+    reorder point, if any, and ``alert`` its stored alert state (section 15).
     """
 
     sku: str
@@ -93,6 +111,13 @@ class Balance:
     updated_at: datetime
     committed: int = 0
     incoming: int = 0
+    reorder: ReorderPoint | None = None
+    alert: str = OK
+
+    @property
+    def low_stock(self) -> bool:
+        """A reorder point is set and available <= its minimum level (part EVENTS)."""
+        return self.reorder is not None and self.available <= self.reorder.minimum_level
 
     @property
     def key(self) -> BalanceKey:

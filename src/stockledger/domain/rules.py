@@ -37,6 +37,7 @@ from datetime import datetime, timedelta
 from stockledger.domain.commands import (
     Adjust,
     CancelTransfer,
+    ClearReorderPoint,
     Command,
     Confirm,
     CreateLocation,
@@ -48,6 +49,7 @@ from stockledger.domain.commands import (
     Release,
     Reserve,
     Restock,
+    SetReorderPoint,
     TransferStock,
     UpdateLocation,
 )
@@ -61,6 +63,7 @@ from stockledger.domain.errors import (
     ValidationError,
     VersionConflictError,
 )
+from stockledger.domain.ids import KEY_SEPARATOR as BALANCE_KEY_SEPARATOR
 from stockledger.domain.model import (
     ACTIVE,
     CANCELLED,
@@ -112,6 +115,8 @@ def decide(
         return receive_transfer(stock, command, now)
     if isinstance(command, CancelTransfer):
         return cancel_transfer(stock, command, now)
+    if isinstance(command, SetReorderPoint | ClearReorderPoint):
+        return reorder_point(stock, command, now)
     if isinstance(command, CreateLocation):
         return create_location(stock, command, now)
     if isinstance(command, UpdateLocation):
@@ -358,6 +363,33 @@ def confirm(stock: Stock, command: Confirm, now: datetime) -> Decision:
                 draft.derive(line.key, committed=line.remaining)
     row = KeyRow(command.idempotency_key, command.operation, command.request_hash, result_ref)
     return draft.changes(answer=[r.id for r in found], key_row=row)
+
+
+def reorder_point(
+    stock: Stock, command: SetReorderPoint | ClearReorderPoint, now: datetime
+) -> Decision:
+    """Set or clear a balance's reorder point (section 15). Setting one on a never-stocked SKU
+    creates its empty balance (and registers an unknown location, as a restock does);
+    clearing one of a balance that does not exist is a ValidationError. No entry, no version
+    change, no event: the stored alert state changes only when stock moves; ``lowStock``
+    shows what is low now. The key row names the balance (``location`` U+001F ``sku``)."""
+    draft = Draft(stock, now, command.idempotency_key)
+    key = (command.location, command.sku)
+    if isinstance(command, ClearReorderPoint):
+        if draft.stock.balance(key) is None:
+            return Refusal(
+                ValidationError(f"no balance of {command.sku} at {command.location}", "sku")
+            )
+        draft.configure(key, None)
+    else:
+        unavailable = _location_check(draft, command.location, registers=True, needs_active=False)
+        if unavailable is not None:
+            return Refusal(unavailable)
+        draft.configure(key, command.reorder)
+    ref = f"{command.location}{BALANCE_KEY_SEPARATOR}{command.sku}"
+    return draft.changes(
+        key_row=KeyRow(command.idempotency_key, command.operation, command.request_hash, ref)
+    )
 
 
 def create_location(stock: Stock, command: CreateLocation, now: datetime) -> Decision:

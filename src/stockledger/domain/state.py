@@ -15,13 +15,23 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from stockledger.domain.errors import IdempotencyKeyReusedError, StockError
+from stockledger.domain.events import (
+    RESERVATION_EXPIRED,
+    STOCK_CHANGED,
+    TRANSFER_UPDATED,
+    Event,
+    transition,
+)
 from stockledger.domain.model import (
+    ACTIVE,
+    EXPIRED,
     WAREHOUSE,
     Balance,
     BalanceKey,
     LedgerEntry,
     Location,
     Reference,
+    ReorderPoint,
     Reservation,
     Transfer,
 )
@@ -62,7 +72,8 @@ class Changes:
     ``transfers``, ``locations``: the after-state of every one it created or changed.
     ``answer``: the ids of the reservations (or, for a transfer command, the transfer) its
     result lists, in the result's order. ``key_row``: None for the service's own expiry, and
-    for what a refused command still commits.
+    for what a refused command still commits. ``events``: what it tells the world
+    (``domain/events.py``), in order.
     """
 
     entries: tuple[LedgerEntry, ...] = ()
@@ -72,6 +83,7 @@ class Changes:
     key_row: KeyRow | None = None
     transfers: tuple[Transfer, ...] = ()
     locations: tuple[Location, ...] = ()
+    events: tuple[Event, ...] = ()
 
     def expired(self) -> list[int]:
         """Ids of the reservations these changes expire (EXPIRE entries)."""
@@ -288,6 +300,13 @@ class Draft:
             updated_at=self.now,
         )
 
+    def configure(self, key: BalanceKey, reorder: ReorderPoint | None) -> None:
+        """Set (or, with None, clear) a balance's reorder point: no entry, no version change;
+        a missing balance is created empty."""
+        self._balances[key] = dataclasses.replace(
+            self.balance(key), reorder=reorder, updated_at=self.now
+        )
+
     def show(self, key: BalanceKey) -> None:
         """List a balance among the changes unchanged (no entry, no version change): the
         result of a confirm shows the balances of what it confirmed."""
@@ -296,12 +315,41 @@ class Draft:
             self._balances[key] = found
 
     def changes(self, *, answer: Iterable[int] = (), key_row: KeyRow | None = None) -> Changes:
+        """What this command changes, with its events (``domain/events.py``): each balance it
+        moved takes its new alert state here, once, from where the command left it."""
+        positions: dict[BalanceKey, list[int]] = {}
+        for i, entry in enumerate(self._entries):
+            positions.setdefault(entry.key, []).append(i)
+        balances: list[Balance] = []
+        found: list[Event] = []
+        for key in sorted(self._balances):
+            balance = self._balances[key]
+            if key in positions:
+                state, alerts = transition(balance)
+                balance = dataclasses.replace(balance, alert=state)
+                about = tuple(positions[key])
+                found.append(Event(STOCK_CHANGED, balance, about))
+                found += [Event(kind, balance, about) for kind in alerts]
+            balances.append(balance)
+        for reservation in self._reservations.values():
+            before = self.stock.reservation(reservation.id)
+            if reservation.status == EXPIRED and before is not None and before.status == ACTIVE:
+                about = tuple(
+                    i
+                    for i, e in enumerate(self._entries)
+                    if e.event_type == "EXPIRE" and e.reservation_id == reservation.id
+                )
+                found.append(Event(RESERVATION_EXPIRED, reservation=reservation, entries=about))
+        for transfer in self._transfers.values():
+            about = tuple(i for i, e in enumerate(self._entries) if e.transfer_id == transfer.id)
+            found.append(Event(TRANSFER_UPDATED, transfer=transfer, entries=about))
         return Changes(
             entries=tuple(self._entries),
-            balances=tuple(self._balances[k] for k in sorted(self._balances)),
+            balances=tuple(balances),
             reservations=tuple(self._reservations.values()),
             answer=tuple(answer),
             key_row=key_row,
             transfers=tuple(self._transfers.values()),
             locations=tuple(self._locations.values()),
+            events=tuple(found),
         )

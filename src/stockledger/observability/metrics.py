@@ -8,7 +8,7 @@ multiprocess mode).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Lock waits are milliseconds on a quiet SKU and seconds on a hot one.
 _LOCK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -99,4 +99,24 @@ UNEXPECTED_ERRORS_TOTAL = Counter(
     "inventory_unexpected_errors_total",
     "GraphQL errors answered as 'Unexpected error.' (masked: a bug or a failure with no typed "
     "answer), reads and writes alike; the log has each traceback.",
+)
+
+# Events (ARCHITECTURE section 15).
+OUTBOX_LAG_SECONDS = Histogram(
+    "inventory_outbox_lag_seconds",
+    "From an event's commit (its created_at) to its publication by the relay (seconds).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+OUTBOX_PENDING = Gauge(
+    "inventory_outbox_pending",
+    "Committed events the relay has not published yet, as of its last pass.",
+)
+WEBHOOK_DELIVERIES_TOTAL = Counter(
+    "inventory_webhook_deliveries_total",
+    "Webhook delivery attempts, by result (delivered, failed, dead, circuit_open).",
+    ["result"],
+)
+SUBSCRIPTIONS_ACTIVE = Gauge(
+    "inventory_subscriptions_active",
+    "GraphQL subscriptions open on this process.",
 )

@@ -29,6 +29,7 @@ from stockledger.schema import (
     PageInfo,
     Reference,
     ReferenceInput,
+    ReorderPoint,
     Reservation,
     ReservationConnection,
     ReservationEdge,
@@ -76,6 +77,20 @@ def balance(r: m.Balance) -> Balance:
         updated_at=r.updated_at,
         committed=r.committed,
         incoming=r.incoming,
+        reorder_point=None if r.reorder is None else reorder_point(r),
+        low_stock=r.low_stock,
+    )
+
+
+def reorder_point(r: m.Balance) -> ReorderPoint:
+    """The reorder point of a balance that has one."""
+    assert r.reorder is not None
+    return ReorderPoint(
+        sku=r.sku,
+        location=r.location,
+        minimum_level=r.reorder.minimum_level,
+        reorder_quantity=r.reorder.reorder_quantity,
+        maximum_level=r.reorder.maximum_level,
     )
 
 

@@ -21,6 +21,7 @@ from stockledger.schema import (
     AdjustResult,
     AdjustSuccess,
     CancelTransferInput,
+    ClearReorderPointInput,
     ConfirmReservationInput,
     ConfirmReservationResult,
     ConfirmReservationSuccess,
@@ -43,6 +44,8 @@ from stockledger.schema import (
     ReleaseManyResult,
     ReleaseResult,
     ReleaseSuccess,
+    ReorderPointResult,
+    ReorderPointSuccess,
     ReserveInput,
     ReserveManyInput,
     ReserveManyResult,
@@ -53,6 +56,7 @@ from stockledger.schema import (
     RestockSuccess,
     RevokeApiKeyInput,
     RevokeApiKeyResult,
+    SetReorderPointInput,
     TransferInput,
     TransferResult,
     TransferSuccess,
@@ -122,6 +126,10 @@ def _confirm(x: r.ConfirmResult) -> ConfirmReservationSuccess:
 
 def _location(x: r.LocationResult) -> LocationSuccess:
     return LocationSuccess(location=convert.location(x.location), replayed=x.replayed)
+
+
+def _reorder_point(x: r.ReorderPointResult) -> ReorderPointSuccess:
+    return ReorderPointSuccess(balance=convert.balance(x.balance), replayed=x.replayed)
 
 
 def _transfer(x: r.TransferResult) -> TransferSuccess:
@@ -289,6 +297,37 @@ class Mutation:
         )
         return await mutation_result(info, call, _transfer, TransferResult)
 
+    # -------------------------------------------------------------- part EVENTS
+
+    @strawberry.mutation(
+        description="Set a balance's reorder point (creates a never-stocked one, empty).",
+        permission_classes=[needs(Scope.STOCK_WRITE)],
+    )
+    async def set_reorder_point(
+        self, info: Info, input: SetReorderPointInput
+    ) -> ReorderPointResult:
+        call = info.context.service.set_reorder_point(
+            input.idempotency_key,
+            input.sku,
+            input.location,
+            minimum_level=input.minimum_level,
+            reorder_quantity=input.reorder_quantity,
+            maximum_level=opt(input.maximum_level),
+        )
+        return await mutation_result(info, call, _reorder_point, ReorderPointResult)
+
+    @strawberry.mutation(
+        description="Remove a balance's reorder point.",
+        permission_classes=[needs(Scope.STOCK_WRITE)],
+    )
+    async def clear_reorder_point(
+        self, info: Info, input: ClearReorderPointInput
+    ) -> ReorderPointResult:
+        call = info.context.service.clear_reorder_point(
+            input.idempotency_key, input.sku, input.location
+        )
+        return await mutation_result(info, call, _reorder_point, ReorderPointResult)
+
     # -------------------------------------------------------------- part BATCH
 
     @strawberry.mutation(
@@ -372,6 +411,8 @@ _RESULTS = {
     "transfer": TransferResult,
     "receiveTransfer": TransferResult,
     "cancelTransfer": TransferResult,
+    "setReorderPoint": ReorderPointResult,
+    "clearReorderPoint": ReorderPointResult,
 }
 
 

@@ -29,6 +29,7 @@ from stockledger.schema import (
     Location,
     LocationConnection,
     Node,
+    ReorderSuggestion,
     Reservation,
     ReservationConnection,
     ReservationFilter,
@@ -258,6 +259,35 @@ class Query:
         with query_errors(info):
             page = await info.context.queries.transfers(f, first, opt(after))
         return convert.transfer_connection(page)
+
+    # -------------------------------------------------------------- part EVENTS
+
+    @strawberry.field(
+        description="Balances with a reorder point whose available <= minimumLevel, ordered "
+        "by (location, sku).",
+        permission_classes=[needs(Scope.STOCK_READ)],
+    )
+    async def low_stock(
+        self,
+        info: Info,
+        location: str | None = strawberry.UNSET,
+        first: int = 50,
+        after: str | None = strawberry.UNSET,
+    ) -> BalanceConnection:
+        with query_errors(info):
+            page = await info.context.queries.low_stock(opt(location), first, opt(after))
+        return convert.balance_connection(page)
+
+    @strawberry.field(
+        description="At most `first`, largest shortfall first.",
+        permission_classes=[needs(Scope.STOCK_READ)],
+    )
+    async def reorder_suggestions(
+        self, info: Info, location: str, first: int = 100
+    ) -> list[ReorderSuggestion]:
+        with query_errors(info):
+            found = await info.context.queries.reorder_suggestions(location, first)
+        return [ReorderSuggestion(balance=convert.balance(b), quantity=q) for b, q in found]
 
     # -------------------------------------------------------------- part ACCESS
 

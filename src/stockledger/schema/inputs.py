@@ -213,3 +213,20 @@ class TransferFilter:
     from_location: str | None = strawberry.UNSET
     to_location: str | None = strawberry.UNSET
     sku: str | None = strawberry.UNSET
+
+
+@strawberry.input
+class SetReorderPointInput:
+    idempotency_key: str
+    sku: str
+    location: str = "default"
+    minimum_level: int
+    reorder_quantity: int
+    maximum_level: int | None = strawberry.UNSET
+
+
+@strawberry.input
+class ClearReorderPointInput:
+    idempotency_key: str
+    sku: str
+    location: str = "default"

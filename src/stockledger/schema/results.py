@@ -78,6 +78,12 @@ class LocationSuccess:
 
 
 @strawberry.type
+class ReorderPointSuccess:
+    balance: Balance
+    replayed: bool
+
+
+@strawberry.type
 class TransferSuccess:
     transfer: Transfer
     balances: list[Balance]
@@ -156,6 +162,10 @@ ConfirmReservationResult = Annotated[
 LocationResult = Annotated[
     LocationSuccess | NotFoundError | ValidationError | IdempotencyKeyReusedError,
     strawberry.union("LocationResult"),
+]
+ReorderPointResult = Annotated[
+    ReorderPointSuccess | ValidationError | IdempotencyKeyReusedError | LocationUnavailableError,
+    strawberry.union("ReorderPointResult"),
 ]
 TransferResult = Annotated[
     TransferSuccess

@@ -23,6 +23,19 @@ from stockledger.schema.enums import (
 )
 
 
+@strawberry.type
+class ReorderPoint:
+    sku: str
+    location: str
+    minimum_level: int = strawberry.field(description="Low stock when available <= minimumLevel.")
+    reorder_quantity: int = strawberry.field(
+        description="What to order when low (a reorder suggestion), unless maximumLevel is set."
+    )
+    maximum_level: int | None = strawberry.field(
+        description="When set, a suggestion fills up to it: maximumLevel - (available + incoming)."
+    )
+
+
 @strawberry.interface(
     description="Anything with a stable, opaque, globally unique id (Relay's object "
     "identification), so that client caches (Apollo, Relay, urql) can normalize it."
@@ -57,6 +70,11 @@ class Balance(Node):
     incoming: int = strawberry.field(
         description="Units on their way to this balance: transfers IN_TRANSIT to it, plus "
         "open supplier order lines (part SUPPLY)."
+    )
+    reorder_point: ReorderPoint | None = None
+    low_stock: bool = strawberry.field(
+        default=False,
+        description="True when a reorder point is set and available <= its minimumLevel.",
     )
 
 
@@ -247,3 +265,9 @@ class LocationEdge:
 class LocationConnection:
     edges: list[LocationEdge]
     page_info: PageInfo
+
+
+@strawberry.type
+class ReorderSuggestion:
+    balance: Balance
+    quantity: int

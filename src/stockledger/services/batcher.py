@@ -96,6 +96,7 @@ class Batcher:
                 ids=ids,
                 transfer_ids=transfer_ids,
                 locations_required=required,
+                outbox=settings.outbox,
             )
             for s in self._stores
         ]
@@ -110,6 +111,7 @@ class Batcher:
             ids=ids,
             transfer_ids=transfer_ids,
             locations_required=required,
+            outbox=settings.outbox,
         )
         self._patient: collections.deque[Pending] = collections.deque()
         self._patient_wake = asyncio.Event()

@@ -19,6 +19,7 @@ from stockledger.db.engine import Database
 from stockledger.db.models import idempotency_key as K
 from stockledger.db.models import reservation as R
 from stockledger.db.store import any_due_holding, reservation_balance_keys
+from stockledger.domain.ids import balance_key_of
 from stockledger.domain.model import (
     ACTIVE,
     Balance,
@@ -36,6 +37,7 @@ from stockledger.services.records import (
     ExtendResult,
     LocationResult,
     ReleaseResult,
+    ReorderPointResult,
     ReserveResult,
     RestockResult,
     TransferResult,
@@ -52,6 +54,7 @@ from stockledger.services.rows import (
 )
 
 LOCATION_OPERATIONS = ("createLocation", "updateLocation")
+REORDER_OPERATIONS = ("setReorderPoint", "clearReorderPoint")
 TRANSFER_OPERATIONS = ("transfer", "receiveTransfer", "cancelTransfer")
 
 
@@ -140,6 +143,12 @@ async def replay(
             if location is None:
                 raise RuntimeError(f"location {found.result_ref!r} of a done call vanished")
             return LocationResult(location, True)
+        if operation in REORDER_OPERATIONS:  # no entries: the key row names the balance
+            named = balance_key_of(found.result_ref or "")
+            rows = await select_balances(conn, org_id, [named] if named else [], for_update=False)
+            if named is None or named not in rows:
+                raise RuntimeError(f"the balance of a done call vanished: {found.result_ref!r}")
+            return ReorderPointResult(balance_record(rows[named]), True)
         entries = await select_ledger_by_key(conn, org_id, key)
         if operation in TRANSFER_OPERATIONS:
             [moved] = await select_transfers(conn, org_id, [replayed_transfer_id(entries)])

@@ -34,6 +34,7 @@ from stockledger.db.models import reservation_line as RL
 from stockledger.db.models import transfer as TR
 from stockledger.db.models import transfer_line as TL
 from stockledger.domain.errors import ValidationError
+from stockledger.domain.events import reorder_quantity, suggested
 from stockledger.domain.ids import TRANSFER, typed_number_of
 from stockledger.domain.model import (
     LEDGER_EVENT_TYPES,
@@ -477,3 +478,52 @@ class InventoryQueries:
             found = await select_transfers(conn, self.org_id, ids[:first])
         edges = [(encode_cursor(_TRANSFERS, t.id), t) for t in found]
         return Page(edges, len(ids) > first, after is not None)
+
+    async def low_stock(
+        self, location: str | None = None, first: int = 50, after: str | None = None
+    ) -> Page[Balance]:
+        """Balances with a reorder point whose available <= its minimum level (part EVENTS:
+        seed 004's checkLowStock; ``Balance.low_stock`` in SQL, for keyset paging), by
+        (location, sku); at ``location`` only when given.
+        Raises ValidationError for a bad ``first``, cursor or location."""
+        first = check_first(first)
+        conds: list[ColumnElement[bool]] = [
+            B.c.org_id == self.org_id,
+            B.c.reorder_minimum.is_not(None),
+            B.c.on_hand - B.c.reserved <= B.c.reorder_minimum,
+        ]
+        if location is not None:
+            conds.append(B.c.location == check_string(location, "location"))
+        if after is not None:
+            loc, sku = _balance_cursor_value(decode_cursor(after, _BALANCES))
+            conds.append(or_(B.c.location > loc, and_(B.c.location == loc, B.c.sku > sku)))
+        stmt = select(B).where(*conds).order_by(B.c.location, B.c.sku).limit(first + 1)
+        async with self.db.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        edges = [
+            (encode_cursor(_BALANCES, [r.location, r.sku]), balance_record(r)) for r in rows[:first]
+        ]
+        return Page(edges, len(rows) > first, after is not None)
+
+    async def reorder_suggestions(
+        self, location: str, first: int = 100
+    ) -> list[tuple[Balance, int]]:
+        """(balance, units to order) at ``location`` by section 15's formula: a balance with
+        a reorder point is suggested when available + incoming <= its minimum level (stock on
+        its way counts); the quantity is maximum level - (available + incoming) when a maximum
+        is set, else the reorder quantity. Largest quantity first, then location and sku; at
+        most ``first`` (1..500). Raises ValidationError for a bad location or ``first``."""
+        location = check_string(location, "location")
+        first = check_first(first)
+        # The rule itself is the domain's (events.suggested); SQL narrows to the balances it
+        # can name.
+        stmt = select(B).where(
+            B.c.org_id == self.org_id,
+            B.c.location == location,
+            B.c.reorder_minimum.is_not(None),
+        )
+        async with self.db.read() as conn:
+            found = [balance_record(r) for r in (await conn.execute(stmt)).all()]
+        chosen = [(b, reorder_quantity(b)) for b in found if suggested(b)]
+        chosen.sort(key=lambda x: (-x[1], x[0].location, x[0].sku))
+        return chosen[:first]

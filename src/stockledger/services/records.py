@@ -92,6 +92,14 @@ class TransferResult:
 
 
 @dataclass(frozen=True)
+class ReorderPointResult:
+    """The balance a setReorderPoint or clearReorderPoint changed (as it is now)."""
+
+    balance: Balance
+    replayed: bool
+
+
+@dataclass(frozen=True)
 class TransferLineRequest:
     """One line of a transfer or a receipt: ``quantity`` units of ``sku``."""
 
@@ -109,6 +117,7 @@ WriteResult = (
     | ConfirmResult
     | LocationResult
     | TransferResult
+    | ReorderPointResult
 )
 
 

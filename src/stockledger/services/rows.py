@@ -18,6 +18,7 @@ from stockledger.db.models import reservation as R
 from stockledger.db.models import reservation_line as RL
 from stockledger.db.models import transfer as T
 from stockledger.db.models import transfer_line as TL
+from stockledger.db.store import reorder_point_of
 from stockledger.domain.model import (
     Balance,
     BalanceKey,
@@ -64,6 +65,8 @@ def balance_record(row: Any) -> Balance:
         updated_at=from_db_time(row.updated_at),
         committed=row.committed,
         incoming=row.incoming,
+        reorder=reorder_point_of(row.reorder_minimum, row.reorder_quantity, row.reorder_maximum),
+        alert=row.alert_state,
     )
 
 

@@ -57,6 +57,7 @@ from stockledger.domain.rules import decide
 from stockledger.domain.state import Changes, Refusal, Stock, key_reused
 from stockledger.locks import BalanceLocker, ExpiryIndex, IndexChanges
 from stockledger.observability import metrics
+from stockledger.services.outbox import outbox_rows
 from stockledger.services.ports import Store, StoreTransaction
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ class UnitOfWork:
     of each batch's org is ``index.of(org_id)``). ``clock`` returns the current UTC time.
     ``ids`` and ``transfer_ids`` hand out reservation and transfer ids (one sequence each for
     every org). ``locations_required``: writes may name registered locations only.
+    ``outbox``: write each command's events to the outbox (ARCHITECTURE section 15).
     """
 
     def __init__(
@@ -253,6 +255,7 @@ class UnitOfWork:
         ids: IdBlocks,
         transfer_ids: IdBlocks | None = None,
         locations_required: bool = False,
+        outbox: bool = True,
     ) -> None:
         self.store = store
         self.locker = locker
@@ -261,6 +264,7 @@ class UnitOfWork:
         self.ids = ids
         self.transfer_ids = transfer_ids or IdBlocks(ids.block_size, "transfer")
         self.locations_required = locations_required
+        self.outbox = outbox
 
     async def run(self, batch: Sequence[Pending], *, patient: bool = False) -> BatchResult:
         """Apply ``batch`` in one transaction; see the module docstring.
@@ -327,6 +331,10 @@ class UnitOfWork:
                 plan = self._plan(batch, loaded, stored, new_ids, now)
             ws, spans = self._write_set(plan, loaded, now)
             ids = await tx.write(ws)
+            if self.outbox:
+                events = outbox_rows(org_id, [c for _, c in plan.applied], ids, now)
+                if events:
+                    await tx.insert_events(events, now)
             lost: Exception | None = None
             try:
                 await tx.commit()
@@ -537,7 +545,7 @@ class UnitOfWork:
         Also returns, for each command whose result shows its ledger entries (restock,
         adjust, deduct), the index of its first entry in ``WriteSet.entries``.
         """
-        ws = WriteSet(now)
+        ws = WriteSet(now, all_ids=self.outbox)
         for key, balance in sorted(plan.stock.balances.items()):
             loaded_balance = loaded.balances.get(key)
             if loaded_balance is None:

@@ -27,6 +27,7 @@ from stockledger.db.store import SqlStore
 from stockledger.domain.commands import (
     Adjust,
     CancelTransfer,
+    ClearReorderPoint,
     Command,
     Confirm,
     CreateLocation,
@@ -38,6 +39,7 @@ from stockledger.domain.commands import (
     Release,
     Reserve,
     Restock,
+    SetReorderPoint,
     TransferStock,
     UpdateLocation,
     addressed_reference,
@@ -74,6 +76,7 @@ from stockledger.services.records import (
     ExtendResult,
     LocationResult,
     ReleaseResult,
+    ReorderPointResult,
     ReserveRequest,
     ReserveResult,
     RestockResult,
@@ -526,6 +529,58 @@ class InventoryService:
             ),
         )
 
+    # ------------------------------------------------------------------ reorder points
+
+    async def set_reorder_point(
+        self,
+        idempotency_key: str,
+        sku: str,
+        location: str = "default",
+        *,
+        minimum_level: int,
+        reorder_quantity: int,
+        maximum_level: int | None = None,
+    ) -> ReorderPointResult:
+        """Set a balance's reorder point (part EVENTS): low when available <= ``minimum_level``
+        (units); a suggestion orders ``reorder_quantity``, or fills up to ``maximum_level``
+        when set. Creates a missing balance, empty. No entry, no event.
+
+        Raises ValidationError (section 15's bounds), LocationUnavailableError (an unknown
+        location where they must be registered), IdempotencyKeyReusedError,
+        LockTimeoutError, ServiceUnavailableError.
+        """
+        return cast(
+            ReorderPointResult,
+            await self._write(
+                "setReorderPoint",
+                idempotency_key,
+                None,
+                lambda: SetReorderPoint.validated(
+                    idempotency_key,
+                    sku,
+                    location,
+                    minimum_level=minimum_level,
+                    reorder_quantity=reorder_quantity,
+                    maximum_level=maximum_level,
+                ),
+            ),
+        )
+
+    async def clear_reorder_point(
+        self, idempotency_key: str, sku: str, location: str = "default"
+    ) -> ReorderPointResult:
+        """Remove a balance's reorder point (none set: unchanged). Raises ValidationError (no
+        such balance), IdempotencyKeyReusedError, LockTimeoutError, ServiceUnavailableError."""
+        return cast(
+            ReorderPointResult,
+            await self._write(
+                "clearReorderPoint",
+                idempotency_key,
+                None,
+                lambda: ClearReorderPoint.validated(idempotency_key, sku, location),
+            ),
+        )
+
     # ------------------------------------------------------------------ many at once
 
     async def reserve_many(
@@ -975,6 +1030,9 @@ def _result(command: Command, changes: Changes) -> Any:
     if isinstance(command, CreateLocation | UpdateLocation):
         [location] = changes.locations
         return LocationResult(location, False)
+    if isinstance(command, SetReorderPoint | ClearReorderPoint):
+        [configured] = [b for b in changes.balances if b.key == (command.location, command.sku)]
+        return ReorderPointResult(configured, False)
     if isinstance(command, TransferStock | ReceiveTransfer | CancelTransfer):
         [moved] = [t for t in changes.transfers if t.id == changes.answer[0]]
         # Its own entries and balances, not those of holds it expired on the way (as a replay).
