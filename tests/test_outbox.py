@@ -72,6 +72,8 @@ async def test_each_write_inserts_its_events_with_the_ledgers_balance(
         "available": 2,
         "incoming": 0,
         "version": 2,
+        "lowStock": True,
+        "reorderPoint": {"minimumLevel": 2, "reorderQuantity": 10, "maximumLevel": None},
     }
     # Every STOCK_CHANGED names its entries, and its balance is the ledger's after them.
     ledger = {r.id: r for r in await ledger_of(db, org_id)}

@@ -2,8 +2,11 @@
 
 After every step the four invariants of ARCHITECTURE section 2 hold (the reconciliation query
 finds nothing) and the database agrees with the model: every balance's on hand, reserved,
-version and ledger entry count, every reservation's status, reference, expiry and lines, and
-whether each call succeeded or raised which error.
+incoming, version and ledger entry count, every reservation's status, reference, expiry and
+lines, every location and transfer (status and line figures), and whether each call succeeded
+or raised which error. Transfers (immediate and in transit), receipts, cancels and location
+(de)activation are mixed with every other command, and conservation (section 14) holds per SKU
+after every step: on hand over all locations + in transit = restocks - deducts + adjusts.
 """
 
 from __future__ import annotations
@@ -38,8 +41,13 @@ from sqlalchemy import func, select
 from stockledger.db.engine import create_database
 from stockledger.db.models import inventory_balance as B
 from stockledger.db.models import inventory_ledger as L
+from stockledger.db.models import location as LOC
 from stockledger.db.models import reservation as R
 from stockledger.db.models import reservation_line as RL
+from stockledger.db.models import transfer as TR
+from stockledger.db.models import transfer_line as TLN
+from stockledger.domain.errors import LocationUnavailableError, TransferNotOpenError
+from stockledger.domain.ids import transfer_global_id
 from stockledger.services import (
     IdempotencyKeyReusedError,
     InsufficientStockError,
@@ -54,13 +62,21 @@ from stockledger.services import (
     VersionConflictError,
 )
 from stockledger.services.reconcile import find_violations
+from stockledger.services.records import TransferLineRequest as TL
 
 pytestmark = pytest.mark.slow
 
 # Case and a trailing space make SKUs distinct (section 11): the model keeps them apart too.
 SKUS = ("SKU-1", "sku-1", "SKU-1 ")
-LOCATIONS = ("WH-1", "WH-2")
+LOCATIONS = ("WH-1", "WH-2", "WH-3")
 KEYS = [(loc, sku) for loc in LOCATIONS for sku in SKUS]  # (location, sku)
+# A run starts with stock at the first two; WH-3 is registered by whatever first names it.
+INITIAL_KEYS = [k for k in KEYS if k[0] != LOCATIONS[-1]]
+# What restock, adjust, reserve and direct deduct draw from: WH-3, mostly stocked by
+# transfers, half as often (else most carts naming it would be short).
+DRAWN_KEYS = [*INITIAL_KEYS, *INITIAL_KEYS, *KEYS[len(INITIAL_KEYS) :]]
+UNREGISTERED = "WH-9"  # never registered: updateLocation of it is NotFoundError
+LOCATION_TYPES = ("WAREHOUSE", "STORE", "VIRTUAL")
 REFS = (Reference("ORDER", "A-1"), Reference("ORDER", "a-1"))
 TTLS = (1, 5, 30, 1800)
 ADVANCES = (0.5, 1, 1, 4, 5, 5, 30, 1800)
@@ -70,6 +86,9 @@ MAX_TTL = 7 * 24 * 3600
 ACTIVE, COMMITTED, RELEASED, EXPIRED = "ACTIVE", "COMMITTED", "RELEASED", "EXPIRED"
 CONFIRMED = "CONFIRMED"  # section 14: holds its units with no expiry until deducted or released
 HOLDING = (ACTIVE, CONFIRMED)  # release and deduct act on these; confirm and extend on ACTIVE
+IN_TRANSIT, PARTIALLY_RECEIVED, CANCELLED = "IN_TRANSIT", "PARTIALLY_RECEIVED", "CANCELLED"
+RECEIVED = "RECEIVED"
+OPEN = (IN_TRANSIT, PARTIALLY_RECEIVED)  # transfers with units in transit
 
 Key = tuple[str, str]
 
@@ -107,23 +126,100 @@ class MReservation:
 
 
 @dataclass
+class MLocation:
+    name: str
+    type: str = "WAREHOUSE"
+    active: bool = True
+
+
+@dataclass
+class MTransferLine:
+    quantity: int
+    received: int = 0
+    returned: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.quantity - self.received - self.returned
+
+
+@dataclass
+class MTransfer:
+    id: int
+    status: str
+    source: str
+    destination: str
+    lines: dict[str, MTransferLine]  # by SKU
+    reference: Reference | None
+    reason: str | None
+
+
+@dataclass
 class Model:
     now: datetime = BASE_TIME
     balances: dict[Key, MBalance] = field(default_factory=dict)
     reservations: dict[int, MReservation] = field(default_factory=dict)
+    locations: dict[str, MLocation] = field(default_factory=dict)
+    transfers: dict[int, MTransfer] = field(default_factory=dict)
+    made: dict[str, int] = field(default_factory=dict)  # restocks - deducts + adjusts per SKU
 
     def copy(self) -> Model:
         return copy.deepcopy(self)
 
-    def move(self, key: Key, on_hand_delta: int, reserved_delta: int) -> None:
+    def move(self, key: Key, on_hand_delta: int, reserved_delta: int, made: bool = True) -> None:
         """One ledger entry on one balance (creating it, as restock and adjust do). The version
         counts ledger entries: a by-reference call that changes a balance through two
-        reservations writes two entries (section 11) and adds two."""
+        reservations writes two entries (section 11) and adds two. ``made``: the change makes
+        or loses units (every entry but a transfer's), tallied for conservation."""
         bal = self.balances.setdefault(key, MBalance())
         bal.on_hand += on_hand_delta
         bal.reserved += reserved_delta
         bal.version += 1
         bal.entries += 1
+        if made:
+            self.made[key[1]] = self.made.get(key[1], 0) + on_hand_delta
+
+    def shift(self, key: Key, units: int) -> None:
+        """A TRANSFER_OUT (``units`` < 0) or TRANSFER_IN entry: moves units, makes none."""
+        self.move(key, units, 0, made=False)
+
+    def register(self, code: str) -> None:
+        """A restock, adjust or transfer to an unknown code registers it (section 14)."""
+        self.locations.setdefault(code, MLocation(code))
+
+    def inactive(self, code: str) -> bool:
+        loc = self.locations.get(code)
+        return loc is not None and not loc.active
+
+    def in_transit(self) -> dict[str, int]:
+        """Units in transit per SKU: the remaining of every open transfer's lines."""
+        out: dict[str, int] = {}
+        for t in self.transfers.values():
+            if t.status in OPEN:
+                for sku, ln in t.lines.items():
+                    out[sku] = out.get(sku, 0) + ln.remaining
+        return out
+
+    def incoming(self) -> dict[Key, int]:
+        """``Balance.incoming``: open transfers' remaining per destination balance (non-zero)."""
+        out: dict[Key, int] = {}
+        for t in self.transfers.values():
+            if t.status in OPEN:
+                for sku, ln in t.lines.items():
+                    if ln.remaining:
+                        k = (t.destination, sku)
+                        out[k] = out.get(k, 0) + ln.remaining
+        return out
+
+    def open_transfer(self, opaque: str) -> MTransfer:
+        """The open transfer a receive or cancel of ``opaque`` acts on, or its refusal."""
+        number = next((i for i in self.transfers if transfer_global_id(i) == opaque), None)
+        if number is None:
+            raise Expect(NotFoundError("Transfer", unknown_transfer_key(opaque)))
+        t = self.transfers[number]
+        if t.status not in OPEN:
+            raise Expect(TransferNotOpenError(t.id, t.status))
+        return t
 
     def available(self, key: Key) -> int:
         bal = self.balances.get(key)
@@ -191,8 +287,22 @@ class Expect(Exception):
         self.committed = committed
 
 
+# Opaque ids of transfers no run makes: a well-formed one (NotFoundError keyed by its number)
+# and text that is no transfer's id at all (keyed by itself).
+MISSING_TRANSFER = 10**12
+NOT_AN_ID = "T-1"
+
+
+def unknown_transfer_key(opaque: str) -> str:
+    return str(MISSING_TRANSFER) if opaque == transfer_global_id(MISSING_TRANSFER) else opaque
+
+
 def describe(exc: BaseException) -> tuple[Any, ...]:
     """An error as the comparable facts its GraphQL type exposes."""
+    if isinstance(exc, LocationUnavailableError):
+        return ("LocationUnavailableError", exc.location, exc.exists)
+    if isinstance(exc, TransferNotOpenError):
+        return ("TransferNotOpenError", exc.transfer_id, exc.status)
     if isinstance(exc, InsufficientStockError):
         return ("InsufficientStockError", tuple(exc.shortages))
     if isinstance(exc, NotFoundError):
@@ -218,6 +328,27 @@ def merge(lines: Sequence[Line]) -> list[tuple[Key, int]]:
 
 def first_index(lines: Sequence[Line], key: Key) -> int:
     return next(i for i, ln in enumerate(lines) if (ln.location, ln.sku) == key)
+
+
+def merge_skus(lines: Sequence[TL]) -> list[tuple[str, int]]:
+    """Transfer or receipt lines summed per SKU and sorted."""
+    out: dict[str, int] = {}
+    for ln in lines:
+        out[ln.sku] = out.get(ln.sku, 0) + ln.quantity
+    return sorted(out.items())
+
+
+def ends_of(t: MTransfer) -> list[Key]:
+    """The balances a transfer moves units between."""
+    return [(loc, sku) for sku in t.lines for loc in (t.source, t.destination)]
+
+
+def refuse_inactive(m: Model, codes: Sequence[str]) -> None:
+    """LocationUnavailableError for the first inactive one of ``codes`` (restock, reserve,
+    transfer in, receipt)."""
+    for code in codes:
+        if m.inactive(code):
+            raise Expect(LocationUnavailableError(code, True))
 
 
 def check_lines(lines: Sequence[Line] | None) -> list[tuple[Key, int]]:
@@ -296,6 +427,13 @@ def consume(
 
 
 # ---------------------------------------------------------------------------- strategies
+
+
+def transfer_lines_strategy(
+    skus: Sequence[str], max_quantity: int, max_size: int = 3
+) -> st.SearchStrategy[list[TL]]:
+    line = st.builds(TL, st.sampled_from(list(skus)), st.integers(1, max_quantity))
+    return st.lists(line, min_size=1, max_size=max_size)
 
 
 def lines_strategy(keys: Sequence[Key], max_quantity: int) -> st.SearchStrategy[list[Line]]:
@@ -403,12 +541,15 @@ class StockMachine(RuleBasedStateMachine):
         return result, info
 
     def check_balances(self, records: Sequence[Any], keys: Sequence[Key]) -> None:
-        got = sorted((b.location, b.sku, b.on_hand, b.reserved, b.version) for b in records)
+        got = sorted(
+            (b.location, b.sku, b.on_hand, b.reserved, b.version, b.incoming) for b in records
+        )
         want = []
+        incoming = self.model.incoming()
         for loc, sku in sorted(set(keys)):
             b = self.model.balances[(loc, sku)]
-            want.append((loc, sku, b.on_hand, b.reserved, b.version))
-        assert got == want
+            want.append((loc, sku, b.on_hand, b.reserved, b.version, incoming.get((loc, sku), 0)))
+        assert got == want, (got, want)
 
     def check_reservation(self, record: Any) -> None:
         r = self.model.reservations[record.id]
@@ -422,6 +563,53 @@ class StockMachine(RuleBasedStateMachine):
                 (ln.location, ln.sku): (ln.quantity, ln.deducted, ln.released)
                 for ln in record.lines
             } == {k: (ln.quantity, ln.deducted, ln.released) for k, ln in r.lines.items()}
+
+    def check_transfer(self, record: Any) -> None:
+        t = self.model.transfers[record.id]
+        assert (
+            record.status,
+            record.from_location,
+            record.to_location,
+            record.reference,
+            record.reason,
+        ) == (t.status, t.source, t.destination, t.reference, t.reason)
+        assert [(ln.sku, ln.quantity, ln.received, ln.returned) for ln in record.lines] == [
+            (sku, ln.quantity, ln.received, ln.returned) for sku, ln in sorted(t.lines.items())
+        ]
+
+    def check_location(self, record: Any) -> None:
+        loc = self.model.locations[record.code]
+        assert (record.name, record.type, record.active) == (loc.name, loc.type, loc.active)
+
+    def check_moves(
+        self,
+        result: Any,
+        moves: list[tuple[str, str, str, int]],
+        keys: Sequence[Key],
+        may_show: Sequence[Key] = (),
+    ) -> None:
+        """A transfer call's entries (event, location, sku, units) and balances: ``keys``,
+        and maybe some of ``may_show``."""
+        self.check_transfer(result.transfer)
+        assert [
+            (e.event_type, e.location, e.sku, e.on_hand_delta, e.reserved_delta, e.transfer_id)
+            for e in result.ledger_entries
+        ] == [(*mv, 0, result.transfer.id) for mv in moves]
+        shown = {(b.location, b.sku) for b in result.balances}
+        assert set(keys) <= shown <= set(keys) | set(may_show), (shown, keys)
+        self.check_balances(result.balances, sorted(shown))
+
+    def pick_transfer(self, data: st.DataObject) -> str:
+        """Mostly an open transfer's opaque id, else any transfer's, else one naming none."""
+        ids = sorted(self.model.transfers)
+        open_ = [i for i in ids if self.model.transfers[i].status in OPEN]
+        pool = data.draw(st.integers(0, 19), label="which kind of transfer id")
+        if open_ and pool < 13:
+            return transfer_global_id(data.draw(st.sampled_from(open_), label="open transfer"))
+        if ids and pool < 18:
+            return transfer_global_id(data.draw(st.sampled_from(ids), label="known transfer"))
+        missing = [transfer_global_id(MISSING_TRANSFER), NOT_AN_ID]
+        return data.draw(st.sampled_from(missing), label="unknown transfer")
 
     def pick_reservation(self, data: st.DataObject) -> int | str:
         ids = sorted(self.model.reservations)
@@ -455,18 +643,18 @@ class StockMachine(RuleBasedStateMachine):
 
     @initialize(
         data=st.data(),
-        stock=st.lists(st.integers(0, 12), min_size=len(KEYS), max_size=len(KEYS)),
+        stock=st.lists(st.integers(0, 12), min_size=len(INITIAL_KEYS), max_size=len(INITIAL_KEYS)),
         carts=st.integers(0, 3),
     )
     def initial_stock(self, data: st.DataObject, stock: list[int], carts: int) -> None:
         """Some stock and a few carts to start from (a run may start from nothing)."""
-        lines = [Line(sku, q, loc) for (loc, sku), q in zip(KEYS, stock, strict=True) if q]
+        lines = [Line(sku, q, loc) for (loc, sku), q in zip(INITIAL_KEYS, stock, strict=True) if q]
         if lines:
             self.restock_lines("init", lines, None, None)
         for _ in range(carts):
-            self.reserve(data, data.draw(lines_strategy(KEYS, 3), label="cart"))
+            self.reserve(data, data.draw(lines_strategy(DRAWN_KEYS, 3), label="cart"))
 
-    @rule(data=st.data(), lines=lines_strategy(KEYS, 10))
+    @rule(data=st.data(), lines=lines_strategy(DRAWN_KEYS, 10))
     def restock(self, data: st.DataObject, lines: list[Line]) -> None:
         ref = data.draw(st.none() | st.sampled_from(REFS), label="reference")
         reason = data.draw(st.none() | st.just("delivery"), label="reason")
@@ -475,8 +663,14 @@ class StockMachine(RuleBasedStateMachine):
     def restock_lines(
         self, key: str, lines: list[Line], ref: Reference | None, reason: str | None
     ) -> None:
+        merged = merge(lines)
+
         def predict(m: Model) -> None:
-            for k, q in merge(lines):
+            codes = list(dict.fromkeys(loc for (loc, _), _ in merged))
+            refuse_inactive(m, codes)
+            for code in codes:
+                m.register(code)
+            for k, q in merged:
                 m.move(k, q, 0)
 
         result, _ = self.attempt(
@@ -484,7 +678,8 @@ class StockMachine(RuleBasedStateMachine):
             lambda: self.service.restock(key, lines, reference=ref, reason=reason),
             predict,
         )
-        merged = merge(lines)
+        if result is None:
+            return
         self.check_balances(result.balances, [k for k, _ in merged])
         assert [(e.location, e.sku, e.on_hand_delta) for e in result.ledger_entries] == [
             (loc, sku, q) for (loc, sku), q in merged
@@ -492,7 +687,7 @@ class StockMachine(RuleBasedStateMachine):
 
     @rule(
         data=st.data(),
-        key=st.sampled_from(KEYS),
+        key=st.sampled_from(DRAWN_KEYS),
         delta=st.none() | st.integers(-6, 6),
         set_to=st.integers(0, 12),
         version=st.sampled_from(["none", "current", "wrong"]),
@@ -522,6 +717,7 @@ class StockMachine(RuleBasedStateMachine):
                         [Shortage(key[1], key[0], -d, bal.on_hand - bal.reserved)]
                     )
                 )
+            m.register(key[0])  # allowed at an inactive location
             m.move(key, d, 0)
 
         result, _ = self.attempt(
@@ -540,7 +736,7 @@ class StockMachine(RuleBasedStateMachine):
         if result is not None:
             self.check_balances([result.balance], [key])
 
-    @rule(data=st.data(), lines=lines_strategy(KEYS, 3))
+    @rule(data=st.data(), lines=lines_strategy(DRAWN_KEYS, 3))
     def reserve(self, data: st.DataObject, lines: list[Line]) -> None:
         # mostly the same reference, so by-reference calls find several reservations
         ref = data.draw(st.sampled_from([None, REFS[0], REFS[0], REFS[1]]), label="reference")
@@ -549,6 +745,7 @@ class StockMachine(RuleBasedStateMachine):
         merged = merge(lines)
 
         def predict(m: Model) -> tuple[MReservation, set[Key]]:
+            refuse_inactive(m, list(dict.fromkeys(loc for (loc, _), _ in merged)))
             expired = shortages(m, merged)
             for k, q in merged:
                 m.move(k, 0, q)
@@ -683,7 +880,7 @@ class StockMachine(RuleBasedStateMachine):
         kind = data.draw(st.sampled_from(["lines"] * 4 + ["none", "empty"]), label="lines")
         lines: list[Line] | None = None if kind == "none" else []
         if kind == "lines":
-            lines = data.draw(lines_strategy(KEYS, 4), label="lines")
+            lines = data.draw(lines_strategy(DRAWN_KEYS, 4), label="lines")
         key = self.new_key(data)
 
         def predict(m: Model) -> tuple[list[tuple[Key, int]], set[Key]]:
@@ -775,6 +972,189 @@ class StockMachine(RuleBasedStateMachine):
             assert held <= set(changed) <= held | expired
             self.check_balances(result.balances, changed)
 
+    # -------------------------------------------------------------- locations and transfers
+
+    @rule(
+        data=st.data(),
+        source=st.sampled_from(LOCATIONS),
+        lines=transfer_lines_strategy(SKUS, 4),
+        in_transit=st.sampled_from([True, True, False]),
+    )
+    def transfer(self, data: st.DataObject, source: str, lines: list[TL], in_transit: bool) -> None:
+        """TRANSFER (section 14): available >= q at the source for every line (due holds there
+        expired first, as for a reserve), else nothing; the destination must be active (an
+        unknown one is registered). Immediate: RECEIVED; in transit: IN_TRANSIT, the
+        destination balance created with nothing on hand if missing."""
+        others = [loc for loc in LOCATIONS if loc != source]
+        dest = data.draw(st.sampled_from([*others, *others, source]), label="destination")
+        ref = data.draw(st.none() | st.sampled_from(REFS), label="reference")
+        reason = data.draw(st.none() | st.just("rebalance"), label="reason")
+        key = self.new_key(data)
+        merged = merge_skus(lines)
+
+        def predict(m: Model) -> tuple[MTransfer, set[Key]]:
+            if dest == source:
+                raise Expect(ValidationError("", "toLocation"))
+            refuse_inactive(m, [dest])  # the source may be inactive: units can leave
+            expired = shortages(m, [((source, sku), q) for sku, q in merged])
+            m.register(dest)
+            made = MTransfer(
+                0,
+                IN_TRANSIT,
+                source,
+                dest,
+                {sku: MTransferLine(q) for sku, q in merged},
+                ref,
+                reason,
+            )
+            for sku, q in merged:
+                m.shift((source, sku), -q)
+            for sku, q in merged:
+                if in_transit:
+                    m.balances.setdefault((dest, sku), MBalance())  # no entry, version 0
+                else:
+                    m.shift((dest, sku), q)
+                    made.lines[sku].received = q
+            if not in_transit:
+                made.status = RECEIVED
+            return made, expired
+
+        existed = set(self.model.balances)
+        result, info = self.attempt(
+            key,
+            lambda: self.service.transfer(
+                key, source, dest, lines, in_transit=in_transit, reference=ref, reason=reason
+            ),
+            predict,
+        )
+        if result is None:
+            return
+        made, _ = info
+        assert result.transfer.id > max(self.model.transfers, default=0)
+        made.id = result.transfer.id
+        self.model.transfers[made.id] = made
+        moves = [("TRANSFER_OUT", source, sku, -q) for sku, q in merged]
+        if not in_transit:
+            moves += [("TRANSFER_IN", dest, sku, q) for sku, q in merged]
+        # The balances it moves units between, not those only a hold it expired on the way
+        # changed. An in-transit destination balance that already existed (it changes only
+        # its derived incoming) is left out of a fresh result, but listed by its replay.
+        ends = [(loc, sku) for sku, _ in merged for loc in (source, dest)]
+        listed = [k for k in ends if not in_transit or k[0] == source or k not in existed]
+        self.check_moves(result, moves, listed, may_show=ends)
+
+    @precondition(lambda self: self.model.transfers)
+    @rule(data=st.data(), kind=st.sampled_from(["all"] * 3 + ["lines"] * 4 + ["empty"]))
+    def receive(self, data: st.DataObject, kind: str) -> None:
+        """RECEIVE: all remaining, or given lines (summed per SKU, at most each line's
+        remaining); PARTIALLY_RECEIVED until nothing remains, then RECEIVED."""
+        opaque = self.pick_transfer(data)
+        lines: list[TL] | None = None if kind == "all" else []
+        if kind == "lines":
+            known = next(
+                (t for t in self.model.transfers.values() if transfer_global_id(t.id) == opaque),
+                None,
+            )
+            pool = sorted(known.lines) * 3 if known else []
+            pool.append(data.draw(st.sampled_from(SKUS), label="other sku"))
+            lines = data.draw(transfer_lines_strategy(pool, 3, 2), label="receipt lines")
+        key = self.new_key(data)
+
+        def predict(m: Model) -> tuple[MTransfer, list[tuple[str, int]]]:
+            if lines == []:
+                raise Expect(ValidationError("", "lines"))
+            t = m.open_transfer(opaque)
+            refuse_inactive(m, [t.destination])
+            if lines is None:
+                wanted = [
+                    (sku, ln.remaining) for sku, ln in sorted(t.lines.items()) if ln.remaining
+                ]
+            else:
+                wanted = merge_skus(lines)
+                for sku, q in wanted:
+                    at = next(i for i, ln in enumerate(lines) if ln.sku == sku)
+                    if sku not in t.lines:
+                        raise Expect(ValidationError("", f"lines.{at}.sku"))
+                    if q > t.lines[sku].remaining:
+                        raise Expect(ValidationError("", f"lines.{at}.quantity"))
+            for sku, q in wanted:
+                m.shift((t.destination, sku), q)
+                t.lines[sku].received += q
+            done = all(ln.remaining == 0 for ln in t.lines.values())
+            t.status = RECEIVED if done else PARTIALLY_RECEIVED
+            return t, wanted
+
+        result, info = self.attempt(
+            key, lambda: self.service.receive_transfer(key, opaque, lines), predict
+        )
+        if result is not None:
+            t, wanted = info
+            moves = [("TRANSFER_IN", t.destination, sku, q) for sku, q in wanted]
+            self.check_moves(result, moves, [(t.destination, sku) for sku, _ in wanted], ends_of(t))
+
+    @precondition(lambda self: self.model.transfers)
+    @rule(data=st.data(), reason=st.sampled_from(["truck broke down", "not needed"]))
+    def cancel(self, data: st.DataObject, reason: str) -> None:
+        """CANCEL: every unit still in transit goes back to the source (active or not)."""
+        opaque = self.pick_transfer(data)
+        key = self.new_key(data)
+
+        def predict(m: Model) -> tuple[MTransfer, list[tuple[str, int]]]:
+            t = m.open_transfer(opaque)
+            back = [(sku, ln.remaining) for sku, ln in sorted(t.lines.items()) if ln.remaining]
+            for sku, q in back:
+                m.shift((t.source, sku), q)
+                t.lines[sku].returned += q
+            t.status = CANCELLED
+            return t, back
+
+        result, info = self.attempt(
+            key, lambda: self.service.cancel_transfer(key, opaque, reason), predict
+        )
+        if result is not None:
+            t, back = info
+            moves = [("TRANSFER_IN", t.source, sku, q) for sku, q in back]
+            # may list the destination too, whose incoming (a derived figure) it lowers
+            self.check_moves(result, moves, [(t.source, sku) for sku, _ in back], ends_of(t))
+
+    @rule(data=st.data(), code=st.sampled_from([*LOCATIONS, *LOCATIONS, *LOCATIONS, UNREGISTERED]))
+    def manage_location(self, data: st.DataObject, code: str) -> None:
+        """Deactivate, reactivate or rename a location (NotFoundError when not registered),
+        or register one (a ValidationError on code when it exists)."""
+        key = self.new_key(data)
+        if data.draw(st.integers(0, 4), label="create") == 0:
+            name = data.draw(st.sampled_from(["Main", "Back room"]), label="name")
+            kind = data.draw(st.sampled_from(LOCATION_TYPES), label="type")
+
+            def predict(m: Model) -> None:
+                if code in m.locations:
+                    raise Expect(ValidationError("", "code"))
+                m.locations[code] = MLocation(name, kind)
+
+            call: Callable[[], Awaitable[Any]] = lambda: self.service.create_location(  # noqa: E731
+                key, code, name, kind
+            )
+        else:
+            active = data.draw(st.sampled_from([False, True, True, None]), label="active")
+            name_or_none = None if active is not None else "Renamed"
+
+            def predict(m: Model) -> None:
+                loc = m.locations.get(code)
+                if loc is None:
+                    raise Expect(NotFoundError("Location", code))
+                if active is not None:
+                    loc.active = active
+                if name_or_none is not None:
+                    loc.name = name_or_none
+
+            call = lambda: self.service.update_location(  # noqa: E731
+                key, code, name=name_or_none, active=active
+            )
+        result, _ = self.attempt(key, call, predict)
+        if result is not None:
+            assert result.location.code == code
+            self.check_location(result.location)
+
     @rule(seconds=st.sampled_from(ADVANCES))
     def advance_clock(self, seconds: float) -> None:
         self.clock.now += timedelta(seconds=seconds)
@@ -858,12 +1238,41 @@ class StockMachine(RuleBasedStateMachine):
             assert again.reservation.id == first.reservation.id
         if hasattr(first, "reservations"):
             assert [r.id for r in again.reservations] == [r.id for r in first.reservations]
+        if hasattr(first, "transfer"):  # its current state, and the entries it wrote then
+            assert again.transfer.id == first.transfer.id
+            self.check_transfer(again.transfer)
+            assert [e.id for e in again.ledger_entries] == [e.id for e in first.ledger_entries]
+            keys = [(b.location, b.sku) for b in again.balances]
+            t = again.transfer
+            ends = {(loc, ln.sku) for ln in t.lines for loc in (t.from_location, t.to_location)}
+            if any(e.event_type == "TRANSFER_OUT" for e in first.ledger_entries):
+                assert set(keys) == ends  # a transfer's both ends
+            else:  # what its entries changed, maybe the other end's incoming too
+                assert {(e.location, e.sku) for e in first.ledger_entries} <= set(keys) <= ends
+            self.check_balances(again.balances, keys)
+        if hasattr(first, "location"):
+            assert again.location.code == first.location.code
+            self.check_location(again.location)
 
     def reuse_key(self, data: st.DataObject) -> None:
-        """A done key with another operation and payload: refused, nothing changes."""
+        """A done key with another operation or payload: refused, nothing changes. The probe
+        is valid, and would change stock under a free key (no rule sends its payload)."""
         key = data.draw(st.sampled_from(sorted(self.done)), label="done key")
+        opaque = transfer_global_id(max(self.model.transfers, default=MISSING_TRANSFER))
+        probes: dict[str, Callable[[], Awaitable[Any]]] = {
+            "adjust": lambda: self.service.adjust(
+                key, "SKU-1", "WH-1", delta=1, reason="key probe"
+            ),
+            "transfer": lambda: self.service.transfer(
+                key, "WH-1", "WH-2", [TL("SKU-1", 1)], reason="key probe"
+            ),
+            "receive": lambda: self.service.receive_transfer(key, opaque, [TL("probe", 1)]),
+            "cancel": lambda: self.service.cancel_transfer(key, opaque, "key probe"),
+            "location": lambda: self.service.update_location(key, "WH-1", name="key probe"),
+        }
+        probe = data.draw(st.sampled_from(sorted(probes)), label="probe")
         with pytest.raises(IdempotencyKeyReusedError) as info:
-            self.run(self.service.adjust(key, "SKU-1", "WH-1", delta=1, reason="key probe"))
+            self.run(probes[probe]())
         assert info.value.idempotency_key == key
 
     # -------------------------------------------------------------- after every step
@@ -872,7 +1281,10 @@ class StockMachine(RuleBasedStateMachine):
     def database_agrees_with_model(self) -> None:
         violations = self.run(self.violations())
         assert violations == []
-        balances, entries, reservations, lines = self.run(self.snapshot())
+        snap = self.run(self.snapshot())
+        balances, entries, reservations, lines = snap[:4]
+        incoming, locations, transfers, transfer_lines = snap[4:]
+        self.check_conservation(balances, transfers, transfer_lines)
         m = self.model
         assert balances == {k: (b.on_hand, b.reserved, b.version) for k, b in m.balances.items()}
         assert entries == {k: b.entries for k, b in m.balances.items() if b.entries}
@@ -885,6 +1297,36 @@ class StockMachine(RuleBasedStateMachine):
             for r in m.reservations.values()
             for k, ln in r.lines.items()
         }
+        assert incoming == m.incoming()
+        assert locations == {c: (loc.name, loc.type, loc.active) for c, loc in m.locations.items()}
+        assert transfers == {
+            t.id: (t.status, t.source, t.destination, t.reference, t.reason)
+            for t in m.transfers.values()
+        }
+        assert transfer_lines == {
+            (t.id, sku): (ln.quantity, ln.received, ln.returned)
+            for t in m.transfers.values()
+            for sku, ln in t.lines.items()
+        }
+
+    def check_conservation(
+        self,
+        balances: dict[Key, tuple[int, int, int]],
+        transfers: dict[int, tuple[Any, ...]],
+        transfer_lines: dict[tuple[int, str], tuple[int, int, int]],
+    ) -> None:
+        """Section 14, per SKU: on hand over all locations + in transit = restocks - deducts
+        + adjusts, as the model tallied them (the model's own figures, then the service's)."""
+        m = self.model
+        away: dict[str, int] = {}
+        for (tid, sku), (q, received, returned) in transfer_lines.items():
+            if transfers[tid][0] in OPEN:
+                away[sku] = away.get(sku, 0) + q - received - returned
+        for sku in sorted(set(m.made) | {sku for _, sku in balances} | set(away)):
+            here = sum(b.on_hand for (_, s), b in m.balances.items() if s == sku)
+            assert here + m.in_transit().get(sku, 0) == m.made.get(sku, 0), sku
+            db_here = sum(on_hand for (_, s), (on_hand, _, _) in balances.items() if s == sku)
+            assert db_here + away.get(sku, 0) == m.made.get(sku, 0), (sku, db_here, away)
 
 
 class DatabaseMachine(StockMachine):
@@ -911,10 +1353,10 @@ class DatabaseMachine(StockMachine):
     async def snapshot(self) -> tuple[dict[Any, Any], ...]:
         org = self.org_id
         async with self.db.read() as conn:
-            balances = {
-                (r.location, r.sku): (r.on_hand, r.reserved, r.version)
-                for r in await conn.execute(select(B).where(B.c.org_id == org))
-            }
+            balances, incoming = {}, {}
+            for r in await conn.execute(select(B).where(B.c.org_id == org)):
+                balances[(r.location, r.sku)] = (r.on_hand, r.reserved, r.version)
+                incoming[(r.location, r.sku)] = r.incoming  # Balance.incoming, kept by the rules
             entries = {
                 (r.location, r.sku): r.n
                 for r in await conn.execute(
@@ -936,7 +1378,31 @@ class DatabaseMachine(StockMachine):
                 (r.reservation_id, r.location, r.sku): (r.quantity, r.deducted, r.released)
                 for r in await conn.execute(select(RL).where(RL.c.org_id == org))
             }
-        return balances, entries, reservations, lines
+            locations = {
+                r.code: (r.name, r.type, bool(r.active))
+                for r in await conn.execute(select(LOC).where(LOC.c.org_id == org))
+            }
+            transfers, transfer_lines = {}, {}  # one query: each transfer with its lines
+            for r in await conn.execute(
+                select(TR, TLN.c.sku, TLN.c.quantity, TLN.c.received, TLN.c.returned)
+                .outerjoin(TLN, (TLN.c.transfer_id == TR.c.id) & (TLN.c.org_id == TR.c.org_id))
+                .where(TR.c.org_id == org)
+            ):
+                ref = None if r.ref_type is None else Reference(r.ref_type, r.ref_id)
+                transfers[r.id] = (r.status, r.from_location, r.to_location, ref, r.reason)
+                if r.sku is not None:
+                    transfer_lines[(r.id, r.sku)] = (r.quantity, r.received, r.returned)
+        incoming = {k: units for k, units in incoming.items() if units}
+        return (
+            balances,
+            entries,
+            reservations,
+            lines,
+            incoming,
+            locations,
+            transfers,
+            transfer_lines,
+        )
 
 
 # ---------------------------------------------------------------------------- the tests

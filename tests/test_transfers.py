@@ -356,3 +356,19 @@ async def test_opposite_transfers_race_reserves_at_both_ends(
         assert min(r.on_hand_after for r in rows) >= 0
     finally:
         await service.close()
+
+
+async def test_a_transfer_expires_due_holds_at_its_source_first(
+    service: InventoryService, db: Database, org_id: str, clock: Clock
+) -> None:
+    """Section 14 with section 11's "expired holds never refuse": a due, unswept reservation
+    at the source is expired in the transfer's transaction, then the units move (found by the
+    stateful test: the unit of work loaded due holds for short reserves only)."""
+    await service.restock("s", [Line("a", 11, WAREHOUSE)])
+    await service.reserve("r1", [Line("a", 5, WAREHOUSE)], ttl_seconds=1)
+    await service.reserve("r2", [Line("a", 5, WAREHOUSE)], ttl_seconds=600)
+    clock.advance(2)
+    moved = await service.transfer("t", WAREHOUSE, STORE, [TL("a", 2)])
+    assert moved.transfer.status == "RECEIVED"
+    assert await figures(db, org_id, WAREHOUSE, "a") == (9, 5, 0)
+    await no_violations(db, org_id)

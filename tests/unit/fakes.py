@@ -18,6 +18,7 @@ from datetime import datetime
 from stockledger.config import Settings
 from stockledger.db.store import Locked, StoredKey, WriteSet
 from stockledger.domain.errors import IdempotencyKeyReusedError
+from stockledger.domain.ids import balance_key_of
 from stockledger.domain.model import (
     ACTIVE,
     Balance,
@@ -29,8 +30,21 @@ from stockledger.domain.model import (
     Transfer,
 )
 from stockledger.services import InventoryService
-from stockledger.services.lookups import replayed_reservation_ids, replayed_result
-from stockledger.services.records import WriteResult
+from stockledger.services.lookups import (
+    LOCATION_OPERATIONS,
+    REORDER_OPERATIONS,
+    TRANSFER_OPERATIONS,
+    replayed_reservation_ids,
+    replayed_result,
+    replayed_transfer_id,
+    transfer_result_keys,
+)
+from stockledger.services.records import (
+    LocationResult,
+    ReorderPointResult,
+    TransferResult,
+    WriteResult,
+)
 from stockledger.services.writes import Clock
 
 # Written out here rather than imported: these fakes check the code that defines them.
@@ -191,7 +205,20 @@ class MemoryLookups:
             return None
         if (row[0], row[1]) != (operation, request_hash):
             raise IdempotencyKeyReusedError(key, row[0])
+        # As services/lookups.py does over the database: the key row names a location or a
+        # balance; a transfer call's entries name its transfer.
+        if operation in LOCATION_OPERATIONS:
+            return LocationResult(self.db.locations[row[2] or ""], True)
+        if operation in REORDER_OPERATIONS:
+            named = balance_key_of(row[2] or "")
+            assert named is not None
+            return ReorderPointResult(self.db.balances[named], True)
         entries = [e for e in self.db.ledger if e.idempotency_key == key]
+        if operation in TRANSFER_OPERATIONS:
+            moved = self.db.transfers[replayed_transfer_id(entries)]
+            keys = transfer_result_keys(moved, entries)
+            shown = [self.db.balances[k] for k in keys if k in self.db.balances]
+            return TransferResult(moved, shown, entries, True)
         ids = replayed_reservation_ids(entries, row[2])
         reservations = [self.db.reservations[i] for i in ids if i in self.db.reservations]
         keys = sorted({e.key for e in entries})

@@ -1,6 +1,7 @@
 """The randomized run of ``tests/test_stateful.py`` with the database replaced by the in-memory
 store of ``fakes.py``: the same model (the oracle, independent of ``domain/``), the same rules
-and invariants, through the service, batcher and unit of work, at thousands of steps a run."""
+(transfers, receipts, cancels and locations included) and invariants (conservation included),
+through the service, batcher and unit of work, at thousands of steps a run."""
 
 from __future__ import annotations
 
@@ -41,7 +42,27 @@ class MemoryMachine(StockMachine):
             for r in mem.reservations.values()
             for ln in r.lines or ()
         }
-        return balances, entries, reservations, lines
+        incoming = {k: b.incoming for k, b in mem.balances.items() if b.incoming}
+        locations = {c: (loc.name, loc.type, loc.active) for c, loc in mem.locations.items()}
+        transfers = {
+            t.id: (t.status, t.from_location, t.to_location, t.reference, t.reason)
+            for t in mem.transfers.values()
+        }
+        transfer_lines = {
+            (t.id, tl.sku): (tl.quantity, tl.received, tl.returned)
+            for t in mem.transfers.values()
+            for tl in t.lines
+        }
+        return (
+            balances,
+            entries,
+            reservations,
+            lines,
+            incoming,
+            locations,
+            transfers,
+            transfer_lines,
+        )
 
 
 # STOCKLEDGER_STATEFUL_MEMORY_EXAMPLES raises it; 100 runs of 60 steps is 6,000 steps.

@@ -22,7 +22,8 @@ from stockledger.domain.state import Changes
 
 
 def balance_data(b: Balance) -> dict[str, Any]:
-    """A balance as events show it (the fields of section 15, plus its id)."""
+    """A balance as events show it (the fields of section 15, plus its id, reorder point and
+    lowStock, so a subscription's Balance has every field)."""
     return {
         "id": ids.balance_global_id(b.location, b.sku),
         "sku": b.sku,
@@ -33,6 +34,14 @@ def balance_data(b: Balance) -> dict[str, Any]:
         "available": b.available,
         "incoming": b.incoming,
         "version": b.version,
+        "lowStock": b.low_stock,
+        "reorderPoint": None
+        if b.reorder is None
+        else {
+            "minimumLevel": b.reorder.minimum_level,
+            "reorderQuantity": b.reorder.reorder_quantity,
+            "maximumLevel": b.reorder.maximum_level,
+        },
     }
 
 

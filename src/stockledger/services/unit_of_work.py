@@ -500,7 +500,7 @@ class UnitOfWork:
                 plan.stock.apply(decision.committed)
                 plan.applied.append((p, decision.committed))
             plan.outcomes.append((p, Refused(decision)))
-            if isinstance(command, Reserve | DeductDirect) and isinstance(
+            if isinstance(command, Reserve | DeductDirect | TransferStock) and isinstance(
                 decision.error, InsufficientStockError
             ):
                 plan.short.update((s.location, s.sku) for s in decision.error.shortages)
