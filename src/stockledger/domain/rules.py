@@ -432,16 +432,15 @@ def transfer(stock: Stock, command: TransferStock, now: datetime, transfer_id: i
     must be); the source may be inactive but must be registered where locations must be.
     """
     draft = Draft(stock, now, command.idempotency_key)
-    for code, registers, needs_active in (
-        (command.from_location, False, False),
-        (command.to_location, True, True),
-    ):
-        unavailable = _location_check(draft, code, registers=registers, needs_active=needs_active)
+    for code, needs_active in ((command.from_location, False), (command.to_location, True)):
+        unavailable = _location_check(draft, code, registers=False, needs_active=needs_active)
         if unavailable is not None:
             return Refusal(unavailable)
     shortages = _short_lines(stock, draft, command.cart)
-    if shortages:
+    if shortages:  # what it still commits is the expiries alone: no location registered
         return Refusal(InsufficientStockError(shortages), _committed(draft))
+    if draft.location(command.to_location) is None:
+        draft.register_unknown(command.to_location)
     lines = []
     for line in command.cart.lines:
         destination = (command.to_location, line.sku)
@@ -605,20 +604,17 @@ def _codes(cart: Cart) -> list[str]:
 def _location_check(
     draft: Draft, code: str, *, registers: bool, needs_active: bool
 ) -> LocationUnavailableError | None:
-    """Whether a write may name location ``code`` (section 14). Unknown: ``default`` is
-    registered (every org has it); another, where locations
-    must be registered, is LocationUnavailableError (``exists`` False); else ``registers``
+    """Whether a write may name location ``code`` (section 14). Unknown: where locations
+    must be registered, LocationUnavailableError (``exists`` False; never for ``default``,
+    which every org has); else ``registers``
     (restock, adjust, transfer to) registers it, and otherwise the write goes on and finds
     nothing there (a reserve is then short). Inactive: LocationUnavailableError when the
     write ``needs_active`` (restock, transfer in, receipt, reserve)."""
     found = draft.location(code)
     if found is None:
-        if code == DEFAULT_LOCATION:
-            # Every org has `default` (section 14); one that came after the migration gets
-            # it on the first write naming it.
-            draft.register_unknown(code)
-            return None
-        if draft.stock.locations_required:
+        # Every org has `default` (section 14): one that came after the migration is never
+        # refused it, and gets it registered by the first write that registers.
+        if draft.stock.locations_required and code != DEFAULT_LOCATION:
             return LocationUnavailableError(code, exists=False)
         if registers:
             draft.register_unknown(code)
