@@ -54,6 +54,10 @@ FIELD_SCOPES: dict[str, Scope | None] = {
     "reorderSuggestions": S.STOCK_READ,
     "setReorderPoint": S.STOCK_WRITE,
     "clearReorderPoint": S.STOCK_WRITE,
+    "webhookEndpoints": S.ADMIN,
+    "webhookDeliveries": S.ADMIN,
+    "createWebhookEndpoint": S.ADMIN,
+    "deleteWebhookEndpoint": S.ADMIN,
 }
 # `transfer` is a query (STOCK_READ) and a mutation (STOCK_WRITE) of the same name.
 MUTATION_SCOPES = {"transfer": S.STOCK_WRITE}
@@ -80,6 +84,8 @@ def _operation(field: str) -> tuple[str, dict[str, Any]]:
         "transfers": "{ transfers(first: 1) { edges { cursor } } }",
         "lowStock": "{ lowStock(first: 1) { edges { cursor } } }",
         "reorderSuggestions": '{ reorderSuggestions(location: "default") { quantity } }',
+        "webhookEndpoints": "{ webhookEndpoints(first: 1) { edges { cursor } } }",
+        "webhookDeliveries": '{ webhookDeliveries(endpointId: "1") { edges { cursor } } }',
     }
     if field in reads:
         return reads[field], {}
@@ -132,6 +138,15 @@ def _operation(field: str) -> tuple[str, dict[str, Any]]:
             {"idempotencyKey": k, "sku": "A", "minimumLevel": 1, "reorderQuantity": 5},
         ),
         "clearReorderPoint": ("ClearReorderPointInput", {"idempotencyKey": k, "sku": "A"}),
+        # A loopback URL: the allowed call answers ValidationError (SSRF) and makes nothing.
+        "createWebhookEndpoint": (
+            "CreateWebhookEndpointInput",
+            {"idempotencyKey": k, "url": "http://127.0.0.1/hook", "eventTypes": ["STOCK_OUT"]},
+        ),
+        "deleteWebhookEndpoint": (
+            "DeleteWebhookEndpointInput",
+            {"idempotencyKey": k, "id": "999999999999"},
+        ),
         "cancelTransfer": (
             "CancelTransferInput",
             {"idempotencyKey": k, "transferId": "VHJhbnNmZXI6MQ", "reason": "probe"},

@@ -42,7 +42,7 @@ VENDORED_CONTRACT = Path(__file__).resolve().parent / "contract" / "schema.graph
 SHARED_V2 = SHARED_CONTRACT.with_name("schema-v2.graphql")
 VENDORED_V2 = VENDORED_CONTRACT.with_name("schema-v2.graphql")
 # The parts of schema-v2.graphql this release serves.
-BUILT_PARTS = ("BATCH", "ACCESS", "LOCATIONS")
+BUILT_PARTS = ("BATCH", "ACCESS", "LOCATIONS", "EVENTS")
 
 
 # The v1 fields that schema-v2.graphql itself changes, with the note that says so. Confirmed

@@ -41,9 +41,16 @@ RUNTIME_GRANTS = [
     "GRANT SELECT, INSERT, UPDATE ON {db}.reservation TO {user}",
     "GRANT SELECT, INSERT, UPDATE ON {db}.reservation_line TO {user}",
     "GRANT SELECT, INSERT, UPDATE ON {db}.id_block TO {user}",
+    # API keys: authentication reads them, lastUsedAt and revocations update them.
+    "GRANT SELECT, INSERT, UPDATE ON {db}.api_key TO {user}",
     "GRANT SELECT, INSERT, UPDATE ON {db}.location TO {user}",
     "GRANT SELECT, INSERT, UPDATE ON {db}.transfer TO {user}",
     "GRANT SELECT, INSERT, UPDATE ON {db}.transfer_line TO {user}",
+    # Events: the relay deletes outbox events past their retention (nothing else is deleted).
+    "GRANT SELECT, INSERT, DELETE ON {db}.outbox_event TO {user}",
+    "GRANT SELECT, INSERT, UPDATE ON {db}.relay_state TO {user}",
+    "GRANT SELECT, INSERT, UPDATE ON {db}.webhook_endpoint TO {user}",
+    "GRANT SELECT, INSERT, UPDATE ON {db}.webhook_delivery TO {user}",
     "GRANT SELECT, INSERT ON {db}.idempotency_key TO {user}",
     "GRANT SELECT, INSERT ON {db}.inventory_ledger TO {user}",
     "GRANT SELECT ON {db}.alembic_version TO {user}",

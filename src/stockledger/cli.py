@@ -1,5 +1,5 @@
-"""The ``stockledger`` command (click): ``migrate``, ``serve``, ``sweep``, ``apikey`` and
-``replay``."""
+"""The ``stockledger`` command (click): ``migrate``, ``serve``, ``sweep``, ``relay``, ``apikey``
+and ``replay``."""
 
 from __future__ import annotations
 
@@ -183,6 +183,42 @@ def sweep(once: bool) -> None:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="One relay pass and one delivery pass, then exit.")
+def relay(once: bool) -> None:
+    """Relay committed events (ARCHITECTURE section 15): to Redis pub/sub and into webhook
+    deliveries, and deliver those, as ``serve`` does inside.
+
+    Safe beside servers and other relays: one relay per org at a time (a lease), and
+    deliveries are shared out. SIGTERM or Ctrl-C stops it after the current pass. Give it
+    STOCKLEDGER_REDIS_URL: on the embedded default its pub/sub is in-process fakeredis, which
+    no server's subscriptions hear (webhooks still go out).
+    """
+    import asyncio
+    import signal
+
+    from stockledger.observability.logs import configure_logging
+    from stockledger.runtime import open_runtime, run_events, stop_events
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def run() -> None:
+        async with open_runtime(settings) as rt:
+            if once:
+                report = await rt.relay.run_once()
+                delivered = await rt.deliveries.run_once()
+                await rt.relay.release()
+                click.echo(f"published {report.published} event(s), attempted {delivered}")
+                return
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop_events, rt)
+            await run_events(rt)
+
+    asyncio.run(run())
 
 
 def _is_loopback(host: str) -> bool:

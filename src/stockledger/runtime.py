@@ -1,5 +1,6 @@
 """Builds the running parts from :class:`Settings`: database, Redis, locker, expiry index,
-services and sweeper. The app's lifespan and the CLI share it, so both run the same wiring.
+services, sweeper, and the events' relay, webhook endpoints and delivery worker (ARCHITECTURE
+section 15). The app's lifespan and the CLI share it, so both run the same wiring.
 
 Embedded default: SQLite file + in-process fakeredis (one process only). Production:
 ``STOCKLEDGER_DATABASE_URL`` (MySQL) and ``STOCKLEDGER_REDIS_URL``.
@@ -7,6 +8,7 @@ Embedded default: SQLite file + in-process fakeredis (one process only). Product
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,8 +19,10 @@ from stockledger.config import Settings
 from stockledger.db.engine import Database, create_database
 from stockledger.locks import BalanceLocker, NoLocks
 from stockledger.locks.redis_locks import RedisBalanceLocker, RedisExpiryIndex, RedisHealth
+from stockledger.services.relay import Relay
 from stockledger.services.rows import utcnow
 from stockledger.services.sweeper import Sweeper
+from stockledger.services.webhooks import Breakers, DeliveryWorker, Webhooks
 from stockledger.services.writes import Clock, InventoryService
 
 
@@ -58,6 +62,11 @@ class Runtime:
     service: InventoryService
     sweeper: Sweeper
     expiry_index: RedisExpiryIndex
+    # Events (section 15): the outbox relay (every org), the endpoints (the API's) and the
+    # delivery worker, sharing one set of circuit breakers so circuitState shows the worker's.
+    relay: Relay
+    webhooks: Webhooks
+    deliveries: DeliveryWorker
 
 
 @asynccontextmanager
@@ -85,9 +94,26 @@ async def open_runtime(
         batch=settings.sweep_batch_size,
         every_org=True,  # the keys' orgs: each request acts for its key's (section 13)
     )
+    breakers = Breakers(redis=redis)  # circuitState shared by every process
+    relay = Relay(db, redis, settings, clock=clock)
+    webhooks = Webhooks(db, settings, breakers=breakers, clock=clock)
+    deliveries = DeliveryWorker(db, settings, breakers=breakers, clock=clock)
     try:
-        yield Runtime(settings, db, redis, service, sweeper, index)
+        yield Runtime(settings, db, redis, service, sweeper, index, relay, webhooks, deliveries)
     finally:
+        await deliveries.aclose()
         await service.close()
         await redis.aclose()
         await db.dispose()
+
+
+async def run_events(runtime: Runtime) -> None:
+    """The relay and the webhook delivery worker of ``runtime``, until :func:`stop_events`."""
+    await asyncio.gather(runtime.relay.run_forever(), runtime.deliveries.run_forever())
+
+
+def stop_events(runtime: Runtime) -> None:
+    """Ask :func:`run_events` to return after the current passes (the relay then gives its
+    leases back, so another process takes its orgs over at once)."""
+    runtime.relay.stop()
+    runtime.deliveries.stop()

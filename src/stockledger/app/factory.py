@@ -11,6 +11,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,8 +23,9 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 
 from stockledger.app.auth import AuthMiddleware
 from stockledger.app.graphql import GRAPHIQL_ASSETS_DIR, GRAPHIQL_ASSETS_PATH, GraphQLView
@@ -113,6 +115,11 @@ def create_app(
         schema,
         graphql_ide="graphiql" if settings.graphiql_enabled else None,
         allow_queries_via_get=True,  # queries only: Strawberry answers a GET mutation 405
+        # Subscriptions: graphql-transport-ws only (the legacy graphql-ws protocol has no
+        # connection_init check of ours), bounded per connection (app/subscriptions.py).
+        subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+        max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
+        connection_init_wait_timeout=timedelta(seconds=10),
     )
 
     @asynccontextmanager
@@ -156,6 +163,7 @@ def create_app(
 
     routes: list[BaseRoute] = [
         Route("/graphql", view, methods=["GET", "POST"]),
+        WebSocketRoute("/graphql", view),  # subscriptions (app/subscriptions.py)
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *extra_routes,

@@ -14,6 +14,7 @@ from strawberry.asgi import GraphQL
 from strawberry.http import GraphQLHTTPResponse
 from strawberry.types import ExecutionResult
 
+from stockledger.app.subscriptions import SubscriptionHandler
 from stockledger.domain.access import Scope, effective
 from stockledger.resolvers import GraphQLContext
 from stockledger.resolvers.errors import top_level_code
@@ -41,8 +42,11 @@ class GraphQLView(GraphQL[GraphQLContext, None]):
     """Strawberry's ASGI GraphQL view: JSON through orjson, context from ``app.state``.
 
     Queries over GET or POST, mutations over POST only (Strawberry refuses a GET mutation);
-    a browser's GET serves GraphiQL when enabled.
+    a browser's GET serves GraphiQL when enabled. Subscriptions over graphql-transport-ws,
+    authenticated in connection_init (:class:`~stockledger.app.subscriptions.SubscriptionHandler`).
     """
+
+    graphql_transport_ws_handler_class = SubscriptionHandler
 
     async def process_result(
         self, request: Request, result: ExecutionResult

@@ -52,6 +52,8 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_seconds / 2)),
         limit_concurrency=settings.max_connections,  # past it, new requests get 503
+        # A websocket message (a subscribe) is bounded as a request body is (default 16 MiB).
+        ws_max_size=settings.max_body_bytes,
     )
 
 

@@ -23,9 +23,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stockledger.app.factory import create_app
 from stockledger.app.server import shutdown_watchdog
+from stockledger.app.subscriptions import live_events
 from stockledger.config import Settings
 from stockledger.observability.logs import get_logger, request_id
-from stockledger.runtime import open_runtime
+from stockledger.runtime import open_runtime, run_events, stop_events
 
 REQUEST_ID_HEADER = b"x-request-id"
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -136,6 +137,25 @@ async def _sweeper_and_redis_check(app: Starlette) -> AsyncIterator[None]:
                 await stuck
 
 
+@contextlib.asynccontextmanager
+async def _events(app: Starlette) -> AsyncIterator[None]:
+    """The outbox relay and the webhook delivery worker (ARCHITECTURE section 15) in this
+    process, and ``app.state.webhooks`` (the endpoints, with the worker's breakers)."""
+    runtime: Any = app.state.runtime
+    app.state.webhooks = runtime.webhooks
+    task = asyncio.create_task(run_events(runtime), name="stockledger-events")
+    try:
+        yield
+    finally:
+        stop_events(runtime)
+        grace = app.state.settings.shutdown_timeout_seconds / 4
+        _, late = await asyncio.wait([task], timeout=grace)
+        for stuck in late:
+            stuck.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stuck
+
+
 def create_served_app(settings: Settings) -> Starlette:
     """The full app: :func:`create_app` over :func:`open_runtime`, the shutdown's watchdog
     (:func:`~stockledger.app.server.shutdown_watchdog`), the sweeper running inside (every
@@ -145,7 +165,7 @@ def create_served_app(settings: Settings) -> Starlette:
     app = create_app(
         settings,
         runtime=open_runtime,
-        lifespan_hooks=[_bounded_shutdown, _sweeper_and_redis_check],
+        lifespan_hooks=[_bounded_shutdown, _sweeper_and_redis_check, live_events, _events],
         extra_routes=[Route("/metrics", metrics_endpoint, methods=["GET"])],
     )
     app.add_middleware(RequestLogMiddleware)

@@ -8,5 +8,14 @@ from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.mutation import Mutation
 from stockledger.resolvers.query import Query
 from stockledger.resolvers.root import build_schema, print_sdl, schema
+from stockledger.resolvers.subscription import Subscription
 
-__all__ = ["GraphQLContext", "Mutation", "Query", "build_schema", "print_sdl", "schema"]
+__all__ = [
+    "GraphQLContext",
+    "Mutation",
+    "Query",
+    "Subscription",
+    "build_schema",
+    "print_sdl",
+    "schema",
+]

@@ -11,7 +11,7 @@ import strawberry
 from stockledger.domain import errors as e
 from stockledger.domain.access import Scope
 from stockledger.observability import metrics
-from stockledger.resolvers import convert, keys
+from stockledger.resolvers import convert, keys, webhooks
 from stockledger.resolvers.access import needs
 from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.convert import opt
@@ -28,11 +28,15 @@ from stockledger.schema import (
     CreateApiKeyInput,
     CreateApiKeyResult,
     CreateLocationInput,
+    CreateWebhookEndpointInput,
+    CreateWebhookEndpointResult,
     DeductInput,
     DeductManyInput,
     DeductManyResult,
     DeductResult,
     DeductSuccess,
+    DeleteWebhookEndpointInput,
+    DeleteWebhookEndpointResult,
     ExtendReservationInput,
     ExtendReservationResult,
     ExtendReservationSuccess,
@@ -386,6 +390,28 @@ class Mutation:
     )
     async def revoke_api_key(self, info: Info, input: RevokeApiKeyInput) -> RevokeApiKeyResult:
         return await keys.revoke_api_key(info, input)
+
+    # -------------------------------------------------------------- part EVENTS: webhooks
+
+    @strawberry.mutation(
+        description="A webhook endpoint of the caller's org; its signing secret is in this "
+        "response only.",
+        permission_classes=[needs(Scope.ADMIN)],
+    )
+    async def create_webhook_endpoint(
+        self, info: Info, input: CreateWebhookEndpointInput
+    ) -> CreateWebhookEndpointResult:
+        return await webhooks.create_webhook_endpoint(info, input)
+
+    @strawberry.mutation(
+        description="Delete a webhook endpoint of the caller's org: inactive, nothing more is "
+        "delivered to it.",
+        permission_classes=[needs(Scope.ADMIN)],
+    )
+    async def delete_webhook_endpoint(
+        self, info: Info, input: DeleteWebhookEndpointInput
+    ) -> DeleteWebhookEndpointResult:
+        return await webhooks.delete_webhook_endpoint(info, input)
 
 
 def _consume(item: DeductInput | ReleaseInput) -> ConsumeRequest:

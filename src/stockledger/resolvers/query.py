@@ -14,7 +14,7 @@ import strawberry
 from stockledger.domain import ids
 from stockledger.domain.access import Scope
 from stockledger.domain.errors import ValidationError
-from stockledger.resolvers import convert, keys
+from stockledger.resolvers import convert, keys, webhooks
 from stockledger.resolvers.access import needs
 from stockledger.resolvers.context import GraphQLContext
 from stockledger.resolvers.convert import opt
@@ -39,6 +39,8 @@ from stockledger.schema import (
     TransferConnection,
     TransferFilter,
     Viewer,
+    WebhookDeliveryConnection,
+    WebhookEndpointConnection,
 )
 from stockledger.services import queries as q
 
@@ -307,3 +309,28 @@ class Query:
         self, info: Info, first: int = 50, after: str | None = strawberry.UNSET
     ) -> ApiKeyConnection:
         return await keys.api_keys(info, first, opt(after))
+
+    # -------------------------------------------------------------- part EVENTS: webhooks
+
+    @strawberry.field(
+        description="The webhook endpoints of the caller's org, by id, oldest first; deleted "
+        "ones included (inactive).",
+        permission_classes=[needs(Scope.ADMIN)],
+    )
+    async def webhook_endpoints(
+        self, info: Info, first: int = 50, after: str | None = strawberry.UNSET
+    ) -> WebhookEndpointConnection:
+        return await webhooks.webhook_endpoints(info, first, opt(after))
+
+    @strawberry.field(
+        description="The deliveries of one webhook endpoint, newest first, with their attempts.",
+        permission_classes=[needs(Scope.ADMIN)],
+    )
+    async def webhook_deliveries(
+        self,
+        info: Info,
+        endpoint_id: strawberry.ID,
+        first: int = 50,
+        after: str | None = strawberry.UNSET,
+    ) -> WebhookDeliveryConnection:
+        return await webhooks.webhook_deliveries(info, str(endpoint_id), first, opt(after))

@@ -50,6 +50,7 @@ from stockledger.resolvers.errors import (
 from stockledger.resolvers.guards import query_guard_rule
 from stockledger.resolvers.mutation import Mutation
 from stockledger.resolvers.query import Query
+from stockledger.resolvers.subscription import Subscription
 from stockledger.schema import SCALAR_MAP
 
 # Distinct documents kept parsed and validated (each cache is an LRU, bounded on purpose).
@@ -228,9 +229,12 @@ class RequestMetrics(SchemaExtension):
             except Exception:  # unparsable document: no operation type
                 op_type = "unknown"
             field = root_field(ctx)
-            metrics.GRAPHQL_REQUEST_SECONDS.labels(
-                operation_type=op_type, field=field, outcome=outcome
-            ).observe(time.perf_counter() - start)
+            # A subscription's operation lasts as long as the client stays: no request
+            # latency (inventory_subscriptions_active counts them instead).
+            if op_type != "subscription":
+                metrics.GRAPHQL_REQUEST_SECONDS.labels(
+                    operation_type=op_type, field=field, outcome=outcome
+                ).observe(time.perf_counter() - start)
             # For the HTTP layer's access line (the request's ASGI state outlives this).
             request = getattr(ctx.context, "request", None)
             if request is not None:
@@ -308,6 +312,7 @@ def build_schema(settings: Settings) -> strawberry.Schema:
     return StockledgerSchema(
         query=Query,
         mutation=Mutation,
+        subscription=Subscription,
         config=_config(),
         extensions=extensions,
         hide_suggestions=not settings.introspection_enabled,
@@ -319,9 +324,15 @@ def print_sdl() -> str:
     return str(schema.as_str()).rstrip("\n") + "\n"
 
 
-schema: Any = strawberry.Schema(query=Query, mutation=Mutation, config=_config())
+schema: Any = strawberry.Schema(
+    query=Query, mutation=Mutation, subscription=Subscription, config=_config()
+)
 _ROOT_FIELDS = frozenset(
     name
-    for root in (schema._schema.query_type, schema._schema.mutation_type)
+    for root in (
+        schema._schema.query_type,
+        schema._schema.mutation_type,
+        schema._schema.subscription_type,
+    )
     for name in root.fields
 )

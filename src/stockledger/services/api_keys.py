@@ -20,18 +20,17 @@ import hmac
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import func, insert, select, update
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from stockledger.db.engine import Database, is_connection_lost, retry_reason
-from stockledger.db.models import ORG_LENGTH, api_key, idempotency_key
+from stockledger.db.engine import Database
+from stockledger.db.models import ORG_LENGTH, api_key
 from stockledger.domain.access import (
     BASE62,
     SECRET_LENGTH,
@@ -47,10 +46,10 @@ from stockledger.domain.access import (
 )
 from stockledger.domain.errors import NotFoundError, ValidationError
 from stockledger.domain.validation import check_key, check_string, request_hash
-from stockledger.services.errors import ServiceUnavailableError
+from stockledger.services.idempotent_calls import remember_call, retrying
 from stockledger.services.lookups import done_call
 from stockledger.services.queries import Page, check_first, decode_cursor, encode_cursor
-from stockledger.services.rows import to_db_time, utcnow
+from stockledger.services.rows import utcnow
 
 CACHE_SECONDS = 5.0  # the bound on how late a revocation takes effect (section 13)
 LAST_USED_EVERY = timedelta(minutes=1)
@@ -58,9 +57,6 @@ LAST_USED_EVERY = timedelta(minutes=1)
 # for any other).
 CREATE_OPERATION = "createApiKey"
 REVOKE_OPERATION = "revokeApiKey"
-# A create or revoke that met a concurrent one (same idempotency key) runs again, and then
-# replays it; a deadlock or a lost connection likewise. Attempts in all:
-ATTEMPTS = 3
 _CURSOR_KIND = "k"  # apiKeys cursors (services/queries.py uses b, l and r)
 _MAX_ID = 2**63 - 1
 T = TypeVar("T")
@@ -223,10 +219,10 @@ class ApiKeys:
                     return Created(done, None, True)
                 _check_expiry(expires_at, now)
                 made, secret = await self._insert(conn, org, name, granted, expires_at, now)
-                await self._remember(conn, caller_org, key, CREATE_OPERATION, rhash, made.id, now)
+                await remember_call(conn, caller_org, key, CREATE_OPERATION, rhash, made.id, now)
             return Created(made, secret, False)
 
-        return await self._retrying(attempt)
+        return await retrying(attempt)
 
     async def _insert(
         self,
@@ -349,10 +345,10 @@ class ApiKeys:
                 if number is None:
                     raise NotFoundError("ApiKey", text)
                 revoked = await self._revoke(conn, number, caller_org)
-                await self._remember(conn, caller_org, key, REVOKE_OPERATION, rhash, number, now)
+                await remember_call(conn, caller_org, key, REVOKE_OPERATION, rhash, number, now)
             return Revoked(revoked, False)
 
-        result = await self._retrying(attempt)
+        result = await retrying(attempt)
         self._forget(result.key.id)
         return result
 
@@ -385,45 +381,6 @@ class ApiKeys:
         if found is None:  # keys are never deleted; a hand-made row could still say so
             raise NotFoundError("ApiKey", row.result_ref)
         return _row_to_key(found)
-
-    async def _remember(
-        self,
-        conn: AsyncConnection,
-        org: str,
-        key: str,
-        operation: str,
-        rhash: str,
-        key_id: int,
-        now: datetime,
-    ) -> None:
-        """The idempotency row of a call (in its transaction): a concurrent call with the
-        same key then fails on the primary key and, run again, replays this one."""
-        await conn.execute(
-            insert(idempotency_key).values(
-                org_id=org,
-                idempotency_key=key,
-                operation=operation,
-                request_hash=rhash,
-                result_ref=str(key_id),
-                created_at=to_db_time(now),
-            )
-        )
-
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run ``attempt`` (one transaction) up to :data:`ATTEMPTS` times while it fails in
-        a way a new transaction can cure (a concurrent call with the same idempotency key,
-        a deadlock, a lost connection: ``db.engine.retry_reason``). Each attempt looks for
-        a done call first, so one that did commit is replayed, never repeated."""
-        for left in range(ATTEMPTS - 1, -1, -1):
-            try:
-                return await attempt()
-            except DBAPIError as exc:
-                if left and retry_reason(exc) is not None:
-                    continue
-                if is_connection_lost(exc):
-                    raise ServiceUnavailableError(1000) from exc
-                raise
-        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def _forget(self, key_id: int) -> None:
         """Drop ``key_id`` from this instance's lookup cache: a revocation here takes effect

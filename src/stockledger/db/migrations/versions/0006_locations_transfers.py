@@ -101,7 +101,7 @@ def _create_tables() -> None:
             sa.Column("active", sa.Boolean(create_constraint=False), nullable=False),
             sa.Column("created_at", Timestamp, nullable=False),
             sa.Column("updated_at", Timestamp, nullable=False),
-            sa.PrimaryKeyConstraint("org_id", "code", name="pk_location"),
+            sa.PrimaryKeyConstraint("org_id", "code"),
             sa.CheckConstraint("type IN ('WAREHOUSE', 'STORE', 'VIRTUAL')", name="type_known"),
             **MYSQL,
         )
@@ -118,7 +118,7 @@ def _create_tables() -> None:
             sa.Column("reason", ExactString(255), nullable=True),
             sa.Column("created_at", Timestamp, nullable=False),
             sa.Column("updated_at", Timestamp, nullable=False),
-            sa.PrimaryKeyConstraint("id", name="pk_transfer"),
+            sa.PrimaryKeyConstraint("id"),
             sa.CheckConstraint(
                 "status IN ('IN_TRANSIT', 'PARTIALLY_RECEIVED', 'RECEIVED', 'CANCELLED')",
                 name="status_known",
@@ -136,7 +136,7 @@ def _create_tables() -> None:
             sa.Column("quantity", sa.BigInteger(), nullable=False),
             sa.Column("received", sa.BigInteger(), nullable=False),
             sa.Column("returned", sa.BigInteger(), nullable=False),
-            sa.PrimaryKeyConstraint("transfer_id", "sku", name="pk_transfer_line"),
+            sa.PrimaryKeyConstraint("transfer_id", "sku"),
             sa.ForeignKeyConstraint(
                 ["transfer_id"],
                 ["transfer.id"],

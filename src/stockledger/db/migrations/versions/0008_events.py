@@ -49,7 +49,7 @@ def upgrade() -> None:
             sa.Column("event_type", sa.String(32), nullable=False),
             sa.Column("payload", LongText, nullable=False),
             sa.Column("created_at", Timestamp, nullable=False),
-            sa.PrimaryKeyConstraint("id", name="pk_outbox_event"),
+            sa.PrimaryKeyConstraint("id"),
             sa.Index("ix_outbox_event_org", "org_id", "id"),
             sqlite_autoincrement=True,
             **MYSQL,
@@ -62,7 +62,7 @@ def upgrade() -> None:
             sa.Column("lease_expires_at", Timestamp, nullable=True),
             sa.Column("last_event_id", sa.BigInteger(), nullable=False),
             sa.Column("updated_at", Timestamp, nullable=False),
-            sa.PrimaryKeyConstraint("org_id", name="pk_relay_state"),
+            sa.PrimaryKeyConstraint("org_id"),
             **MYSQL,
         )
     if not inspector.has_table("webhook_endpoint"):
@@ -76,7 +76,7 @@ def upgrade() -> None:
             sa.Column("active", sa.Boolean(create_constraint=False), nullable=False),
             sa.Column("created_at", Timestamp, nullable=False),
             sa.Column("deleted_at", Timestamp, nullable=True),
-            sa.PrimaryKeyConstraint("id", name="pk_webhook_endpoint"),
+            sa.PrimaryKeyConstraint("id"),
             sa.Index("ix_webhook_endpoint_org", "org_id", "id"),
             sqlite_autoincrement=True,
             **MYSQL,
@@ -96,7 +96,7 @@ def upgrade() -> None:
             sa.Column("next_attempt_at", Timestamp, nullable=True),
             sa.Column("delivered_at", Timestamp, nullable=True),
             sa.Column("created_at", Timestamp, nullable=False),
-            sa.PrimaryKeyConstraint("id", name="pk_webhook_delivery"),
+            sa.PrimaryKeyConstraint("id"),
             sa.UniqueConstraint(
                 "endpoint_id", "event_id", name="uq_webhook_delivery_endpoint_event"
             ),
