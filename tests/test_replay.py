@@ -212,3 +212,132 @@ def test_the_transfer_check_sees_a_missing_wrong_or_unknown_transfer() -> None:
     assert len(wrong) == 1 and "expected" in wrong[0], wrong
     ghost = {**sent, "id": "T2"}
     assert replay._transfers_agree([sent, ghost])[0].startswith("transfer T2 the run was not")
+
+
+# ------------------------------------------------------------------ events (issue 12)
+
+EVENTS_ORDERS = 120
+
+
+async def _replay_with_events(server: Server) -> Replay:
+    """A short replay with a webhook receiver and a subscriber attached: its checks (every
+    STOCK_CHANGED against the ledger at its version, every transition the ledger implies
+    received, the subscriber's versions rising) pass, and it saw transitions of each kind."""
+    replay = await _replay(
+        server,
+        None,
+        orders=EVENTS_ORDERS,
+        restock_days=10,
+        abandon_share=0.0,  # no wait for the sweeper: the tests above cover expiry
+        events=True,
+        events_wait=20,
+    )
+    c = replay.out.counts
+    assert c["reorder_points"] > 0
+    assert c["events_changes"] > 0 and c["events_rejected"] == 0
+    assert c["events_received"] >= c["events_changes"] + c["events_transitions"]
+    assert c["events_subscribed"] > 0
+    assert replay.out.events is not None and replay.out.events.endswith(": hold")
+    for kind in ("LOW", "OUT", "REPLENISHED"):
+        assert f"{kind} 0," not in replay.out.events, replay.out.events
+    return replay
+
+
+async def test_replay_with_events_on_the_embedded_default(tmp_path: Path) -> None:
+    env = base_env(tmp_path, log_level="WARNING", webhook_allow_private="true")
+    with running(tmp_path, env) as server:
+        server.wait_ready()
+        await _replay_with_events(server)
+
+
+async def test_replay_with_events_on_mariadb_and_redis(
+    mysql_url: str, redis_url: str, org_id: str, tmp_path: Path
+) -> None:
+    env = base_env(
+        tmp_path,
+        database_url=mysql_url,
+        redis_url=redis_url,
+        org_id=org_id,
+        log_level="WARNING",
+        webhook_allow_private="true",
+    )
+    with running(tmp_path, env) as server:
+        server.wait_ready()
+        await _replay_with_events(server)
+
+
+def test_the_alert_walk_follows_section_15() -> None:
+    from stockledger.replay import expected_alerts
+
+    # With a reorder point at 2: 5 -> 2 LOW, -> 0 OUT, -> 1 nothing (OUT -> LOW), -> 4
+    # REPLENISHED, -> 0 LOW then OUT (from OK), -> 3 REPLENISHED.
+    moves = [(1, 5), (2, 2), (3, 0), (4, 1), (5, 4), (6, 0), (7, 3)]
+    assert expected_alerts(moves, 2) == [
+        (2, "STOCK_LOW"),
+        (3, "STOCK_OUT"),
+        (5, "STOCK_REPLENISHED"),
+        (6, "STOCK_LOW"),
+        (6, "STOCK_OUT"),
+        (7, "STOCK_REPLENISHED"),
+    ]
+    # Without one: OUT and REPLENISHED only; from a stored LOW, a move up is REPLENISHED.
+    assert expected_alerts(moves, None) == [
+        (3, "STOCK_OUT"),
+        (4, "STOCK_REPLENISHED"),
+        (6, "STOCK_OUT"),
+        (7, "STOCK_REPLENISHED"),
+    ]
+    assert expected_alerts([(9, 3)], None, "LOW") == [(9, "STOCK_REPLENISHED")]
+
+
+def _event(kind: str, version: int, on_hand: int, reserved: int) -> dict[str, Any]:
+    """A webhook body as the receiver keeps it, for S1 at East."""
+    balance = {"sku": "S1", "location": "East", "onHand": on_hand, "reserved": reserved}
+    return {
+        "type": kind,
+        "data": {"balance": {**balance, "version": version}, "ledgerEntryIds": [str(version)]},
+    }
+
+
+async def test_the_events_check_sees_a_wrong_balance_a_lost_alert_and_a_stale_version() -> None:
+    from datetime import date
+
+    from stockledger.replay import Order, Receiver, Subscriber
+
+    day = date(2020, 1, 1)
+    # S1 at East, reorder point 2: restock 5 (v1), reserve 4 (v2: available 1, LOW), deduct
+    # (v3: still 1, nothing).
+    ledger = [
+        {"id": str(v), "sku": "S1", "location": "East", "onHandAfter": h, "reservedAfter": r}
+        for v, h, r in [(1, 5, 0), (2, 5, 4), (3, 1, 0)]
+    ]
+    good = {
+        "c1": _event("STOCK_CHANGED", 1, 5, 0),
+        "c2": _event("STOCK_CHANGED", 2, 5, 4),
+        "l2": _event("STOCK_LOW", 2, 5, 4),
+        "c3": _event("STOCK_CHANGED", 3, 1, 0),
+    }
+
+    async def check(events: dict[str, dict[str, Any]], seen: list[int]) -> list[str]:
+        replay = Replay(
+            "http://a/graphql", [Order("A", day, day, {("East", "S1"): 4})], events_wait=0
+        )
+        replay._minimums = {("East", "S1"): 2}
+        receiver = replay._receiver = Receiver()
+        receiver.events = dict(events)
+        sub = replay._subscriber = Subscriber("ws://a/graphql", ["S1"], None)
+        sub.seen = [{**good[f"c{v}"]["data"]["balance"]} for v in seen]
+        try:
+            return await replay._check_events(ledger)
+        finally:
+            receiver.close()
+
+    assert await check(good, [1, 2, 3]) == []
+    wrong = await check({**good, "c2": _event("STOCK_CHANGED", 2, 5, 3)}, [1, 2, 3])
+    assert len(wrong) == 1 and "the ledger 5/4" in wrong[0], wrong
+    lost = await check({k: v for k, v in good.items() if k != "l2"}, [1, 2, 3])
+    assert len(lost) == 1 and lost[0].startswith("alerts ('East', 'S1')"), lost
+    gone = await check({k: v for k, v in good.items() if k != "c3"}, [1, 2, 3])
+    assert len(gone) == 1 and "1 of 3 changes never reached" in gone[0], gone
+    stale = await check(good, [1, 3, 2])
+    assert len(stale) == 1 and "version 2 after 3" in stale[0], stale

@@ -414,6 +414,21 @@ def apikey_revoke(key_id: int) -> None:
     help="Send the transfers in transit, received at the next interval (default: at once).",
 )
 @click.option(
+    "--events",
+    is_flag=True,
+    default=False,
+    help="Attach a loopback webhook receiver and a subscriber, set reorder points, and check "
+    "every STOCK_CHANGED and low-stock transition against the ledger (needs an ADMIN key and "
+    "a server with STOCKLEDGER_WEBHOOK_ALLOW_PRIVATE=true).",
+)
+@click.option(
+    "--events-wait",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait at the end for the deliveries to settle.",
+)
+@click.option(
     "--api-key",
     envvar="STOCKLEDGER_API_KEY",
     default=None,
@@ -433,6 +448,8 @@ def replay(
     batch: int | None,
     transfer_share: float | None,
     transfer_in_transit: bool,
+    events: bool,
+    events_wait: float,
     api_key: str | None,
 ) -> None:
     """Replay the Superstore orders through a running server and check the result."""
@@ -460,6 +477,8 @@ def replay(
             api_key=api_key,
             transfer_share=transfer_share,
             transfer_in_transit=transfer_in_transit,
+            events=events,
+            events_wait=events_wait,
         )
     )
     click.echo(report)

@@ -51,6 +51,15 @@ by reservation for the sweeper's expiries); each reserved cart has exactly one r
 each refused cart none. It prints carts per second, p50/p95/p99 latency per mutation, the
 outcome, transfer and retry counts and the conservation totals, and exits non-zero when a
 check fails. HTTP client: httpx (HTTP/1.1 keep-alive pool).
+
+Events (issue 12, ``events``, off by default): a loopback webhook receiver in this process
+(``http.server`` in a thread; signatures verified with ``standardwebhooks``, deduped by
+webhook-id) registered for STOCK_CHANGED, STOCK_LOW, STOCK_OUT and STOCK_REPLENISHED, one
+graphql-transport-ws subscriber (``stockChanged`` on up to 500 of the run's SKUs) and reorder
+points on half the run's balances. After the run (bounded wait for the deliveries): every
+STOCK_CHANGED's balance equals the ledger at its version and every version the run wrote
+arrived; per balance, the alert transitions received equal those section 15's table implies
+over the ledger; the subscriber's versions rise per balance and match the ledger.
 """
 
 from __future__ import annotations
@@ -103,7 +112,8 @@ BALANCES = """query($after: String) { balances(first: 500, after: $after) {
   edges { node { sku location onHand reserved available } }
   pageInfo { hasNextPage endCursor } } }"""
 LEDGER = """query($after: String) { ledger(first: 500, after: $after, direction: ASC) {
-  edges { node { sku location onHandDelta reservedDelta eventType idempotencyKey reservationId } }
+  edges { node { id sku location onHandDelta reservedDelta onHandAfter reservedAfter eventType
+    idempotencyKey reservationId } }
   pageInfo { hasNextPage endCursor } } }"""
 TRANSFER = """mutation($input: TransferInput!) { transfer(input: $input) {
   __typename
@@ -118,7 +128,8 @@ RECEIVE = """mutation($input: ReceiveTransferInput!) { receiveTransfer(input: $i
   ... on Error { code message } } }"""
 BALANCES_OF = """query($skus: [String!], $after: String) {
   balances(first: 500, after: $after, filter: {skus: $skus}) {
-  edges { node { sku location onHand reserved available incoming } }
+  edges { node { sku location onHand reserved available incoming version
+    reorderPoint { minimumLevel } } }
   pageInfo { hasNextPage endCursor } } }"""
 STOCK_LEVELS = """query($sku: String!) { stockLevels(sku: $sku) {
   onHand reserved available incoming locations { location onHand reserved incoming } } }"""
@@ -184,7 +195,8 @@ class Outcome:
     the idempotency keys of the calls sent more than once; ``sent``: requests per instance
     URL (every attempt); ``transfers``: transfer idempotency key -> :class:`Moved`, of every
     transfer that succeeded; ``receipts``: receipt idempotency key -> its transfer's key;
-    ``conservation``: the conservation check's summary line, once checked.
+    ``conservation``: the conservation check's summary line, once checked; ``events``: the
+    events check's summary line (issue 12), once checked.
     """
 
     counts: Counter[str] = field(default_factory=Counter)
@@ -200,6 +212,7 @@ class Outcome:
     transfers: dict[str, Moved] = field(default_factory=dict)
     receipts: dict[str, str] = field(default_factory=dict)
     conservation: str | None = None
+    events: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +271,214 @@ def _keys(variables: dict[str, Any]) -> list[str]:
     return [i["idempotencyKey"] for i in payload.get("carts", payload.get("items", []))]
 
 
+# ------------------------------------------------------------------ events (issue 12)
+
+SET_REORDER_POINT = """mutation($input: SetReorderPointInput!) { setReorderPoint(input: $input) {
+  __typename
+  ... on ReorderPointSuccess { replayed }
+  ... on Error { code message } } }"""
+CREATE_WEBHOOK = """mutation($input: CreateWebhookEndpointInput!) {
+  createWebhookEndpoint(input: $input) {
+  __typename
+  ... on CreateWebhookEndpointSuccess { endpoint { id } secret replayed }
+  ... on Error { code message } } }"""
+DELETE_WEBHOOK = """mutation($input: DeleteWebhookEndpointInput!) {
+  deleteWebhookEndpoint(input: $input) { __typename } }"""
+STOCK_CHANGED_SUBSCRIPTION = """subscription($skus: [String!]!) {
+  stockChanged(skus: $skus) { sku location onHand reserved version } }"""
+ALERT_TYPES = ("STOCK_LOW", "STOCK_OUT", "STOCK_REPLENISHED")
+EVENT_TYPES = ("STOCK_CHANGED", *ALERT_TYPES)
+# Of two transitions at one version (OK -> OUT with a reorder point), LOW goes out first.
+ALERT_RANK = {t: i for i, t in enumerate(ALERT_TYPES)}
+SUBSCRIBED_SKUS = 500  # the server's cap on stockChanged(skus) (MAX_LINES)
+WS_PROTOCOL = "graphql-transport-ws"
+
+
+def expected_alerts(
+    after: Sequence[tuple[int, int]], minimum: int | None, state: str = "OK"
+) -> list[tuple[int, str]]:
+    """Section 15's transitions of one balance, independently of the server's code.
+
+    ``after``: (version, available after it) of each of the balance's moves in order
+    (available = onHandAfter - reservedAfter of the ledger entry at that version);
+    ``minimum``: the reorder point's minimumLevel throughout (None: no reorder point);
+    ``state``: the stored alert state before the first of them (``OK``, ``LOW`` or ``OUT``).
+    Returns the (version, event type) of every STOCK_LOW / STOCK_OUT / STOCK_REPLENISHED in
+    order. Target after a move: OUT at available <= 0, else LOW at available <= minimum, else
+    OK; OK -> LOW: LOW; OK -> OUT: LOW (with a reorder point) then OUT; LOW -> OUT: OUT;
+    LOW/OUT -> OK: REPLENISHED; OUT -> LOW: nothing.
+    """
+    out: list[tuple[int, str]] = []
+    for version, available in after:
+        if available <= 0:
+            target = "OUT"
+        elif minimum is not None and available <= minimum:
+            target = "LOW"
+        else:
+            target = "OK"
+        if target == state:
+            continue
+        if target == "OK":
+            out.append((version, "STOCK_REPLENISHED"))
+        elif target == "LOW":
+            if state == "OK":
+                out.append((version, "STOCK_LOW"))
+        else:
+            if state == "OK" and minimum is not None:
+                out.append((version, "STOCK_LOW"))
+            out.append((version, "STOCK_OUT"))
+        state = target
+    return out
+
+
+class Receiver:
+    """A loopback webhook receiver (``http.server`` in a daemon thread, so the replay's event
+    loop never delays an answer past the server's 5 s timeout).
+
+    Each POST is verified with the ``standardwebhooks`` library against :attr:`secret` (set
+    once the endpoint exists: until then it answers 503, so the delivery is retried): a bad
+    signature answers 400 and counts in ``rejected``. A verified one answers 204; the first
+    of a webhook-id is kept in ``events`` (webhook-id -> the parsed body, in arrival order),
+    a later one counts in ``duplicates`` (at-least-once delivery). Thread-safe reads: take
+    :attr:`lock`.
+    """
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.secret: str | None = None
+        self.events: dict[str, dict[str, Any]] = {}
+        self.duplicates = 0
+        self.rejected = 0
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(receiver.receive(body, dict(self.headers.items())))
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # one line per delivery would drown the report
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        # A short poll: close() waits up to one poll interval for the loop to notice.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def receive(self, body: bytes, headers: dict[str, str]) -> int:
+        """One delivery: the HTTP status to answer (204 kept or duplicate, 400 bad
+        signature, 503 no secret yet)."""
+        from standardwebhooks import Webhook, WebhookVerificationError
+
+        if self.secret is None:
+            return 503
+        try:
+            event = Webhook(self.secret).verify(body, headers)
+        except WebhookVerificationError:
+            with self.lock:
+                self.rejected += 1
+            return 400
+        event_id = {k.lower(): v for k, v in headers.items()}["webhook-id"]
+        with self.lock:
+            if event_id in self.events:
+                self.duplicates += 1
+            else:
+                self.events[event_id] = event
+        return 204
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The distinct events received so far, in arrival order."""
+        with self.lock:
+            return list(self.events.values())
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class Subscriber:
+    """One graphql-transport-ws connection on ``url`` (a ``ws://.../graphql``) with one
+    ``stockChanged(skus)`` subscription, as an asyncio task: ``seen`` collects each balance it
+    receives ({sku, location, onHand, reserved, version}) in arrival order; ``error`` the
+    reason it stopped early, if it did (a closed socket, an error message)."""
+
+    def __init__(self, url: str, skus: Sequence[str], api_key: str | None) -> None:
+        self.url = url
+        self.skus = list(skus)
+        self.api_key = api_key
+        self.seen: list[dict[str, Any]] = []
+        self.error: str | None = None
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, within: float = 10.0) -> None:
+        """Connect, authenticate and subscribe (bounded by ``within`` seconds). Raises
+        RuntimeError when the server refuses (the close code and reason)."""
+        self._task = asyncio.create_task(self._listen())
+        try:
+            async with asyncio.timeout(within):
+                await self._ready.wait()
+        except TimeoutError:
+            self.error = self.error or f"not subscribed within {within} s"
+        if self.error is not None:
+            await self.close()
+            raise RuntimeError(f"subscriber: {self.error}")
+
+    async def _listen(self) -> None:
+        import json
+
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed
+        from websockets.typing import Subprotocol
+
+        payload = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            async with connect(self.url, subprotocols=[Subprotocol(WS_PROTOCOL)]) as ws:
+                await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
+                ack = json.loads(await ws.recv())
+                if ack.get("type") != "connection_ack":
+                    self.error = f"no connection_ack: {ack}"
+                    return
+                variables = {"skus": self.skus}
+                op = {"query": STOCK_CHANGED_SUBSCRIPTION, "variables": variables}
+                await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": op}))
+                self._ready.set()  # the protocol has no subscribe ack
+                async for frame in ws:
+                    message = json.loads(frame)
+                    kind = message.get("type")
+                    if kind == "ping":
+                        await ws.send(json.dumps({"type": "pong"}))
+                    elif kind == "next" and not message["payload"].get("errors"):
+                        self.seen.append(message["payload"]["data"]["stockChanged"])
+                    elif kind in ("next", "error", "complete"):
+                        self.error = f"subscription ended: {message}"
+                        return
+        except ConnectionClosed as closed:
+            rcvd = closed.rcvd
+            self.error = f"closed {rcvd.code if rcvd else None} {rcvd.reason if rcvd else ''}"
+        except OSError as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._ready.set()
+
+    async def close(self) -> None:
+        """Stop listening (cancels the task; closing the socket ends the subscription)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
 class Replay:
     """One replay run against ``url``: one server's ``/graphql``, or several instances' (a
     call goes to one at random).
@@ -269,8 +490,16 @@ class Replay:
     None for a server with ``STOCKLEDGER_AUTH=off``. ``transfer_share``: the share (0 < s <=
     1) of the fullest region's on hand each restocked SKU sends to the emptiest at each restock
     interval, None for no transfers; ``transfer_in_transit``: send them in transit, received at
-    the next interval (else immediate). The transfers also need STOCK_WRITE. Raises ValueError
-    for no URL, ``retries`` < 1 or ``transfer_share`` outside (0, 1].
+    the next interval (else immediate). The transfers also need STOCK_WRITE.
+
+    ``events`` (issue 12): before the run, start a loopback webhook :class:`Receiver`,
+    register it for STOCK_CHANGED and the three alert types (``createWebhookEndpoint``: an
+    ADMIN key; the server needs ``STOCKLEDGER_WEBHOOK_ALLOW_PRIVATE=true``), open a
+    :class:`Subscriber` on up to 500 of the run's SKUs, and set a reorder point on half the
+    run's balances (chosen by hash) with minimumLevel ``max(1, floor(reorder_level * opening
+    stock))``; :meth:`check` then waits up to ``events_wait`` seconds for the deliveries and
+    checks them against the ledger (:meth:`_check_events`). Raises ValueError for no URL,
+    ``retries`` < 1, ``transfer_share`` outside (0, 1] or ``reorder_level`` outside [0, 1].
     """
 
     def __init__(
@@ -290,6 +519,9 @@ class Replay:
         api_key: str | None = None,
         transfer_share: float | None = None,
         transfer_in_transit: bool = False,
+        events: bool = False,
+        events_wait: float = 30.0,
+        reorder_level: float = 0.5,
     ) -> None:
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.urls = [url] if isinstance(url, str) else list(url)
@@ -299,8 +531,14 @@ class Replay:
             raise ValueError(f"retries must be at least 1, not {retries}")
         if transfer_share is not None and not 0 < transfer_share <= 1:
             raise ValueError(f"transfer_share must be in (0, 1], not {transfer_share}")
+        if not 0 <= reorder_level <= 1:
+            raise ValueError(f"reorder_level must be in [0, 1], not {reorder_level}")
         self.transfer_share = transfer_share
         self.transfer_in_transit = transfer_in_transit
+        self.api_key = api_key
+        self.events = events
+        self.events_wait = events_wait
+        self.reorder_level = reorder_level
         self.url = self.urls[0]
         self.batch = batch
         self.orders = orders
@@ -322,6 +560,13 @@ class Replay:
         # sku -> (on hand over all locations, incoming) before the run; None until it ran.
         self._opening: dict[str, tuple[int, int]] | None = None
         self._client: httpx.AsyncClient | None = None
+        # Events (issue 12): (location, sku) -> (version, available, minimumLevel or None)
+        # before the run, of the balances that existed; the minimumLevel the run set.
+        self._before: dict[tuple[str, str], tuple[int, int, int | None]] = {}
+        self._minimums: dict[tuple[str, str], int] = {}
+        self._receiver: Receiver | None = None
+        self._subscriber: Subscriber | None = None
+        self._endpoint_id: str | None = None
 
     @property
     def answered(self) -> int:
@@ -688,6 +933,9 @@ class Replay:
             async with httpx.AsyncClient(timeout=60, limits=limits, headers=self.headers) as client:
                 self._client = client
                 return await self._run()
+        except BaseException:
+            await self._stop_events(delete=False)  # check() will not run: no receiver left
+            raise
         finally:
             self.running = False
 
@@ -701,7 +949,15 @@ class Replay:
         for b in await self._balances_of(self._skus):
             on_hand, incoming = opening[b["sku"]]
             opening[b["sku"]] = (on_hand + b["onHand"], incoming + b["incoming"])
+            point = b.get("reorderPoint")
+            self._before[(b["location"], b["sku"])] = (
+                b["version"],
+                b["onHand"] - b["reserved"],
+                None if point is None else point["minimumLevel"],
+            )
         self._opening = dict(opening)
+        if self.events:
+            await self._start_events(total)
         t0 = time.perf_counter()
         await self.restock(
             {k: math.ceil(self.fraction * q) for k, q in total.items()},
@@ -916,6 +1172,11 @@ class Replay:
             mine = await self._mine(None)
             balances = await self._pages(BALANCES, "balances")
             ledger = await self._pages(LEDGER, "ledger")
+            if self.events:
+                try:
+                    problems.extend(await self._check_events(ledger))
+                finally:
+                    await self._stop_events(delete=True)
             levels = await self.levels(self._skus)
             transfers = (
                 await self._pages(TRANSFERS, "transfers")
@@ -954,6 +1215,212 @@ class Replay:
         problems.extend(self._exactly_once(ledger, mine))
         problems.extend(self._conservation(levels))
         problems.extend(self._transfers_agree(transfers))
+        return problems
+
+    # ------------------------------------------------------------------ events (issue 12)
+
+    async def _start_events(self, total: dict[tuple[str, str], int]) -> None:
+        """Before the run: the receiver, its webhook endpoint, the subscriber and the reorder
+        points (``total``: (location, sku) -> the run's demand, for the opening stock). Raises
+        RuntimeError when the endpoint or a reorder point is refused or the subscriber is
+        not let in, and what :meth:`call` raises."""
+        self._receiver = Receiver()
+        created = await self.mutate(
+            "createWebhookEndpoint",
+            CREATE_WEBHOOK,
+            "createWebhookEndpoint",
+            {
+                "idempotencyKey": f"{self.run_id}:webhook",
+                "url": self._receiver.url,
+                "eventTypes": list(EVENT_TYPES),
+            },
+        )
+        if created["__typename"] != "CreateWebhookEndpointSuccess" or not created["secret"]:
+            raise RuntimeError(f"createWebhookEndpoint for {self._receiver.url}: {created}")
+        self._endpoint_id = created["endpoint"]["id"]
+        self._receiver.secret = created["secret"]
+        ws_url = "ws" + self.url.removeprefix("http")  # http -> ws, https -> wss
+        self._subscriber = Subscriber(ws_url, self._skus[:SUBSCRIBED_SKUS], self.api_key)
+        await self._subscriber.start()
+
+        async def set_point(loc: str, sku: str, minimum: int, quantity: int) -> None:
+            input = {
+                "idempotencyKey": f"{self.run_id}:reorder:{loc}:{sku}",
+                "sku": sku,
+                "location": loc,
+                "minimumLevel": minimum,
+                "reorderQuantity": quantity,
+            }
+            result = await self.mutate(
+                "setReorderPoint", SET_REORDER_POINT, "setReorderPoint", input
+            )
+            if result["__typename"] != "ReorderPointSuccess":
+                raise RuntimeError(f"setReorderPoint {loc}/{sku}: {result}")
+            self._minimums[(loc, sku)] = minimum
+
+        jobs = []
+        for (loc, sku), demand in sorted(total.items()):
+            if abandoned(f"{loc}/{sku}", 0.5):  # half, by hash: the rest keep LOW-less alerts
+                stock = max(1, math.ceil(self.fraction * demand))
+                minimum = max(1, math.floor(self.reorder_level * stock))
+                jobs.append(lambda a=(loc, sku, minimum, stock): set_point(*a))
+        await self._pool(jobs)
+        self.out.counts["reorder_points"] = len(self._minimums)
+
+    async def _stop_events(self, *, delete: bool) -> None:
+        """Close the subscriber and the receiver; with ``delete`` (an open client) delete the
+        endpoint first, so the server stops delivering to a receiver that is gone."""
+        if delete and self._endpoint_id is not None:
+            input = {"idempotencyKey": f"{self.run_id}:webhook-delete", "id": self._endpoint_id}
+            await self.call("deleteWebhookEndpoint", DELETE_WEBHOOK, {"input": input})
+            self._endpoint_id = None
+        if self._subscriber is not None:
+            await self._subscriber.close()
+        if self._receiver is not None:
+            self._receiver.close()
+            self._receiver = None
+
+    def _received(
+        self, entries: dict[tuple[str, str], list[dict[str, Any]]]
+    ) -> tuple[
+        dict[tuple[str, str], dict[int, dict[str, Any]]],
+        dict[tuple[str, str], list[tuple[int, str]]],
+    ]:
+        """The receiver's events of the run's balances (``entries``' keys) after the run
+        began: (STOCK_CHANGED by balance and version, alert (version, type) per balance in
+        version order)."""
+        assert self._receiver is not None
+        changed: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+        alerts: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+        for event in self._receiver.snapshot():
+            b = (event.get("data") or {}).get("balance")
+            if not b:
+                continue
+            key = (b["location"], b["sku"])
+            if key not in entries or b["version"] <= self._before.get(key, (0, 0, None))[0]:
+                continue  # not the run's, or from before it
+            if event["type"] == "STOCK_CHANGED":
+                changed[key][b["version"]] = event
+            elif event["type"] in ALERT_RANK:
+                alerts[key].append((b["version"], event["type"]))
+        for found in alerts.values():
+            found.sort(key=lambda a: (a[0], ALERT_RANK[a[1]]))
+        return changed, alerts
+
+    async def _check_events(self, ledger: list[dict[str, Any]]) -> list[str]:
+        """The events checks, against ``ledger`` (every entry, ascending, as :meth:`check`
+        reads it), after waiting up to ``events_wait`` seconds for the deliveries to cover
+        it. Returns the problems:
+
+        (a) every STOCK_CHANGED received of a run's balance carries onHand / reserved equal to
+        onHandAfter / reservedAfter of the balance's entry at that version (its entry number
+        ``version``, counting from 1), and that entry's id among its ``ledgerEntryIds``; every
+        version the run wrote reached the receiver;
+        (b) per balance, the STOCK_LOW / OUT / REPLENISHED received (by version) equal
+        :func:`expected_alerts` over the run's entries (reorder point: the run's, else the
+        one found before; start state from the balance before the run);
+        (c) the subscriber stayed up, its balances' versions rise per balance and each matches
+        the ledger like (a).
+
+        Sets ``out.events`` and the ``events_*`` counts. Assumes no other client writes the
+        run's balances meanwhile."""
+        assert self._receiver is not None and self._subscriber is not None
+        skus, regions = set(self._skus), set(self._regions)
+        entries: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for e in ledger:  # ids rise per balance: its row is locked across each write
+            if e["sku"] in skus and e["location"] in regions:
+                entries[(e["location"], e["sku"])].append(e)
+        expected: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        wanted: set[tuple[tuple[str, str], int]] = set()
+        for key, mine in entries.items():
+            v0, available0, min0 = self._before.get(key, (0, 0, None))
+            minimum = self._minimums.get(key, min0)
+            # Stored state before the run: the target at its last move (none yet: OK).
+            state = "OK"
+            if v0 > 0 and available0 <= 0:
+                state = "OUT"
+            elif v0 > 0 and min0 is not None and available0 <= min0:
+                state = "LOW"
+            moves = [
+                (v, mine[v - 1]["onHandAfter"] - mine[v - 1]["reservedAfter"])
+                for v in range(v0 + 1, len(mine) + 1)
+            ]
+            expected[key] = expected_alerts(moves, minimum, state)
+            wanted.update((key, v) for v, _ in moves)
+        # Deliveries trail the commits (relay interval, one endpoint's calls in turn): wait
+        # until every change and transition the ledger implies is in, or the bound.
+        deadline = time.monotonic() + self.events_wait
+        while True:
+            changed, alerts = self._received(entries)
+            missing = {(k, v) for k, v in wanted if v not in changed.get(k, {})}
+            short = [k for k, want in expected.items() if alerts.get(k, []) != want]
+            if (not missing and not short) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.25)
+        problems: list[str] = []
+
+        def at(key: tuple[str, str], b: dict[str, Any], what: str) -> dict[str, Any] | None:
+            """The ledger entry at ``b``'s version if it agrees with ``b``, else a problem."""
+            mine, v = entries.get(key, []), int(b["version"])
+            if not 1 <= v <= len(mine):
+                problems.append(f"{what} {key} v{v}: the ledger has {len(mine)} entries")
+                return None
+            e = mine[v - 1]
+            if (b["onHand"], b["reserved"]) != (e["onHandAfter"], e["reservedAfter"]):
+                problems.append(
+                    f"{what} {key} v{v}: onHand/reserved {b['onHand']}/{b['reserved']}, the "
+                    f"ledger {e['onHandAfter']}/{e['reservedAfter']}"
+                )
+            return e
+
+        for key, by_version in sorted(changed.items()):
+            for event in by_version.values():
+                entry = at(key, event["data"]["balance"], "STOCK_CHANGED")
+                if entry is not None and entry["id"] not in event["data"]["ledgerEntryIds"]:
+                    problems.append(
+                        f"STOCK_CHANGED {key} v{event['data']['balance']['version']}: entry "
+                        f"{entry['id']} not in ledgerEntryIds {event['data']['ledgerEntryIds']}"
+                    )
+        if missing:
+            problems.append(
+                f"events: {len(missing)} of {len(wanted)} changes never reached the receiver "
+                f"within {self.events_wait:g} s, e.g. {sorted(missing)[:3]}"
+            )
+        for key in sorted(set(expected) | set(alerts)):
+            want, got = expected.get(key, []), alerts.get(key, [])
+            if want != got:
+                problems.append(f"alerts {key}: received {got}, the ledger implies {want}")
+        sub = self._subscriber
+        if sub.error is not None:
+            problems.append(f"subscriber: {sub.error}")
+        last: dict[tuple[str, str], int] = {}
+        for b in sub.seen:
+            key = (b["location"], b["sku"])
+            if b["version"] <= last.get(key, 0):
+                problems.append(f"subscriber {key}: version {b['version']} after {last[key]}")
+            last[key] = b["version"]
+            if key in entries:
+                at(key, b, "subscriber")
+        c = self.out.counts
+        c["events_received"] = len(self._receiver.events)
+        c["events_duplicates"] = self._receiver.duplicates
+        c["events_rejected"] = self._receiver.rejected
+        c["events_changes"] = sum(len(v) for v in changed.values())
+        c["events_transitions"] = sum(len(v) for v in alerts.values())
+        c["events_subscribed"] = len(sub.seen)
+        if self._receiver.rejected:
+            problems.append(f"receiver: {self._receiver.rejected} deliveries failed verification")
+        kinds = Counter(t for found in alerts.values() for _, t in found)
+        verdict = f"FAILED for {len(problems)}" if problems else "hold"
+        self.out.events = (
+            f"events: received {c['events_received']} (duplicates dropped "
+            f"{c['events_duplicates']}, bad signatures {c['events_rejected']}); run's changes "
+            f"{c['events_changes']}/{len(wanted)}; transitions "
+            f"{c['events_transitions']}/{sum(len(v) for v in expected.values())} (LOW "
+            f"{kinds['STOCK_LOW']}, OUT {kinds['STOCK_OUT']}, REPLENISHED "
+            f"{kinds['STOCK_REPLENISHED']}) over {len(self._minimums)} reorder points; "
+            f"subscriber {len(sub.seen)} balances on {len(sub.skus)} SKUs: {verdict}"
+        )
         return problems
 
     def _conservation(self, levels: dict[str, dict[str, Any]]) -> list[str]:
@@ -1090,6 +1557,8 @@ class Replay:
             )
         if self.out.conservation:
             lines.append(self.out.conservation)
+        if self.out.events:
+            lines.append(self.out.events)
         if self.out.retries:
             lines.append(
                 "resends: "
@@ -1171,12 +1640,14 @@ async def run_replay(
     api_key: str | None = None,
     transfer_share: float | None = None,
     transfer_in_transit: bool = False,
+    events: bool = False,
+    events_wait: float = 30.0,
 ) -> tuple[str, list[str]]:
     """Run a replay and its checks; returns (report text, failures). ``url``: one GraphQL
     URL or several instances'. ``batch``: carts (and shipments) per reserveMany (deductMany)
     call; None: one reserve (deduct) per order. ``api_key``, ``transfer_share`` and
-    ``transfer_in_transit``: see :class:`Replay`. Raises what :class:`Replay` and
-    :meth:`Replay.run` raise."""
+    ``transfer_in_transit``, ``events`` and ``events_wait``: see :class:`Replay`. Raises what
+    :class:`Replay` and :meth:`Replay.run` raise."""
     replay = Replay(
         url,
         load_orders(data, orders),
@@ -1189,6 +1660,8 @@ async def run_replay(
         api_key=api_key,
         transfer_share=transfer_share,
         transfer_in_transit=transfer_in_transit,
+        events=events,
+        events_wait=events_wait,
     )
     elapsed = await replay.run()
     problems = await replay.check(expire_wait=expire_wait)
