@@ -10,10 +10,11 @@ stages its writes and applies them on commit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 from stockledger.config import Settings
 from stockledger.db.store import Locked, StoredKey, WriteSet
@@ -315,3 +316,33 @@ def violations(db: MemoryDatabase) -> list[str]:
             out.append(f"key {e.idempotency_key!r}: more than one entry for {e.key}")
         seen.add(one)
     return out
+
+
+def with_derived(
+    balances: tuple[Balance, ...],
+    reservations: tuple[Reservation, ...] = (),
+    transfers: tuple[Transfer, ...] = (),
+    created: datetime = datetime(2030, 1, 1, tzinfo=UTC),
+) -> list[Balance]:
+    """The balances with the derived figures a real store keeps (section 14), counted from the
+    fixture's reservations and transfers: committed = what CONFIRMED ones hold, incoming = what
+    open transfers to it still carry (a missing destination balance is created empty, at
+    ``created``). For the rule tests' fixtures."""
+    by_key = {b.key: b for b in balances}
+    committed: dict[tuple[str, str], int] = {}
+    incoming: dict[tuple[str, str], int] = {}
+    for r in reservations:
+        if r.status == "CONFIRMED":
+            for ln in r.lines or ():
+                committed[ln.key] = committed.get(ln.key, 0) + ln.remaining
+    for t in transfers:
+        if t.status in ("IN_TRANSIT", "PARTIALLY_RECEIVED"):
+            for tl in t.lines:
+                key = (t.to_location, tl.sku)
+                incoming[key] = incoming.get(key, 0) + tl.remaining
+    for key in set(committed) | set(incoming):
+        found = by_key.get(key) or Balance(key[1], key[0], 0, 0, 0, created)
+        by_key[key] = dataclasses.replace(
+            found, committed=committed.get(key, 0), incoming=incoming.get(key, 0)
+        )
+    return list(by_key.values())

@@ -11,7 +11,6 @@ SKUs, on hand plus what is in transit is conserved, computed from an independent
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -68,6 +67,7 @@ from stockledger.domain.model import (
 )
 from stockledger.domain.state import Changes, KeyRow, Refusal, Stock
 from stockledger.domain.validation import MAX_BALANCE
+from unit.fakes import with_derived
 
 NOW = datetime(2030, 6, 1, 8, 0, 0, 123_457, tzinfo=UTC)
 EARLIER = NOW - timedelta(hours=1)
@@ -121,34 +121,6 @@ def sent(
 ) -> Transfer:
     """A transfer as stored, with ``MOVE`` and reason "rebalance"."""
     return Transfer(tid, status, frm, to, lines, MOVE, "rebalance", EARLIER, EARLIER)
-
-
-def with_derived(
-    balances: tuple[Balance, ...],
-    reservations: tuple[Reservation, ...] = (),
-    transfers: tuple[Transfer, ...] = (),
-) -> list[Balance]:
-    """The balances with the derived figures a real store keeps (section 14), counted from the
-    fixture's reservations and transfers: committed = what CONFIRMED ones hold, incoming = what
-    open transfers to it still carry (a missing destination balance is created empty)."""
-    by_key = {b.key: b for b in balances}
-    committed: dict[tuple[str, str], int] = {}
-    incoming: dict[tuple[str, str], int] = {}
-    for r in reservations:
-        if r.status == "CONFIRMED":
-            for ln in r.lines or ():
-                committed[ln.key] = committed.get(ln.key, 0) + ln.remaining
-    for t in transfers:
-        if t.status in ("IN_TRANSIT", "PARTIALLY_RECEIVED"):
-            for tl in t.lines:
-                key = (t.to_location, tl.sku)
-                incoming[key] = incoming.get(key, 0) + tl.remaining
-    for key in set(committed) | set(incoming):
-        found = by_key.get(key) or Balance(key[1], key[0], 0, 0, 0, EARLIER)
-        by_key[key] = dataclasses.replace(
-            found, committed=committed.get(key, 0), incoming=incoming.get(key, 0)
-        )
-    return list(by_key.values())
 
 
 def stock(

@@ -26,7 +26,7 @@ built once per shape (dialect and row count). MySQL / MariaDB and SQLite differ 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -571,6 +571,33 @@ class SqlTransaction:
             ids += [int(row[0]) for row in result]
         return ids
 
+    async def _lock_by_id(
+        self,
+        ids: Sequence[int],
+        wait: bool,
+        select: Callable[[int, str], str],
+        select_lines: Callable[[int], str],
+    ) -> tuple[dict[int, Any], frozenset[int], dict[int, list[Any]]]:
+        """Lock this org's rows of ``ids`` (reservations or transfers) in id order and read
+        their lines: (rows by id, ids another transaction holds, line rows by id). ``wait``
+        False skips held rows (SKIP LOCKED) and reports them busy."""
+        wanted = sorted(set(ids))
+        rows: dict[int, Any] = {}
+        lock = "wait" if wait else "skip"
+        for chunk in _chunks(wanted):
+            for row in await self._run(select(len(chunk), lock), (self.org_id, *chunk)):
+                rows[int(row[0])] = row
+        busy: frozenset[int] = frozenset()
+        missing = [i for i in wanted if i not in rows]
+        if missing and self.sql.mysql and not wait:
+            exist = await self._run(select(len(missing), "none"), (self.org_id, *missing))
+            busy = frozenset(int(row[0]) for row in exist)
+        lines: dict[int, list[Any]] = {i: [] for i in rows}
+        for chunk in _chunks(sorted(rows)):
+            for line in await self._run(select_lines(len(chunk)), (self.org_id, *chunk)):
+                lines[int(line[0])].append(line)
+        return rows, busy, lines
+
     async def lock_reservations(
         self, ids: Sequence[int], *, wait: bool
     ) -> Locked[int, Reservation]:
@@ -578,32 +605,11 @@ class SqlTransaction:
 
         ``wait`` False skips rows another transaction holds (reported in ``busy``).
         """
-        wanted = sorted(set(ids))
-        if not wanted:
+        if not ids:
             return Locked({})
-        rows: dict[int, Any] = {}
-        lock = "wait" if wait else "skip"
-        for chunk in _chunks(wanted):
-            result = await self._run(
-                self.sql.select_reservations(len(chunk), lock), (self.org_id, *chunk)
-            )
-            for row in result:
-                rows[int(row[0])] = row
-        busy: frozenset[int] = frozenset()
-        missing = [i for i in wanted if i not in rows]
-        if missing and self.sql.mysql and not wait:
-            exist = await self._run(
-                self.sql.select_reservations(len(missing), "none"), (self.org_id, *missing)
-            )
-            busy = frozenset(int(row[0]) for row in exist)
-        lines: dict[int, list[ReservationLine]] = {i: [] for i in rows}
-        for chunk in _chunks(sorted(rows)):
-            for rid, location, sku, quantity, deducted, released in await self._run(
-                self.sql.select_lines(len(chunk)), (self.org_id, *chunk)
-            ):
-                lines[int(rid)].append(
-                    ReservationLine(sku, location, int(quantity), int(deducted), int(released))
-                )
+        rows, busy, lines = await self._lock_by_id(
+            ids, wait, self.sql.select_reservations, self.sql.select_lines
+        )
         t = self.store.from_db_time
         found = {
             i: Reservation(
@@ -613,7 +619,10 @@ class SqlTransaction:
                 expires_at=self.store.maybe_from_db_time(row[4]),
                 created_at=t(row[5]),
                 updated_at=t(row[6]),
-                lines=tuple(lines[i]),
+                lines=tuple(
+                    ReservationLine(sku, location, int(quantity), int(deducted), int(released))
+                    for _rid, location, sku, quantity, deducted, released in lines[i]
+                ),
             )
             for i, row in rows.items()
         }
@@ -677,32 +686,11 @@ class SqlTransaction:
     async def lock_transfers(self, ids: Sequence[int], *, wait: bool) -> Locked[int, Transfer]:
         """Lock this org's transfers of ``ids`` in id order, with their lines (``wait`` False
         skips rows another transaction holds: ``busy``)."""
-        wanted = sorted(set(ids))
-        if not wanted:
+        if not ids:
             return Locked({})
-        rows: dict[int, Any] = {}
-        lock = "wait" if wait else "skip"
-        for chunk in _chunks(wanted):
-            result = await self._run(
-                self.sql.select_transfers(len(chunk), lock), (self.org_id, *chunk)
-            )
-            for row in result:
-                rows[int(row[0])] = row
-        busy: frozenset[int] = frozenset()
-        missing = [i for i in wanted if i not in rows]
-        if missing and self.sql.mysql and not wait:
-            exist = await self._run(
-                self.sql.select_transfers(len(missing), "none"), (self.org_id, *missing)
-            )
-            busy = frozenset(int(row[0]) for row in exist)
-        lines: dict[int, list[TransferLine]] = {i: [] for i in rows}
-        for chunk in _chunks(sorted(rows)):
-            for tid, sku, quantity, received, returned in await self._run(
-                self.sql.select_transfer_lines(len(chunk)), (self.org_id, *chunk)
-            ):
-                lines[int(tid)].append(
-                    TransferLine(sku, int(quantity), int(received), int(returned))
-                )
+        rows, busy, lines = await self._lock_by_id(
+            ids, wait, self.sql.select_transfers, self.sql.select_transfer_lines
+        )
         t = self.store.from_db_time
         found = {
             i: Transfer(
@@ -710,7 +698,10 @@ class SqlTransaction:
                 status=row[1],
                 from_location=row[2],
                 to_location=row[3],
-                lines=tuple(lines[i]),
+                lines=tuple(
+                    TransferLine(sku, int(quantity), int(received), int(returned))
+                    for _tid, sku, quantity, received, returned in lines[i]
+                ),
                 reference=_ref(row[4], row[5]),
                 reason=row[6],
                 created_at=t(row[7]),
