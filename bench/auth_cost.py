@@ -8,9 +8,7 @@ Needs wrk, MariaDB and Redis. ``.venv/bin/python bench/auth_cost.py --duration 1
 
 from __future__ import annotations
 
-import argparse
-
-from variants import compare
+from variants import main
 
 MODES = {
     "auth off": {"STOCKLEDGER_AUTH": "off", "STOCKLEDGER_RATE_LIMIT": ""},
@@ -20,26 +18,5 @@ MODES = {
 SCENARIOS = ("spread", "balance")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--database", default="stockledger_auth_cost")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-    print(
-        compare(
-            MODES,
-            SCENARIOS,
-            database=args.database,
-            redis=args.redis,
-            duration=args.duration,
-            connections=args.connections,
-            rounds=args.rounds,
-        )
-    )
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, MODES, SCENARIOS, "stockledger_auth_cost")

@@ -12,7 +12,7 @@ seeded with 10^8 units so none runs short) it measures, in one run on the same M
   run counts;
 - S: the same work through the service layer (InventoryService with Redis locks, no HTTP);
 - G: the same work through ``stockledger serve`` over HTTP, driven by wrk with
-  ``bench/wrk/graphql.lua`` (transfers: ``bench/wrk/transfer.lua``), which checks every
+  ``bench/wrk/graphql.lua`` (its transfer scenario too), which checks every
   response body for GraphQL errors and the expected success type.
 
 B0 has no transfer transaction (it is the reserve's statements only), so the transfer scenario
@@ -82,9 +82,11 @@ class Result:
     batch: tuple[float, float] | None = None
 
 
-def batch_buckets(text: str | None = None) -> dict[float, float]:
-    """Cumulative bucket counts of ``inventory_batch_size`` from a /metrics text, or from
-    this process's registry."""
+def batch_buckets(
+    text: str | None = None, name: str = "inventory_batch_size"
+) -> dict[float, float]:
+    """Cumulative bucket counts of the histogram ``name`` (by default the write batches' sizes)
+    from a /metrics text, or from this process's registry."""
     if text is None:
         from prometheus_client import REGISTRY
 
@@ -95,7 +97,7 @@ def batch_buckets(text: str | None = None) -> dict[float, float]:
         families = text_string_to_metric_families(text)
     out: dict[float, float] = {}
     for metric in families:
-        if metric.name == "inventory_batch_size":
+        if metric.name == name:
             for sample in metric.samples:
                 if sample.name.endswith("_bucket"):
                     out[float(sample.labels["le"])] = sample.value
@@ -410,11 +412,9 @@ def run_wrk(
         "RUN": uuid.uuid4().hex[:8],
         "DELAY_MS": str(delay_ms),
     }
-    script = "graphql.lua"
     if scenario == "transfer":
-        script = "transfer.lua"
         env.update(SKUS=str(TRANSFER_SKUS), LOCATIONS=",".join(TRANSFER_LOCATIONS))
-    num = wrk_counts(script, url, conns, duration, env, threads, api_key)
+    num = wrk_counts("graphql.lua", url, conns, duration, env, threads, api_key)
     secs = num["duration_us"] / 1e6
     return Result(
         num["requests"] / secs,

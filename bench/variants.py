@@ -5,6 +5,7 @@ the first configuration. Shared by ``auth_cost.py`` and ``outbox_cost.py``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
@@ -87,3 +88,34 @@ def compare(
             cells.append(f"{rps:.0f}/s ({ratio:.2f}){' ' + note if note else ''}")
         table += f"| {mode} | {' | '.join(cells)} |\n"
     return table
+
+
+def main(
+    description: str | None,
+    modes: Mapping[str, Mapping[str, str]],
+    scenarios: Sequence[str],
+    database: str,
+    extra: Extra | None = None,
+) -> None:
+    """The command line of a comparison script: ``--database`` (default ``database``),
+    ``--redis``, ``--duration`` (seconds), ``--connections``, ``--rounds``; prints
+    :func:`compare`'s table."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--database", default=database)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    print(
+        compare(
+            modes,
+            scenarios,
+            database=args.database,
+            redis=args.redis,
+            duration=args.duration,
+            connections=args.connections,
+            rounds=args.rounds,
+            extra=extra,
+        )
+    )

@@ -1,5 +1,7 @@
 -- wrk script for stockledger's GraphQL endpoint.
--- Environment: SCENARIO = spread | hot | cart | balance; SKUS = number of spread SKUs;
+-- Environment: SCENARIO = spread | hot | cart | balance | transfer; SKUS = number of spread
+-- (or transfer) SKUs; LOCATIONS (transfer) = comma-separated codes, all seeded with plenty of
+-- stock: one immediate transfer of 1 unit of a random "X00000".. SKU between two of them;
 -- RUN = a run id that keeps idempotency keys unique across runs; DELAY_MS (optional) = a pause
 -- before each request on each connection, for a rate-limited (open-loop) run.
 -- Every response body is checked: a 200 with GraphQL errors or an unexpected __typename
@@ -8,6 +10,10 @@ local scenario = os.getenv("SCENARIO") or "spread"
 local skus = tonumber(os.getenv("SKUS") or "10000")
 local run = os.getenv("RUN") or tostring(os.time())
 local delay_ms = tonumber(os.getenv("DELAY_MS") or "0")
+local locations = {}
+for code in string.gmatch(os.getenv("LOCATIONS") or "xfer-a,xfer-b,xfer-c,xfer-d", "[^,]+") do
+  table.insert(locations, code)
+end
 local threads = {}
 local counter = 0
 bad = 0  -- globals: done() reads them per thread with thread:get()
@@ -63,6 +69,14 @@ function request()
     body = string.format(
       '{"query":"query($s: String!){balance(sku:$s, location:\\"bench\\"){onHand reserved available}}","variables":{"s":"%s"}}',
       sku(math.random(0, skus - 1)))
+  elseif scenario == "transfer" then
+    counter = counter + 1
+    local from = math.random(1, #locations)
+    local to = math.random(1, #locations - 1)
+    if to >= from then to = to + 1 end  -- another location than the source
+    body = string.format(
+      '{"query":"mutation($i: TransferInput!){transfer(input:$i){__typename ... on TransferSuccess{transfer{id}} ... on Error{code}}}","variables":{"i":{"idempotencyKey":"%s-t%s-%d","fromLocation":"%s","toLocation":"%s","lines":[{"sku":"X%05d","quantity":1}]}}}',
+      run, tostring(tid), counter, locations[from], locations[to], math.random(0, skus - 1))
   else
     body = reserve_body({sku(math.random(0, skus - 1))})
   end
@@ -75,6 +89,8 @@ function response(status, headers, body)
     good = false
   elseif scenario == "balance" then
     good = string.find(body, '"onHand"', 1, true) ~= nil
+  elseif scenario == "transfer" then
+    good = string.find(body, '"TransferSuccess"', 1, true) ~= nil
   else
     good = string.find(body, '"ReserveSuccess"', 1, true) ~= nil
   end

@@ -11,7 +11,6 @@ Quantities are units of stock, TTLs seconds.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,7 +26,6 @@ from stockledger.domain.model import (
 )
 from stockledger.domain.validation import (
     MAX_BALANCE,
-    MAX_LINES,
     MAX_QUANTITY,
     Cart,
     canonical_reservation_id,
@@ -429,33 +427,26 @@ class UpdateLocation:
         return cls(key, code, name, active, request_hash(cls.operation, payload))
 
 
-SkuQuantities = tuple[tuple[str, int], ...]
-"""(sku, units) per SKU of a transfer's lines: summed per SKU, sorted by SKU."""
+RECEIPT_LOCATION = "destination"
+"""Where a receipt's lines are checked: the transfer's destination, unknown before it is
+loaded (only error messages show it)."""
 
 
-def check_transfer_lines(lines: Any, field: str = "lines") -> tuple[SkuQuantities, dict[str, int]]:
-    """1 to 500 lines of (sku, quantity), each valid; lines of one SKU summed. Also returns
-    the index of each SKU's first line in the input (for errors that name the client's line).
+def check_transfer_lines(lines: Any, location: str) -> Cart:
+    """A transfer's or receipt's lines (objects with ``sku`` and ``quantity``, no location) as
+    a :class:`Cart` at ``location``, by :func:`check_lines`' rules: 1 to 500 lines, each valid,
+    lines of one SKU summed, errors naming the client's line (``lines.<i>.<field>``).
 
-    Raises ValidationError naming the line at fault (or ``lines`` itself).
+    Raises ValidationError.
     """
     if lines is None:
-        raise ValidationError("is required", field)
-    if len(lines) == 0:
-        raise ValidationError("must not be empty", field)
-    if len(lines) > MAX_LINES:
-        raise ValidationError(f"must have at most {MAX_LINES} lines, got {len(lines)}", field)
-    merged: dict[str, int] = {}
-    first_index: dict[str, int] = {}
-    for i, line in enumerate(lines):
-        sku = check_string(line.sku, f"{field}.{i}.sku")
-        first_index.setdefault(sku, i)
-        merged[sku] = merged.get(sku, 0) + check_quantity(line.quantity, f"{field}.{i}.quantity")
-        if merged[sku] > MAX_QUANTITY:
-            raise ValidationError(
-                f"lines for {sku} add up to more than {MAX_QUANTITY}", f"{field}.{i}.quantity"
-            )
-    return tuple(sorted(merged.items())), first_index
+        return check_lines(None)
+    return check_lines([Line(line.sku, line.quantity, location) for line in lines])
+
+
+def sku_quantities(cart: Cart) -> list[list[Any]]:
+    """[sku, units] per SKU of a transfer's or receipt's cart, in SKU order: its payload."""
+    return [[line.sku, line.quantity] for line in cart.lines]
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,18 +482,16 @@ class TransferStock:
         destination = check_string(to_location, "toLocation")
         if source == destination:
             raise ValidationError("must differ from fromLocation", "toLocation")
-        skus, _ = check_transfer_lines(lines)
+        cart = check_transfer_lines(lines, source)  # the availability rule is the source's
         if not isinstance(in_transit, bool):
             raise ValidationError("must be a boolean", "inTransit")
         reference = check_reference(reference)
         if reason is not None:
             reason = check_string(reason, "reason")
-        # The source's lines in the client's order, so an error can name the line it sent.
-        cart = check_lines([Line(line.sku, line.quantity, source) for line in lines])
         payload = {
             "from": source,
             "to": destination,
-            "lines": [list(x) for x in skus],
+            "lines": sku_quantities(cart),
             "inTransit": in_transit,
             "reference": reference_payload(reference),
             "reason": reason,
@@ -523,20 +512,15 @@ class TransferStock:
 
 @dataclass(frozen=True, slots=True)
 class ReceiveTransfer:
-    """RECEIVE in-transit units at the destination: TRANSFER_IN there. ``lines`` None: every
-    unit remaining."""
+    """RECEIVE in-transit units at the destination: TRANSFER_IN there. ``lines`` (a cart at
+    :data:`RECEIPT_LOCATION`) None: every unit remaining."""
 
     operation: ClassVar[str] = "receiveTransfer"
     idempotency_key: str
     transfer_id: int
-    lines: SkuQuantities | None
+    lines: Cart | None
     request_hash: str
-    first_index: dict[str, int] = dataclasses.field(default_factory=dict, compare=False)
     reference: ClassVar[None] = None
-
-    def path(self, sku: str, attr: str) -> str:
-        """The input path of ``attr`` on the first line of ``sku``, e.g. ``lines.2.quantity``."""
-        return f"lines.{self.first_index.get(sku, 0)}.{attr}"
 
     @classmethod
     def validated(
@@ -544,10 +528,10 @@ class ReceiveTransfer:
     ) -> ReceiveTransfer:
         key = check_key(idempotency_key)
         text = check_string(transfer_id, "transferId")
-        skus, first_index = (None, {}) if lines is None else check_transfer_lines(lines)
+        cart = None if lines is None else check_transfer_lines(lines, RECEIPT_LOCATION)
         number = _transfer_number(text)
-        payload = {"transferId": number, "lines": None if skus is None else [list(x) for x in skus]}
-        return cls(key, number, skus, request_hash(cls.operation, payload), first_index)
+        payload = {"transferId": number, "lines": None if cart is None else sku_quantities(cart)}
+        return cls(key, number, cart, request_hash(cls.operation, payload))
 
 
 @dataclass(frozen=True, slots=True)

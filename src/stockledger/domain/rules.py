@@ -502,19 +502,21 @@ def receive_transfer(stock: Stock, command: ReceiveTransfer, now: datetime) -> D
     if command.lines is None:
         wanted = {ln.sku: ln.remaining for ln in found.lines if ln.remaining > 0}
     else:
-        wanted = dict(command.lines)
+        asked = command.lines
+        wanted = {ln.sku: ln.quantity for ln in asked.lines}
         by_sku = {ln.sku: ln for ln in found.lines}
-        for sku, quantity in command.lines:
-            line = by_sku.get(sku)
+        for ask in asked.lines:
+            line = by_sku.get(ask.sku)
             if line is None:
                 return Refusal(
-                    ValidationError(f"the transfer moves no {sku}", command.path(sku, "sku"))
+                    ValidationError(f"the transfer moves no {ask.sku}", asked.path(ask.key, "sku"))
                 )
-            if quantity > line.remaining:
+            if ask.quantity > line.remaining:
                 return Refusal(
                     ValidationError(
-                        f"only {line.remaining} units of {sku} remain in transit, {quantity} asked",
-                        command.path(sku, "quantity"),
+                        f"only {line.remaining} units of {ask.sku} remain in transit, "
+                        f"{ask.quantity} asked",
+                        asked.path(ask.key, "quantity"),
                     )
                 )
     lines = []

@@ -19,6 +19,15 @@ from stockledger.db.engine import Database
 from stockledger.db.models import idempotency_key as K
 from stockledger.db.models import reservation as R
 from stockledger.db.store import any_due_holding, reservation_balance_keys
+from stockledger.domain.commands import (
+    CancelTransfer,
+    ClearReorderPoint,
+    CreateLocation,
+    ReceiveTransfer,
+    SetReorderPoint,
+    TransferStock,
+    UpdateLocation,
+)
 from stockledger.domain.ids import balance_key_of
 from stockledger.domain.model import (
     ACTIVE,
@@ -53,9 +62,14 @@ from stockledger.services.rows import (
     to_db_time,
 )
 
-LOCATION_OPERATIONS = ("createLocation", "updateLocation")
-REORDER_OPERATIONS = ("setReorderPoint", "clearReorderPoint")
-TRANSFER_OPERATIONS = ("transfer", "receiveTransfer", "cancelTransfer")
+# The operations whose replays are found through something other than their entries' keys.
+LOCATION_OPERATIONS = (CreateLocation.operation, UpdateLocation.operation)
+REORDER_OPERATIONS = (SetReorderPoint.operation, ClearReorderPoint.operation)
+TRANSFER_OPERATIONS = (
+    TransferStock.operation,
+    ReceiveTransfer.operation,
+    CancelTransfer.operation,
+)
 
 
 class SqlLookups:

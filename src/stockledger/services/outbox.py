@@ -46,6 +46,8 @@ def balance_data(b: Balance) -> dict[str, Any]:
 
 
 def reservation_data(r: Reservation) -> dict[str, Any]:
+    """A reservation as a RESERVATION_EXPIRED event shows it: opaque id, status, reference,
+    lines with their remaining units."""
     return {
         "id": ids.reservation_global_id(r.id),
         "status": r.status,
@@ -65,6 +67,8 @@ def reservation_data(r: Reservation) -> dict[str, Any]:
 
 
 def transfer_data(t: Transfer) -> dict[str, Any]:
+    """A transfer as a TRANSFER_UPDATED event shows it: opaque id, status, locations, lines
+    (units sent, received, remaining, returned)."""
     return {
         "id": ids.transfer_global_id(t.id),
         "status": t.status,

@@ -85,6 +85,7 @@ class StockLevels:
     sku: str
     balances: list[Balance]
 
+    # The totals over the listed balances, in units of stock.
     @property
     def on_hand(self) -> int:
         return sum(b.on_hand for b in self.balances)
